@@ -1,0 +1,83 @@
+"""``mtls-gateway``: run (default), check, thumbprint, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config_load import load_config
+from .errors import ConfigError
+
+__all__ = ["main"]
+
+_COMMANDS = ("run", "check", "thumbprint", "demo")
+_CONFIG_ENV = "MTLS_GATEWAY_CONFIG"
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", type=Path,
+        default=Path(os.environ.get(_CONFIG_ENV, "gateway.yaml")),
+        help=f"path to gateway.yaml (default: ${_CONFIG_ENV} or ./gateway.yaml)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtls-gateway",
+        description="Reverse proxy that enforces RFC 8705 certificate-bound access tokens.")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="serve with a config file (the default command)")
+    _config_arg(run)
+    check = sub.add_parser("check", help="validate a config file and list every problem")
+    _config_arg(check)
+    thumb = sub.add_parser("thumbprint", help="print the x5t#S256 of a certificate")
+    thumb.add_argument("cert", type=Path, help="PEM or DER certificate file")
+    demo = sub.add_parser("demo", help="a complete local setup to try with curl")
+    demo.add_argument("--dir", type=Path, default=None,
+                      help="folder for the generated certificates and tokens "
+                           "(default: a temporary folder, removed on exit)")
+    demo.add_argument("--port", type=int, default=8443, help="gateway port (default 8443)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    if not args_in or (args_in[0] not in _COMMANDS and args_in[0] not in ("-h", "--help")):
+        args_in.insert(0, "run")
+    args = _parser().parse_args(args_in)
+    if args.command == "thumbprint":
+        from .thumbprint import x5t_s256_of_pem_file
+
+        try:
+            print(x5t_s256_of_pem_file(args.cert))
+        except (OSError, ValueError) as exc:
+            print(f"mtls-gateway: cannot read certificate {args.cert}: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(directory=args.dir, port=args.port)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        print(f"{args.config}: OK ({len(config.routes)} routes, "
+              f"{len(config.providers)} providers)")
+        return 0
+    from .app import serve_forever
+    from .decision_log import configure_logging
+
+    configure_logging(config.logging.level)
+    asyncio.run(serve_forever(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

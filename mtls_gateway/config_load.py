@@ -1,0 +1,570 @@
+"""Build a :class:`GatewayConfig` from YAML, reporting *every* problem with its path.
+
+A gateway that starts on a half-understood config is a security bug, so loading
+never stops at the first mistake: each field is read through a :class:`_Section`
+that records ``path: message`` for anything missing, mistyped, unknown or
+inconsistent, and :func:`load_config` raises one :class:`ConfigError` listing
+them all. Relative file paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from .config import (
+    ASYMMETRIC_ALGORITHMS,
+    AdminConfig,
+    AuthNone,
+    AuthPolicy,
+    CacheConfig,
+    GatewayConfig,
+    IdentityHeaders,
+    IntrospectionProvider,
+    JwtProvider,
+    ListenConfig,
+    LoggingConfig,
+    PathMatch,
+    Provider,
+    Route,
+    UpstreamConfig,
+)
+from .errors import ConfigError
+
+__all__ = ["KNOWN_FIELDS", "load_config", "load_config_text", "parse_duration"]
+
+T = TypeVar("T")
+_REQUIRED: Any = object()
+
+#: Every field name the loader has ever asked for, for the "documented in gateway.yaml" test.
+KNOWN_FIELDS: set[str] = set()
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+_HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"}
+
+
+def parse_duration(value: object) -> float:
+    """``30``, ``"30s"``, ``"500ms"``, ``"5m"``, ``"1h"`` -> seconds. Raises ValueError."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("must not be negative")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError(f"expected a duration like 30s, 500ms, 5m (got {value!r})")
+
+
+def _type_name(value: object) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
+            int: "a number", float: "a number", type(None): "empty"}.get(type(value), "?")
+
+
+class _Problems:
+    def __init__(self, base_dir: Path) -> None:
+        self.items: list[str] = []
+        self.base_dir = base_dir
+
+    def add(self, path: str, message: str) -> None:
+        self.items.append(f"{path}: {message}")
+
+
+class _Section:
+    """A YAML mapping being read; unknown keys are reported by :meth:`finish`."""
+
+    def __init__(self, data: Mapping[str, Any], path: str, problems: _Problems) -> None:
+        self.data, self.path, self.problems = data, path, problems
+        self.seen: set[str] = set()
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.add(self.at(key), message)
+
+    def has(self, key: str) -> bool:
+        self.seen.add(key)
+        KNOWN_FIELDS.add(key)
+        return self.data.get(key) is not None
+
+    def _raw(self, key: str, default: Any) -> tuple[bool, Any]:
+        """(present, value); a missing required key is reported here."""
+        self.seen.add(key)
+        KNOWN_FIELDS.add(key)
+        if key in self.data and self.data[key] is not None:
+            return True, self.data[key]
+        if default is _REQUIRED:
+            self.problem(key, "is required")
+        return False, default
+
+    def typed(self, key: str, kind: type[T] | tuple[type, ...], default: Any = _REQUIRED,
+              what: str = "") -> Any:
+        present, value = self._raw(key, default)
+        if not present:
+            return value
+        if isinstance(value, bool) and kind in (int, float, (int, float)):
+            ok = False
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            self.problem(key, f"expected {what or _type_name(kind())} (got {_type_name(value)})"
+                         if isinstance(kind, type) else f"expected {what}")
+            return None if default is _REQUIRED else default
+        return value
+
+    def string(self, key: str, default: Any = _REQUIRED, *, choices: tuple[str, ...] = ()) -> Any:
+        value = self.typed(key, str, default)
+        if isinstance(value, str) and choices and value not in choices:
+            self.problem(key, f"must be one of {', '.join(choices)} (got {value!r})")
+            return None
+        if value == "" and default is _REQUIRED:
+            self.problem(key, "must not be empty")
+        return value
+
+    def boolean(self, key: str, default: bool) -> bool:
+        return bool(self.typed(key, bool, default))
+
+    def integer(self, key: str, default: Any = _REQUIRED, *, low: int = 0,
+                high: int = 2**31) -> Any:
+        value = self.typed(key, int, default, "a whole number")
+        if isinstance(value, int) and not low <= value <= high:
+            self.problem(key, f"must be between {low} and {high} (got {value})")
+        return value
+
+    def duration(self, key: str, default: float | None, *, positive: bool = True) -> float:
+        present, value = self._raw(key, default)
+        if not present:
+            return cast(float, value)
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            self.problem(key, str(exc))
+            return default or 0.0
+        if positive and seconds <= 0:
+            self.problem(key, "must be greater than zero")
+        return seconds
+
+    def strings(self, key: str, default: Any = _REQUIRED) -> Any:
+        present, value = self._raw(key, default)
+        if not present:
+            return value
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            self.problem(key, "expected a list of non-empty strings")
+            return () if default is _REQUIRED else default
+        return tuple(value)
+
+    def section(self, key: str, *, required: bool = True) -> _Section | None:
+        present, value = self._raw(key, _REQUIRED if required else None)
+        if not present:
+            return None
+        if not isinstance(value, dict):
+            self.problem(key, f"expected a mapping (got {_type_name(value)})")
+            return None
+        return _Section(value, self.at(key), self.problems)
+
+    def file(self, key: str, default: Any = _REQUIRED,
+             check: Callable[[bytes], None] | None = None) -> Path | None:
+        value = self.string(key, default)
+        if not isinstance(value, str) or not value:
+            return None
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = self.problems.base_dir / path
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            self.problem(key, f"cannot read {path}: {exc.strerror or exc}")
+            return path
+        if check is not None:
+            try:
+                check(data)
+            except ValueError as exc:
+                self.problem(key, f"{path}: {exc}")
+        return path
+
+    def url(self, key: str, default: Any = _REQUIRED, *,
+            schemes: tuple[str, ...] = ("https",)) -> Any:
+        value = self.string(key, default)
+        if isinstance(value, str) and value:
+            parts = urlsplit(value)
+            if parts.scheme not in schemes or not parts.hostname:
+                self.problem(key, f"must be an absolute {' or '.join(schemes)} URL (got {value!r})")
+        return value
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.seen:
+                self.problem(str(key), "unknown field")
+
+
+# --- PEM checks: the gateway must not start with material it cannot use -------------------
+
+def _check_certs(data: bytes) -> None:
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise ValueError(f"not a PEM certificate file ({exc})") from exc
+    if not certs:
+        raise ValueError("contains no certificate")
+
+
+def _check_key(data: bytes) -> None:
+    try:
+        load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not an unencrypted PEM private key ({exc})") from exc
+
+
+def _check_jwks(data: bytes) -> None:
+    try:
+        doc = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError('a JWKS must be an object with a "keys" list')
+
+
+# --- sections --------------------------------------------------------------------------------
+
+def _listen(sec: _Section) -> ListenConfig:
+    listen = ListenConfig(
+        host=sec.string("host", "0.0.0.0"),  # noqa: S104 - a sidecar serves the pod IP
+        port=sec.integer("port", 8443, low=0, high=65535),
+        cert_file=sec.file("cert_file", check=_check_certs),  # type: ignore[arg-type]
+        key_file=sec.file("key_file", check=_check_key),  # type: ignore[arg-type]
+        client_ca_file=sec.file("client_ca_file", check=_check_certs),  # type: ignore[arg-type]
+        client_cert=sec.string("client_cert", "required", choices=("required", "optional")),
+        min_tls_version=sec.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
+        max_tls_version=sec.string("max_tls_version", "1.3", choices=("1.2", "1.3")),
+    )
+    if listen.min_tls_version == "1.3" and listen.max_tls_version == "1.2":
+        sec.problem("min_tls_version", "is higher than max_tls_version")
+    if listen.cert_file and listen.key_file and not sec.problems.items:
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(listen.cert_file, listen.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            sec.problem("key_file", f"does not match cert_file ({exc})")
+    sec.finish()
+    return listen
+
+
+def _admin(sec: _Section | None, problems: _Problems) -> AdminConfig:
+    sec = sec or _Section({}, "admin", problems)
+    admin = AdminConfig(
+        enabled=sec.boolean("enabled", True),
+        host=sec.string("host", "127.0.0.1"),
+        port=sec.integer("port", 9901, low=0, high=65535),
+    )
+    sec.finish()
+    return admin
+
+
+def _algorithms(sec: _Section) -> tuple[str, ...]:
+    algorithms = sec.strings("algorithms", ("RS256", "PS256", "ES256"))
+    for alg in algorithms:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            sec.problem("algorithms", f"{alg!r} is not allowed; choose from "
+                        f"{', '.join(ASYMMETRIC_ALGORITHMS)} (never none or HMAC)")
+    if not algorithms:
+        sec.problem("algorithms", "must list at least one algorithm")
+    return cast(tuple[str, ...], algorithms)
+
+
+def _jwt_provider(name: str, sec: _Section) -> JwtProvider:
+    jwks_uri = sec.url("jwks_uri", None)
+    jwks: dict[str, Any] | None = sec.typed("jwks", dict, None)
+    jwks_file = sec.file("jwks_file", None, check=_check_jwks)
+    if jwks is not None:
+        try:
+            _check_jwks(json.dumps(jwks).encode())
+        except ValueError as exc:
+            sec.problem("jwks", str(exc))
+    if jwks_file is not None and jwks_file.is_file():
+        try:
+            jwks = json.loads(jwks_file.read_text())
+        except (OSError, ValueError):
+            jwks = None  # reported by the file check
+    sources = [k for k, v in (("jwks_uri", jwks_uri), ("jwks", sec.data.get("jwks")),
+                               ("jwks_file", jwks_file)) if v]
+    if len(sources) != 1:
+        sec.problem("jwks_uri", "set exactly one of jwks_uri, jwks, jwks_file"
+                    + (f" (got {', '.join(sources)})" if sources else ""))
+    audiences = sec.strings("audiences")
+    if audiences == ():
+        sec.problem("audiences", "must list at least one audience")
+    provider = JwtProvider(
+        name=name,
+        issuer=sec.string("issuer"),
+        audiences=audiences,
+        algorithms=_algorithms(sec),
+        jwks_uri=jwks_uri,
+        jwks=jwks,
+        jwks_ca_file=sec.file("jwks_ca_file", None, check=_check_certs),
+        jwks_refresh_interval=sec.duration("jwks_refresh_interval", 300.0),
+        jwks_refetch_cooldown=sec.duration("jwks_refetch_cooldown", 30.0, positive=False),
+        jwks_timeout=sec.duration("jwks_timeout", 5.0),
+        leeway=sec.duration("leeway", 30.0, positive=False),
+        required_claims=sec.strings("required_claims", ()),
+        require_typ_at_jwt=sec.boolean("require_typ_at_jwt", False),
+    )
+    sec.string("type")
+    sec.finish()
+    return provider
+
+
+def _secret(sec: _Section) -> str | None:
+    """The client secret from ``client_secret_file`` or ``client_secret_env``, never inline."""
+    if "client_secret" in sec.data:
+        sec.seen.add("client_secret")
+        sec.problem("client_secret", "inline secrets are refused; use client_secret_file "
+                    "or client_secret_env")
+    path = sec.file("client_secret_file", None)
+    env = sec.string("client_secret_env", None)
+    if path and env:
+        sec.problem("client_secret_file", "set only one of client_secret_file, client_secret_env")
+    if path and path.is_file():
+        return path.read_text().strip() or None
+    if env:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            sec.problem("client_secret_env", f"environment variable {env} is not set or empty")
+        return value or None
+    return None
+
+
+def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> IntrospectionProvider:
+    method = sec.string("auth_method", "client_secret_basic",
+                        choices=("client_secret_basic", "client_secret_post", "tls_client_auth"))
+    secret = _secret(sec)
+    cert = sec.file("client_cert_file", None, check=_check_certs)
+    key = sec.file("client_key_file", None, check=_check_key)
+    if method in ("client_secret_basic", "client_secret_post") and secret is None \
+            and not sec.has("client_secret_file") and not sec.has("client_secret_env"):
+        sec.problem("auth_method", f"{method} needs client_secret_file or client_secret_env")
+    if method == "tls_client_auth" and not (cert and key):
+        sec.problem("auth_method", "tls_client_auth needs client_cert_file and client_key_file")
+    cache_sec = sec.section("cache", required=False) or _Section({}, sec.at("cache"), problems)
+    cache = CacheConfig(
+        maxsize=cache_sec.integer("maxsize", 10000, low=1, high=10_000_000),
+        ttl=cache_sec.duration("ttl", 60.0),
+        negative_ttl=cache_sec.duration("negative_ttl", 10.0),
+    )
+    cache_sec.finish()
+    provider = IntrospectionProvider(
+        name=name,
+        endpoint=sec.url("endpoint"),
+        client_id=sec.string("client_id"),
+        auth_method=method,
+        client_secret=secret,
+        client_cert_file=cert,
+        client_key_file=key,
+        ca_file=sec.file("ca_file", None, check=_check_certs),
+        timeout=sec.duration("timeout", 2.0),
+        issuer=sec.string("issuer", None),
+        audiences=sec.strings("audiences", ()),
+        leeway=sec.duration("leeway", 30.0, positive=False),
+        cache=cache,
+        failure_threshold=sec.integer("failure_threshold", 5, low=1, high=1000),
+        failure_cooldown=sec.duration("failure_cooldown", 5.0),
+    )
+    sec.string("type")
+    sec.finish()
+    return provider
+
+
+def _providers(sec: _Section | None) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    if sec is None:
+        return providers
+    for name, body in sec.data.items():
+        sec.seen.add(name)
+        path = sec.at(str(name))
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            sec.problems.add(path, "provider names use letters, digits, _ . -")
+            continue
+        if not isinstance(body, dict):
+            sec.problems.add(path, f"expected a mapping (got {_type_name(body)})")
+            continue
+        psec = _Section(body, path, sec.problems)
+        kind = psec.string("type", choices=("jwt", "introspection"))
+        if kind == "jwt":
+            providers[name] = _jwt_provider(name, psec)
+        elif kind == "introspection":
+            providers[name] = _introspection_provider(name, psec, sec.problems)
+    return providers
+
+
+def _identity_headers(sec: _Section | None, problems: _Problems, path: str) -> IdentityHeaders:
+    sec = sec or _Section({}, path, problems)
+
+    def name(key: str, default: str | None) -> str | None:
+        value = sec.string(key, default)
+        if value is None or value == "":
+            return None
+        if not _HEADER_NAME.match(value):
+            sec.problem(key, f"{value!r} is not a valid header name")
+        elif value.lower() in ("authorization", "host", "cookie", "content-length"):
+            sec.problem(key, f"{value!r} cannot carry identity")
+        return cast(str, value)
+
+    headers = IdentityHeaders(
+        subject=name("subject", "X-Auth-Subject"),
+        client_id=name("client_id", "X-Auth-Client-Id"),
+        scope=name("scope", "X-Auth-Scope"),
+        thumbprint=name("thumbprint", "X-Client-Cert-Thumbprint"),
+        provider=name("provider", None),
+    )
+    lowered = [n.lower() for n in headers.names()]
+    if len(set(lowered)) != len(lowered):
+        sec.problems.add(path, "two identity fields use the same header name")
+    sec.finish()
+    return headers
+
+
+def _upstream(sec: _Section) -> UpstreamConfig:
+    upstream = UpstreamConfig(
+        url=sec.url("url", schemes=("http", "https")),
+        connect_timeout=sec.duration("connect_timeout", 5.0),
+        read_timeout=sec.duration("read_timeout", 30.0),
+        max_connections=sec.integer("max_connections", 100, low=1, high=100_000),
+        pass_authorization=sec.boolean("pass_authorization", True),
+        identity_headers=_identity_headers(sec.section("identity_headers", required=False),
+                                           sec.problems, sec.at("identity_headers")),
+    )
+    sec.finish()
+    return upstream
+
+
+def _match(sec: _Section) -> PathMatch | None:
+    given = [k for k in ("path_prefix", "path", "path_regex") if sec.has(k)]
+    if len(given) != 1:
+        sec.problem("path_prefix", "set exactly one of path_prefix, path, path_regex")
+        return None
+    key = given[0]
+    value = sec.string(key)
+    if not isinstance(value, str):
+        return None
+    if key == "path_regex":
+        try:
+            return PathMatch("regex", value, re.compile(value))
+        except re.error as exc:
+            sec.problem(key, f"invalid regular expression: {exc}")
+            return None
+    if not value.startswith("/"):
+        sec.problem(key, "must start with /")
+    return PathMatch("prefix" if key == "path_prefix" else "exact", value)
+
+
+def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPolicy | None:
+    present, value = sec._raw("auth", _REQUIRED)
+    if not present:
+        return None
+    if value == "none":
+        return AuthNone()
+    if not isinstance(value, dict):
+        sec.problem("auth", 'expected "none" or a mapping with provider, binding, scopes')
+        return None
+    asec = _Section(value, sec.at("auth"), sec.problems)
+    names = asec.strings("provider")
+    for name in names:
+        if name not in providers:
+            asec.problem("provider", f'unknown provider "{name}"')
+    policy = AuthPolicy(
+        providers=names,
+        binding=asec.string("binding", "required", choices=("required", "optional", "off")),
+        scopes=asec.strings("scopes", ()),
+    )
+    asec.finish()
+    return policy
+
+
+def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ...]:
+    present, value = top._raw("routes", _REQUIRED)
+    if not present:
+        return ()
+    if not isinstance(value, list) or not value:
+        top.problem("routes", "expected a non-empty list of routes")
+        return ()
+    routes: list[Route] = []
+    for i, body in enumerate(value):
+        path = f"routes[{i}]"
+        if not isinstance(body, dict):
+            top.problems.add(path, f"expected a mapping (got {_type_name(body)})")
+            continue
+        sec = _Section(body, path, top.problems)
+        name = sec.string("name", path)
+        match = _match(sec)
+        methods = sec.strings("methods", None)
+        if methods is not None:
+            methods = frozenset(m.upper() for m in methods)
+            for m in sorted(methods - _HTTP_METHODS):
+                sec.problem("methods", f"unknown HTTP method {m!r}")
+        auth = _auth(sec, providers)
+        upstream_url = sec.url("upstream", None, schemes=("http", "https"))
+        sec.finish()
+        if match is not None and auth is not None:
+            routes.append(Route(name, match, methods, auth, upstream_url))
+    return tuple(routes)
+
+
+def _logging(sec: _Section | None, problems: _Problems) -> LoggingConfig:
+    sec = sec or _Section({}, "logging", problems)
+    cfg = LoggingConfig(level=sec.string("level", "INFO",
+                                         choices=("DEBUG", "INFO", "WARNING", "ERROR")))
+    sec.finish()
+    return cfg
+
+
+def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -> GatewayConfig:
+    """Parse and validate YAML text; raise :class:`ConfigError` listing every problem."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"(yaml): {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(["(top): expected a mapping of sections"])
+    problems = _Problems(base_dir)
+    top = _Section(data, "", problems)
+    listen_sec = top.section("listen")
+    listen = _listen(listen_sec) if listen_sec else None
+    admin = _admin(top.section("admin", required=False), problems)
+    providers = _providers(top.section("providers", required=False))
+    upstream_sec = top.section("upstream")
+    upstream = _upstream(upstream_sec) if upstream_sec else None
+    routes = _routes(top, providers)
+    logging_cfg = _logging(top.section("logging", required=False), problems)
+    realm = top.string("realm", "mtls-gateway")
+    if isinstance(realm, str) and ('"' in realm or "\\" in realm):
+        top.problem("realm", "must not contain quotes or backslashes")
+    grace = top.duration("shutdown_grace", 20.0, positive=False)
+    top.finish()
+    if problems.items or listen is None or upstream is None:
+        raise ConfigError(problems.items or ["(top): incomplete configuration"])
+    return GatewayConfig(source=source, realm=realm, listen=listen, admin=admin,
+                         providers=providers, upstream=upstream, routes=routes,
+                         logging=logging_cfg, shutdown_grace=grace)
+
+
+def load_config(path: Path) -> GatewayConfig:
+    """Read ``path`` (blocking; only at start-up or reload) and validate it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read {path}: {exc.strerror or exc}"]) from exc
+    return load_config_text(text, base_dir=path.resolve().parent, source=path.resolve())

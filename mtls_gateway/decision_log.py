@@ -1,0 +1,57 @@
+"""One structured JSON line per request, with a stable reason code.
+
+The token itself is never logged: only ``token_hash``, the first 12 hex digits
+of its SHA-256, which is enough to correlate requests and useless to replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["JsonFormatter", "configure_logging", "log_decision", "token_hash"]
+
+access_log = logging.getLogger("mtls_gateway.access")
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+class JsonFormatter(logging.Formatter):
+    """Every record as one JSON object; decision records carry their fields at top level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        fields = getattr(record, "decision", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        else:
+            out["message"] = record.getMessage()
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, separators=(",", ":"), default=str)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    logging.getLogger("aiohttp.access").disabled = True
+
+
+def log_decision(**fields: Any) -> None:
+    """Log one request decision; ``None`` fields are left out."""
+    access_log.info("%s %s", fields.get("decision"), fields.get("reason"),
+                    extra={"decision": {k: v for k, v in fields.items() if v is not None}})

@@ -1,0 +1,111 @@
+"""Every error the gateway raises on purpose, and what the client is told.
+
+::
+
+    GatewayError
+    ├── ConfigError              bad gateway.yaml: every problem with its YAML path; refuse to start
+    └── Refusal                  a request is refused; carries status + stable reason code
+        ├── InvalidRequest       400 error="invalid_request"  (token in query, several tokens)
+        ├── NoToken              401, no error attribute      (RFC 6750 section 3.1)
+        ├── InvalidToken         401 error="invalid_token"    (bad/expired/unbound token)
+        ├── InsufficientScope    403 error="insufficient_scope", scope=
+        ├── NoRoute              404                          (no route matches)
+        ├── DependencyDown       503                          (JWKS/introspection down)
+        └── UpstreamFailed       502                          (upstream unreachable or broken)
+            └── UpstreamTimeout  504                          (upstream too slow)
+
+Foreign errors (pyjwt, aiohttp, ssl) are translated into these exactly once, at
+the edge where they are caught, with ``raise ... from exc``. ``reason`` is a
+stable, documented code for logs and metrics; ``description`` is short, safe to
+show the client and never contains the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+__all__ = [
+    "ConfigError",
+    "DependencyDown",
+    "GatewayError",
+    "InsufficientScope",
+    "InvalidRequest",
+    "InvalidToken",
+    "NoRoute",
+    "NoToken",
+    "Refusal",
+    "UpstreamFailed",
+    "UpstreamTimeout",
+]
+
+
+class GatewayError(Exception):
+    """Base of everything the gateway raises deliberately."""
+
+
+class ConfigError(GatewayError):
+    """The configuration is unusable; ``problems`` lists each one as ``path: message``."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        head = f"{count} problem{'s' if count != 1 else ''} in configuration"
+        super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class Refusal(GatewayError):
+    """A request is refused. Subclasses fix the HTTP status and RFC 6750 error code."""
+
+    status: ClassVar[int] = 403
+    error: ClassVar[str | None] = None
+
+    def __init__(self, reason: str, description: str = "") -> None:
+        super().__init__(f"{reason}: {description}" if description else reason)
+        self.reason = reason
+        self.description = description
+
+
+class InvalidRequest(Refusal):
+    status = 400
+    error = "invalid_request"
+
+
+class NoToken(Refusal):
+    status = 401
+    error = None
+
+    def __init__(self, reason: str = "no_token", description: str = "") -> None:
+        super().__init__(reason, description)
+
+
+class InvalidToken(Refusal):
+    status = 401
+    error = "invalid_token"
+
+
+class InsufficientScope(Refusal):
+    status = 403
+    error = "insufficient_scope"
+
+    def __init__(self, reason: str, description: str, scope: str) -> None:
+        super().__init__(reason, description)
+        self.scope = scope
+
+
+class NoRoute(Refusal):
+    status = 404
+
+
+class DependencyDown(Refusal):
+    status = 503
+
+
+class UpstreamFailed(Refusal):
+    """The upstream could not serve the request: 502 unreachable or broken."""
+
+    status = 502
+
+
+class UpstreamTimeout(UpstreamFailed):
+    status = 504

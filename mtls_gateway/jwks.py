@@ -1,0 +1,214 @@
+"""A provider's signing keys: fetched asynchronously, refreshed in the background.
+
+Rules that keep an attacker from steering key handling (RFC 8725):
+
+* keys are looked up by ``(kid, alg)`` where ``alg`` must be in the provider's
+  allowlist and fit the key type; symmetric (``oct``) keys are never loaded;
+* an unknown ``kid`` triggers at most one refetch per ``jwks_refetch_cooldown``
+  (a flood of random kids costs one request, not thousands), and concurrent
+  triggers share that one request;
+* a failed or empty refresh keeps the last good key set; with no key set at all
+  the caller gets :class:`DependencyDown` (503), never a pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import jwt
+
+from .config import JwtProvider
+from .errors import DependencyDown, InvalidToken
+
+__all__ = ["JwksSource", "KeySet"]
+
+log = logging.getLogger("mtls_gateway.jwks")
+
+_MAX_JWKS_BYTES = 512 * 1024
+_ALGS_FOR_KEY = {
+    "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
+    "EC:P-256": ("ES256",), "EC:P-384": ("ES384",), "EC:P-521": ("ES512",),
+    "OKP:Ed25519": ("EdDSA",), "OKP:Ed448": ("EdDSA",),
+}
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """Immutable snapshot of usable keys, indexed by ``(kid, alg)`` and by ``alg``."""
+
+    by_kid: Mapping[tuple[str, str], jwt.PyJWK]
+    by_alg: Mapping[str, tuple[jwt.PyJWK, ...]]
+    kids: frozenset[str]
+
+    @classmethod
+    def from_document(cls, doc: Any, algorithms: tuple[str, ...]) -> KeySet:
+        """Keep each key usable with an allowed algorithm; skip (and log) the rest."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise ValueError('JWKS is not an object with a "keys" list')
+        by_kid: dict[tuple[str, str], jwt.PyJWK] = {}
+        by_alg: dict[str, list[jwt.PyJWK]] = {}
+        for jwk in doc["keys"]:
+            if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+                continue
+            kty = jwk.get("kty")
+            family = f"{kty}:{jwk.get('crv')}" if kty in ("EC", "OKP") else kty
+            candidates = _ALGS_FOR_KEY.get(str(family), ())
+            if "alg" in jwk:  # one key, one algorithm
+                candidates = tuple(a for a in candidates if a == jwk["alg"])
+            kid = jwk.get("kid")
+            for alg in (a for a in candidates if a in algorithms):
+                try:
+                    key = jwt.PyJWK(jwk, algorithm=alg)
+                except jwt.PyJWTError as exc:
+                    log.warning("skipping unusable JWKS key kid=%r: %s", kid, exc)
+                    break
+                if isinstance(kid, str):
+                    by_kid[(kid, alg)] = key
+                by_alg.setdefault(alg, []).append(key)
+        if not by_alg:
+            raise ValueError("JWKS has no key usable with the allowed algorithms")
+        return cls(by_kid, {a: tuple(k) for a, k in by_alg.items()},
+                   frozenset(kid for kid, _ in by_kid))
+
+    def lookup(self, kid: str | None, alg: str) -> tuple[jwt.PyJWK, ...]:
+        """Keys to try: the one with this kid, or (no kid in the token) every key for alg."""
+        if kid is None:
+            return self.by_alg.get(alg, ())
+        key = self.by_kid.get((kid, alg))
+        return (key,) if key is not None else ()
+
+
+@dataclass
+class JwksStats:
+    """Counters for logs and metrics."""
+
+    fetches: int = 0
+    failures: int = 0
+    kid_refetches: int = 0
+    last_success: float | None = None     # POSIX time of the last good fetch
+    last_fetch_ok: bool = False
+    last_error: str | None = None
+
+
+class JwksSource:
+    """Keys of one JWT provider; static (inline JWKS) or fetched from ``jwks_uri``."""
+
+    def __init__(self, provider: JwtProvider) -> None:
+        self.provider = provider
+        self.stats = JwksStats()
+        self._keys: KeySet | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._inflight: asyncio.Task[None] | None = None
+        self._last_on_demand = -float("inf")
+        self._refresher: asyncio.Task[None] | None = None
+        if provider.jwks is not None:
+            self._keys = KeySet.from_document(provider.jwks, provider.algorithms)
+
+    @property
+    def ready(self) -> bool:
+        """True once a key set has been loaded (readiness)."""
+        return self._keys is not None
+
+    async def start(self) -> None:
+        """Open the HTTP session, make a first fetch, and start background refresh."""
+        if self.provider.jwks_uri is None:
+            return
+        ssl_ctx = ssl.create_default_context(
+            cafile=str(self.provider.jwks_ca_file) if self.provider.jwks_ca_file else None)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=4),
+            timeout=aiohttp.ClientTimeout(total=self.provider.jwks_timeout),
+            headers={"Accept": "application/jwk-set+json, application/json"},
+        )
+        await self._refresh_shared()
+        self._refresher = asyncio.create_task(self._refresh_loop(),
+                                              name=f"jwks-refresh-{self.provider.name}")
+
+    async def close(self) -> None:
+        for task in (self._refresher, self._inflight):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def keys_for(self, kid: str | None, alg: str) -> tuple[jwt.PyJWK, ...]:
+        """Candidate keys for a token header, refetching (rate-limited) on an unknown kid."""
+        keys = self._keys
+        if keys is not None:
+            found = keys.lookup(kid, alg)
+            if found:
+                return found
+        if self.provider.jwks_uri is not None and self._may_fetch_on_demand():
+            if keys is not None:
+                self.stats.kid_refetches += 1
+            await self._refresh_shared()
+            keys = self._keys
+            if keys is not None and (found := keys.lookup(kid, alg)):
+                return found
+        if keys is None:
+            raise DependencyDown("jwks_unavailable", "signing keys are not available")
+        raise InvalidToken("unknown_key", "no signing key matches the token")
+
+    def _may_fetch_on_demand(self) -> bool:
+        if self._inflight is not None:
+            return True  # joining a fetch already under way costs nothing
+        now = time.monotonic()
+        if now - self._last_on_demand < self.provider.jwks_refetch_cooldown:
+            return False
+        self._last_on_demand = now
+        return True
+
+    async def _refresh_shared(self) -> None:
+        """Single flight: all callers await one fetch; a failure leaves the old keys."""
+        if self._inflight is None:
+            self._inflight = asyncio.create_task(self._fetch())
+            self._inflight.add_done_callback(self._clear_inflight)
+        await asyncio.shield(self._inflight)
+
+    def _clear_inflight(self, _task: asyncio.Task[None]) -> None:
+        self._inflight = None
+
+    async def _fetch(self) -> None:
+        assert self._session is not None and self.provider.jwks_uri is not None
+        self.stats.fetches += 1
+        try:
+            async with self._session.get(self.provider.jwks_uri, allow_redirects=False) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                body = await resp.content.read(_MAX_JWKS_BYTES + 1)
+                if len(body) > _MAX_JWKS_BYTES:
+                    raise ValueError("JWKS document too large")
+            keys = KeySet.from_document(json.loads(body), self.provider.algorithms)
+        except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+            self.stats.failures += 1
+            self.stats.last_fetch_ok = False
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("JWKS fetch for provider %s failed (keeping %s): %s",
+                        self.provider.name, "last good keys" if self._keys else "no keys",
+                        self.stats.last_error)
+            return
+        if self._keys is None or keys.kids != self._keys.kids:
+            log.info("JWKS for provider %s loaded: kids=%s", self.provider.name, sorted(keys.kids))
+        self._keys = keys
+        self.stats.last_success = time.time()
+        self.stats.last_fetch_ok = True
+
+    async def _refresh_loop(self) -> None:
+        """Refresh every interval; while failing, retry sooner with doubling back-off."""
+        interval = self.provider.jwks_refresh_interval
+        backoff = 1.0
+        while True:
+            await asyncio.sleep(interval if self.stats.last_fetch_ok else backoff)
+            await self._refresh_shared()
+            backoff = 1.0 if self.stats.last_fetch_ok else min(backoff * 2, interval)

@@ -1,0 +1,116 @@
+"""Local verification of JWT access tokens (RFC 9068, RFC 8725).
+
+One :class:`JwtVerifier` per provider, built at configuration time. The token
+never chooses how it is verified: ``alg`` must be on the provider's allowlist
+(asymmetric only), the key comes from the provider's JWKS by ``kid``, and
+``jku``/``x5u``/``jwk``/``x5c`` header parameters are ignored. ``crit`` is
+refused because the gateway understands no JWS extensions.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import jwt
+
+from .config import JwtProvider
+from .errors import InvalidToken
+from .jwks import JwksSource
+from .tokeninfo import TokenInfo, token_info_from_claims
+
+__all__ = ["JwtVerifier", "unverified_issuer"]
+
+_AT_JWT_TYPES = ("at+jwt", "application/at+jwt")
+
+# pyjwt's exceptions, translated once into stable reason codes (most specific first).
+_PYJWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "token_expired", "token has expired"),
+    (jwt.ImmatureSignatureError, "token_not_yet_valid", "token is not yet valid"),
+    (jwt.InvalidIssuerError, "wrong_issuer", "token issuer is not accepted"),
+    (jwt.InvalidAudienceError, "wrong_audience", "token audience is not accepted"),
+    (jwt.MissingRequiredClaimError, "missing_claim", "token lacks a required claim"),
+    (jwt.InvalidSignatureError, "bad_signature", "token signature is invalid"),
+    (jwt.InvalidAlgorithmError, "alg_not_allowed", "token algorithm is not allowed"),
+    (jwt.DecodeError, "token_malformed", "token is malformed"),
+    (jwt.InvalidTokenError, "token_invalid", "token is invalid"),
+)
+
+
+def unverified_issuer(token: str) -> str | None:
+    """``iss`` of a compact JWS without verifying it (for routing a token to its provider)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    iss = payload.get("iss") if isinstance(payload, dict) else None
+    return iss if isinstance(iss, str) else None
+
+
+class JwtVerifier:
+    """Verifies JWT access tokens of one issuer."""
+
+    def __init__(self, provider: JwtProvider, keys: JwksSource | None = None) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.keys = keys or JwksSource(provider)
+        self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
+        self._require = sorted({"exp", "iss", "aud", *provider.required_claims})
+
+    @property
+    def ready(self) -> bool:
+        return self.keys.ready
+
+    async def start(self) -> None:
+        await self.keys.start()
+
+    async def close(self) -> None:
+        await self.keys.close()
+
+    def claims_token(self, token: str) -> bool:
+        """Whether this provider is the one to ask: a JWT naming our issuer."""
+        return unverified_issuer(token) == self.provider.issuer
+
+    async def verify(self, token: str) -> TokenInfo:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise InvalidToken("token_malformed", "token is not a valid JWT") from exc
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.provider.algorithms:
+            raise InvalidToken("alg_not_allowed", "token algorithm is not allowed")
+        if "crit" in header:
+            raise InvalidToken("crit_unsupported", "token has critical header parameters")
+        typ = header.get("typ")
+        if self.provider.require_typ_at_jwt and (
+                not isinstance(typ, str) or typ.lower() not in _AT_JWT_TYPES):
+            raise InvalidToken("wrong_typ", "token is not an at+jwt access token")
+        kid = header.get("kid")
+        if kid is not None and not isinstance(kid, str):
+            raise InvalidToken("token_malformed", "token kid is malformed")
+        claims = self._decode(token, alg, await self.keys.keys_for(kid, alg))
+        return token_info_from_claims(self.name, claims)
+
+    def _decode(self, token: str, alg: str, keys: tuple[jwt.PyJWK, ...]) -> dict[str, Any]:
+        last: jwt.PyJWTError | None = None
+        for key in keys:
+            try:
+                return self._jwt.decode(
+                    token, key=key, algorithms=[alg],
+                    audience=list(self.provider.audiences), issuer=self.provider.issuer,
+                    leeway=self.provider.leeway, options={"require": self._require},
+                )
+            except jwt.InvalidSignatureError as exc:
+                last = exc  # a kid-less token: try the next key for this alg
+            except jwt.PyJWTError as exc:
+                last = exc
+                break
+        assert last is not None
+        for kind, reason, description in _PYJWT_REASONS:
+            if isinstance(last, kind):
+                raise InvalidToken(reason, description) from last
+        raise InvalidToken("token_invalid", "token is invalid") from last

@@ -1,0 +1,48 @@
+"""Token verifiers by name, and how a route's provider list picks one.
+
+Each verifier is built once from configuration. For a route naming several
+providers, the first one that *claims* the token verifies it (a JWT provider
+claims JWTs that name its issuer; introspection claims anything); when none
+claims it, the last provider in the list verifies it and so gives its specific
+error (wrong issuer, malformed, inactive...). A token is never tried against
+several verifiers in turn, so one bad token costs one verification.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from .tokeninfo import TokenInfo
+
+__all__ = ["Verifier", "pick_verifier"]
+
+
+class Verifier(Protocol):
+    name: str
+
+    def claims_token(self, token: str) -> bool:
+        """Cheap check (no I/O, no crypto): is this token for me?"""
+        ...
+
+    async def verify(self, token: str) -> TokenInfo:
+        """Verify or raise a :class:`~mtls_gateway.errors.Refusal`."""
+        ...
+
+    @property
+    def ready(self) -> bool:
+        """Whether the verifier can work (keys loaded at least once)."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def pick_verifier(verifiers: Mapping[str, Verifier], names: Sequence[str],
+                  token: str) -> Verifier:
+    for name in names:
+        verifier = verifiers[name]
+        if verifier.claims_token(token):
+            return verifier
+    return verifiers[names[-1]]

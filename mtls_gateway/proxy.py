@@ -1,0 +1,121 @@
+"""Streaming the request to the upstream and the response back.
+
+Bodies are never buffered whole. The gateway is the TLS terminator and the only
+source of identity, so every inbound header that could claim identity or
+forwarding facts (``X-Forwarded-*``, ``Forwarded``, client-certificate headers,
+and the configured identity header names) is removed before ours are added.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import UpstreamConfig
+from .errors import UpstreamFailed, UpstreamTimeout
+
+__all__ = ["ABORTED", "HOP_BY_HOP", "Forwarder", "strip_hop_by_hop"]
+
+#: Set on a response whose upstream broke off after the headers were sent.
+ABORTED = "mtls_gateway.upstream_aborted"
+
+log = logging.getLogger("mtls_gateway.proxy")
+
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
+})
+#: Never accepted from a client: only the gateway may state these (RFC 9440, XFCC, RFC 7239).
+_ALWAYS_STRIPPED = frozenset({
+    "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+    "x-forwarded-port", "x-real-ip", "x-forwarded-client-cert", "client-cert",
+    "client-cert-chain", "ssl-client-cert", "x-ssl-client-cert", "host", "expect",
+})
+_CHUNK = 64 * 1024
+
+
+def strip_hop_by_hop(headers: Mapping[str, str] | CIMultiDict[str],
+                     extra: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop headers, those named in Connection, and ``extra``."""
+    named = {t.strip().lower() for v in _getall(headers, "Connection") for t in v.split(",")}
+    drop = HOP_BY_HOP | named | extra
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[str]:
+    if isinstance(headers, CIMultiDict) or hasattr(headers, "getall"):
+        return list(headers.getall(name, []))  # type: ignore[union-attr]
+    return [v for k, v in headers.items() if k.lower() == name.lower()]
+
+
+class Forwarder:
+    """Upstream connection pool and the forwarding of one request."""
+
+    def __init__(self, upstream: UpstreamConfig) -> None:
+        self.config = upstream
+        self._strip = _ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
+        if not upstream.pass_authorization:
+            self._strip |= {"authorization"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.max_connections,
+                                           enable_cleanup_closed=True),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                          sock_read=self.config.read_timeout),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def upstream_headers(self, request: web.Request,
+                         identity: Mapping[str, str]) -> CIMultiDict[str]:
+        headers = strip_hop_by_hop(request.headers, self._strip)
+        headers.extend(identity)
+        headers["X-Forwarded-For"] = request.remote or ""
+        headers["X-Forwarded-Proto"] = request.scheme
+        if request.host:
+            headers["X-Forwarded-Host"] = request.host
+        return headers
+
+    async def forward(self, request: web.Request, base_url: str,
+                      identity: Mapping[str, str]) -> web.StreamResponse:
+        """Send the request upstream and stream the answer back; 502/504 on failure."""
+        assert self._session is not None, "Forwarder.start() was not awaited"
+        target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
+        body = request.content if request.body_exists else None
+        try:
+            upstream = await self._session.request(
+                request.method, target, headers=self.upstream_headers(request, identity),
+                data=body, allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("upstream_timeout", "upstream did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
+        async with upstream:
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response.headers.extend(strip_hop_by_hop(upstream.headers))
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    await response.write(chunk)
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                # Headers are gone already: the only honest signal left is a cut connection.
+                log.warning("upstream broke off mid-response: %s", type(exc).__name__)
+                response[ABORTED] = True
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+            return response

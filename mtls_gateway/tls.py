@@ -1,0 +1,76 @@
+"""The TLS side of the gateway: the server context and the peer certificate.
+
+The certificate that counts for binding is the one verified in the handshake of
+the connection the request arrived on (RFC 8705 section 7.2); renegotiation is
+disabled so it cannot change. Its thumbprint is computed once per connection and
+remembered against the connection's ``SSLObject`` (weakly, so it goes with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+
+from .config import ListenConfig
+from .thumbprint import x5t_s256
+
+__all__ = ["PeerCertificate", "peer_certificate", "server_ssl_context"]
+
+_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
+
+
+def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
+    """A server context that asks for (or requires) a client certificate chained to the CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _VERSIONS[listen.min_tls_version]
+    ctx.maximum_version = _VERSIONS[listen.max_tls_version]
+    ctx.load_cert_chain(listen.cert_file, listen.key_file)
+    ctx.load_verify_locations(cafile=str(listen.client_ca_file))
+    ctx.verify_mode = ssl.CERT_REQUIRED if listen.client_cert == "required" else ssl.CERT_OPTIONAL
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    return ctx
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """The verified client certificate of one connection."""
+
+    thumbprint: str          # x5t#S256
+    subject: str             # RFC 4514 string, for logs and identity headers
+    not_after: float         # POSIX seconds
+
+
+_BY_CONNECTION: weakref.WeakKeyDictionary[ssl.SSLObject, PeerCertificate | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _describe(der: bytes) -> PeerCertificate:
+    cert = x509.load_der_x509_certificate(der)
+    return PeerCertificate(
+        thumbprint=x5t_s256(der),
+        subject=cert.subject.rfc4514_string(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
+
+
+def peer_certificate(transport: asyncio.BaseTransport | Any | None) -> PeerCertificate | None:
+    """The connection's client certificate, or None (no TLS, or no certificate sent)."""
+    if transport is None:
+        return None
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return None
+    try:
+        return _BY_CONNECTION[ssl_object]
+    except KeyError:
+        pass
+    der = ssl_object.getpeercert(binary_form=True)
+    peer = _describe(der) if der else None
+    _BY_CONNECTION[ssl_object] = peer
+    return peer
