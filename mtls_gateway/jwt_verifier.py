@@ -38,16 +38,21 @@ _PYJWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
 )
 
 
-def unverified_issuer(token: str) -> str | None:
-    """``iss`` of a compact JWS without verifying it (for routing a token to its provider)."""
+def _segment(token: str, index: int) -> dict[str, Any] | None:
+    """JSON object in segment ``index`` of a compact JWS, unverified; None if not one."""
     parts = token.split(".")
     if len(parts) != 3:
         return None
     try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        value = json.loads(base64.urlsafe_b64decode(parts[index] + "=" * (-len(parts[index]) % 4)))
     except (ValueError, UnicodeDecodeError):
         return None
-    iss = payload.get("iss") if isinstance(payload, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def unverified_issuer(token: str) -> str | None:
+    """``iss`` of a compact JWS without verifying it (for routing a token to its provider)."""
+    iss = (_segment(token, 1) or {}).get("iss")
     return iss if isinstance(iss, str) else None
 
 
@@ -76,10 +81,9 @@ class JwtVerifier:
         return unverified_issuer(token) == self.provider.issuer
 
     async def verify(self, token: str) -> TokenInfo:
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise InvalidToken("token_malformed", "token is not a valid JWT") from exc
+        header = _segment(token, 0)
+        if header is None:
+            raise InvalidToken("token_malformed", "token is not a valid JWT")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.provider.algorithms:
             raise InvalidToken("alg_not_allowed", "token algorithm is not allowed")

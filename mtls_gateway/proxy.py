@@ -48,8 +48,6 @@ def strip_hop_by_hop(headers: Mapping[str, str] | CIMultiDict[str],
 
 
 def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[str]:
-    if isinstance(headers, CIMultiDict) or hasattr(headers, "getall"):
-        return list(headers.getall(name, []))  # type: ignore[union-attr]
     return [v for k, v in headers.items() if k.lower() == name.lower()]
 
 

@@ -1,0 +1,349 @@
+"""Real parts for the tests (imported by conftest.py and the test modules): PKI, a token
+issuer with a JWKS over HTTPS, a recording upstream, and the gateway itself on a real
+mutual-TLS socket. Everything listens on 127.0.0.1 and is stopped by the fixture that
+started it."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+import yaml
+from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from mtls_gateway import pki as pki_mod
+from mtls_gateway.app import GatewayServer
+from mtls_gateway.config_load import load_config
+from mtls_gateway.thumbprint import x5t_s256
+
+ISSUER = "https://issuer.test"
+AUDIENCE = "https://api.test"
+
+
+@dataclass(frozen=True)
+class Client:
+    cert: Path
+    key: Path
+    thumbprint: str
+
+
+@dataclass
+class Pki:
+    dir: Path
+    ca_file: Path
+    server_cert: Path
+    server_key: Path
+    clients: dict[str, Client]
+    _contexts: dict[str | None, ssl.SSLContext] = field(default_factory=dict)
+
+    def client_context(self, name: str | None) -> ssl.SSLContext:
+        """A client TLS context trusting our CA and presenting client ``name`` (or none)."""
+        if name not in self._contexts:
+            ctx = ssl.create_default_context(cafile=str(self.ca_file))
+            if name is not None:
+                c = self.clients[name]
+                ctx.load_cert_chain(c.cert, c.key)
+            self._contexts[name] = ctx
+        return self._contexts[name]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    d = tmp_path_factory.mktemp("pki")
+    ca = pki_mod.make_ca("test CA")
+    ca_file, _ = ca.write(d, "ca")
+    server_cert, server_key = pki_mod.issue_server(ca).write(d, "server")
+    clients: dict[str, Client] = {}
+    made = {
+        "a": pki_mod.issue_client(ca, "client-a"),
+        # same CA, same subject as "a", another key: must not be able to use a's tokens
+        "a2": pki_mod.issue_client(ca, "client-a"),
+        "b": pki_mod.issue_client(ca, "client-b"),
+    }
+    for name, ck in made.items():
+        crt, key = ck.write(d, f"client-{name}")
+        clients[name] = Client(crt, key, x5t_s256(ck.cert_der))
+    stranger = pki_mod.issue_client(pki_mod.make_ca("other CA"), "stranger")
+    crt, key = stranger.write(d, "client-stranger")
+    clients["stranger"] = Client(crt, key, x5t_s256(stranger.cert_der))
+    return Pki(d, ca_file, server_cert, server_key, clients)
+
+
+# --- token issuer -----------------------------------------------------------------------------
+
+@dataclass
+class SigningKey:
+    kid: str
+    alg: str
+    private: Any
+
+    def public_jwk(self) -> dict[str, Any]:
+        algo = RSAAlgorithm if self.alg.startswith(("RS", "PS")) else ECAlgorithm
+        jwk = json.loads(algo.to_jwk(self.private.public_key()))
+        jwk.update(kid=self.kid, use="sig", alg=self.alg)
+        return jwk
+
+
+@pytest.fixture(scope="session")
+def rsa_keys() -> list[rsa.RSAPrivateKey]:
+    return [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(3)]
+
+
+class Issuer:
+    """Mints tokens and serves its JWKS over HTTPS; can fail, stop and rotate."""
+
+    def __init__(self, pki: Pki, rsa_keys: list[rsa.RSAPrivateKey]) -> None:
+        self.pki = pki
+        self._spare = list(rsa_keys[1:])
+        self.keys = [SigningKey("rsa-1", "RS256", rsa_keys[0]),
+                     SigningKey("ec-1", "ES256", ec.generate_private_key(ec.SECP256R1()))]
+        self.fetches = 0
+        self.fail_with: int | None = None
+        self.delay = 0.0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.url}/jwks.json"
+
+    def key(self, kid: str) -> SigningKey:
+        return next(k for k in self.keys if k.kid == kid)
+
+    def rotate(self) -> SigningKey:
+        """Publish a new RSA key and drop the old one."""
+        new = SigningKey(f"rsa-{uuid.uuid4().hex[:6]}", "RS256", self._spare.pop(0))
+        self.keys = [new] + [k for k in self.keys if not k.kid.startswith("rsa")]
+        return new
+
+    def claims(self, thumbprint: str | None, **overrides: Any) -> dict[str, Any]:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "client_id": "client-a",
+            "iat": now, "exp": now + 300, "jti": uuid.uuid4().hex, "scope": "accounts:read",
+        }
+        if thumbprint is not None:
+            claims["cnf"] = {"x5t#S256": thumbprint}
+        claims.update(overrides)
+        return {k: v for k, v in claims.items() if v is not None}
+
+    def mint(self, thumbprint: str | None = None, *, kid: str = "rsa-1",
+             headers: dict[str, Any] | None = None, **claims: Any) -> str:
+        key = self.key(kid)
+        hdr = {"kid": kid, "typ": "at+jwt", **(headers or {})}
+        return jwt.encode(self.claims(thumbprint, **claims), key.private, algorithm=key.alg,
+                          headers={k: v for k, v in hdr.items() if v is not None})
+
+    async def start(self) -> None:
+        app = web.Application()
+
+        async def jwks(_: web.Request) -> web.Response:
+            self.fetches += 1
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            if self.fail_with:
+                return web.Response(status=self.fail_with, text="down")
+            return web.json_response({"keys": [k.public_jwk() for k in self.keys]})
+
+        app.router.add_get("/jwks.json", jwks)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx).start()
+        self.url = f"https://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def issuer(pki: Pki, rsa_keys: list[rsa.RSAPrivateKey]) -> AsyncIterator[Issuer]:
+    iss = Issuer(pki, rsa_keys)
+    await iss.start()
+    yield iss
+    await iss.stop()
+
+
+# --- upstream ---------------------------------------------------------------------------------
+
+@dataclass
+class Seen:
+    method: str
+    path_qs: str
+    headers: dict[str, list[str]]
+    body_len: int
+    body_sha256: str
+
+
+class Upstream:
+    """A plain-HTTP upstream on loopback that records every request it receives."""
+
+    def __init__(self) -> None:
+        self.seen: list[Seen] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        digest, size = hashlib.sha256(), 0
+        async for chunk in request.content.iter_chunked(65536):
+            digest.update(chunk)
+            size += len(chunk)
+        headers: dict[str, list[str]] = {}
+        for k, v in request.headers.items():
+            headers.setdefault(k.lower(), []).append(v)
+        self.seen.append(Seen(request.method, request.path_qs, headers, size, digest.hexdigest()))
+        if request.path.startswith("/slow"):
+            await asyncio.sleep(float(request.query.get("s", "5")))
+        if request.path.startswith("/big"):
+            n = int(request.query.get("n", "0"))
+            resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream",
+                                               "Connection": "close, X-Secret-Hop",
+                                               "X-Secret-Hop": "1", "Keep-Alive": "5"})
+            await resp.prepare(request)
+            block = b"x" * 65536
+            while n > 0:
+                await resp.write(block[: min(n, len(block))])
+                n -= len(block)
+            await resp.write_eof()
+            return resp
+        return web.json_response({"ok": True, "body_len": size,
+                                  "body_sha256": digest.hexdigest()},
+                                 headers={"X-Upstream": "yes"})
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{p:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    up = Upstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+# --- the gateway ------------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    status: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class RunningGateway:
+    server: GatewayServer
+    pki: Pki
+    config_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.server.port}"
+
+    async def request(self, path: str, *, cert: str | None = "a", token: str | None = None,
+                      method: str = "GET", headers: Any = None, data: Any = None) -> Reply:
+        """One request over a new mutual-TLS connection presenting client ``cert``."""
+        hdrs: list[tuple[str, str]] = list(headers.items() if isinstance(headers, dict)
+                                           else headers or [])
+        if token is not None:
+            hdrs.append(("Authorization", f"Bearer {token}"))
+        connector = aiohttp.TCPConnector(ssl=self.pki.client_context(cert), force_close=True)
+        async with aiohttp.ClientSession(connector=connector,
+                                         timeout=aiohttp.ClientTimeout(total=30)) as s, \
+                s.request(method, self.url + path, headers=hdrs, data=data) as resp:
+            return Reply(resp.status, resp.headers, await resp.read())
+
+
+    async def raw(self, request_line: str, *, cert: str | None = "a",
+                  headers: tuple[str, ...] = ()) -> int:
+        """Send a request line verbatim (no client-side normalisation); return the status."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.server.port, ssl=self.pki.client_context(cert),
+            server_hostname="localhost")
+        try:
+            lines = [request_line, "Host: localhost", "Connection: close", *headers, "", ""]
+            writer.write("\r\n".join(lines).encode())
+            status_line = await reader.readline()
+            return int(status_line.split()[1])
+        finally:
+            writer.close()
+
+
+def base_config(pki: Pki, issuer: Issuer | None, upstream: Upstream) -> dict[str, Any]:
+    providers: dict[str, Any] = {}
+    if issuer is not None:
+        providers["corp"] = {
+            "type": "jwt", "issuer": ISSUER, "audiences": [AUDIENCE],
+            "algorithms": ["RS256", "ES256"], "jwks_uri": issuer.jwks_uri,
+            "jwks_ca_file": str(pki.ca_file), "jwks_refetch_cooldown": "30s",
+        }
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0, "cert_file": str(pki.server_cert),
+                   "key_file": str(pki.server_key), "client_ca_file": str(pki.ca_file),
+                   "client_cert": "optional"},
+        "admin": {"enabled": False},
+        "providers": providers,
+        "upstream": {"url": upstream.url, "connect_timeout": "2s", "read_timeout": "5s"},
+        "routes": [
+            {"name": "public", "path_prefix": "/public", "auth": "none"},
+            {"name": "api", "path_prefix": "/", "auth": {"provider": "corp"}},
+        ],
+    }
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def make_gateway(pki: Pki, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """``await make_gateway(config_dict)`` starts a gateway; all are stopped afterwards."""
+    started: list[GatewayServer] = []
+
+    async def make(config: dict[str, Any]) -> RunningGateway:
+        path = tmp_path / f"gateway-{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        server = GatewayServer(load_config(path))
+        await server.start()
+        started.append(server)
+        return RunningGateway(server, pki, path)
+
+    yield make
+    for server in started:
+        await server.stop()
+
+
+@pytest.fixture
+async def gateway(make_gateway: GatewayFactory, pki: Pki, issuer: Issuer,
+                  upstream: Upstream) -> RunningGateway:
+    """The standard set-up: provider ``corp``, binding required on everything but /public."""
+    return await make_gateway(base_config(pki, issuer, upstream))

@@ -1,0 +1,92 @@
+"""Key handling against a real JWKS endpoint over HTTPS: rotation, floods, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from gwtest import Issuer, Pki, Upstream, base_config
+
+
+async def test_unknown_kid_triggers_refetch_and_rotation_is_picked_up(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    gw = await make_gateway(base_config(pki, issuer, upstream))
+    tp = pki.clients["a"].thumbprint
+    assert (await gw.request("/x", token=issuer.mint(tp))).status == 200
+    fetches = issuer.fetches
+    new = issuer.rotate()
+    reply = await gw.request("/x", token=issuer.mint(tp, kid=new.kid))
+    assert reply.status == 200, reply.body
+    assert issuer.fetches == fetches + 1
+
+
+async def test_kid_flood_causes_bounded_refetches(make_gateway: Any, pki: Pki, issuer: Issuer,
+                                                  upstream: Upstream) -> None:
+    gw = await make_gateway(base_config(pki, issuer, upstream))  # cooldown 30s
+    tp = pki.clients["a"].thumbprint
+    before = issuer.fetches
+    tokens = [issuer.mint(tp, headers={"kid": uuid.uuid4().hex}) for _ in range(200)]
+    replies = await asyncio.gather(*(gw.request("/x", token=t) for t in tokens))
+    assert {r.status for r in replies} == {401}
+    assert {r.json()["reason"] for r in replies} == {"unknown_key"}
+    assert issuer.fetches - before <= 1
+    assert upstream.seen == []
+    assert (await gw.request("/x", token=issuer.mint(tp))).status == 200
+
+
+async def test_jwks_down_cold_fails_closed_with_503(make_gateway: Any, pki: Pki,
+                                                    issuer: Issuer,
+                                                    upstream: Upstream) -> None:
+    issuer.fail_with = 500
+    config = base_config(pki, issuer, upstream)
+    config["providers"]["corp"]["jwks_refetch_cooldown"] = "0s"
+    gw = await make_gateway(config)
+    tp = pki.clients["a"].thumbprint
+    reply = await gw.request("/x", token=issuer.mint(tp))
+    assert reply.status == 503
+    assert reply.json()["reason"] == "jwks_unavailable"
+    assert upstream.seen == []
+    issuer.fail_with = None  # the issuer recovers: the next request fetches and passes
+    assert (await gw.request("/x", token=issuer.mint(tp))).status == 200
+
+
+async def test_jwks_down_warm_keeps_last_good_keys(make_gateway: Any, pki: Pki,
+                                                   issuer: Issuer, upstream: Upstream) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["providers"]["corp"].update(jwks_refresh_interval="100ms", jwks_refetch_cooldown="0s")
+    gw = await make_gateway(config)
+    tp = pki.clients["a"].thumbprint
+    assert (await gw.request("/x", token=issuer.mint(tp))).status == 200
+    await issuer.stop()
+    before = issuer.fetches
+    await asyncio.sleep(0.5)  # several background refreshes fail meanwhile
+    reply = await gw.request("/x", token=issuer.mint(tp))
+    assert reply.status == 200
+    # unknown kid while the issuer is down: refused as invalid, never a pass, never a 5xx storm
+    assert (await gw.request("/x", token=issuer.mint(tp, headers={"kid": "x"}))).status == 401
+    assert issuer.fetches == before  # the server is gone: nothing reached it
+
+
+async def test_background_refresh_picks_up_new_keys(make_gateway: Any, pki: Pki,
+                                                    issuer: Issuer, upstream: Upstream) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["providers"]["corp"]["jwks_refresh_interval"] = "200ms"
+    config["providers"]["corp"]["jwks_refetch_cooldown"] = "1h"  # no on-demand refetch
+    gw = await make_gateway(config)
+    new = issuer.rotate()
+    await asyncio.sleep(0.6)
+    reply = await gw.request("/x", token=issuer.mint(pki.clients["a"].thumbprint, kid=new.kid))
+    assert reply.status == 200
+
+
+async def test_slow_jwks_concurrent_cold_requests_share_one_fetch(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    issuer.fail_with = 503
+    gw = await make_gateway(base_config(pki, issuer, upstream))
+    issuer.fail_with, issuer.delay = None, 0.3
+    config_fetches = issuer.fetches
+    tp = pki.clients["a"].thumbprint
+    replies = await asyncio.gather(*(gw.request("/x", token=issuer.mint(tp)) for _ in range(20)))
+    assert {r.status for r in replies} == {200}
+    assert issuer.fetches - config_fetches == 1
