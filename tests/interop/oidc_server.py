@@ -25,21 +25,24 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
+from urllib.parse import quote
 
 import aiohttp
 import jwt
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from mtls_gateway.pki import CertKey, issue_client, issue_server, make_ca, self_signed_client
 from mtls_gateway.thumbprint import x5t_s256
 
 __all__ = [
+    "DEFAULT_RESOURCES",
     "GATEWAY_CLIENT_ID",
     "INTEROP_DIR",
     "RESOURCE_JWT_ES256",
@@ -51,8 +54,11 @@ __all__ = [
     "NodeNotFoundError",
     "OidcProvider",
     "OidcProviderError",
+    "ReadyInfo",
     "TokenRequestError",
     "TokenResponse",
+    "client_identity",
+    "client_metadata",
     "client_ssl_context",
     "ensure_node_modules",
     "fetch_discovery",
@@ -62,7 +68,6 @@ __all__ = [
     "make_interop_pki",
     "revoke",
     "rotate_keys",
-    "running_provider",
     "verify_jwt",
 ]
 
@@ -126,8 +131,9 @@ class InteropPKI:
         return (self.client_a, self.client_b, self.self_signed, self.unbound)
 
 
-def _identity(client_id: str, pair: CertKey, directory: Path, *, self_signed: bool = False,
-              ) -> ClientIdentity:
+def client_identity(client_id: str, pair: CertKey, directory: Path, *,
+                    self_signed: bool = False) -> ClientIdentity:
+    """Write ``pair`` as ``<client_id>.crt/.key`` and describe it (thumbprint, RFC 4514 DN)."""
     cert, key = pair.write(directory, client_id)
     return ClientIdentity(
         client_id=client_id,
@@ -151,11 +157,11 @@ def make_interop_pki(directory: Path) -> InteropPKI:
         ca_file=ca_file,
         server_cert=server_cert,
         server_key=server_key,
-        client_a=_identity("client-a", issue_client(ca, "client-a"), directory),
-        client_b=_identity("client-b", issue_client(ca, "client-b"), directory),
-        self_signed=_identity("client-self-signed", self_signed_client("client-self-signed"),
+        client_a=client_identity("client-a", issue_client(ca, "client-a"), directory),
+        client_b=client_identity("client-b", issue_client(ca, "client-b"), directory),
+        self_signed=client_identity("client-self-signed", self_signed_client("client-self-signed"),
                               directory, self_signed=True),
-        unbound=_identity("client-unbound", issue_client(ca, "client-unbound"), directory),
+        unbound=client_identity("client-unbound", issue_client(ca, "client-unbound"), directory),
     )
 
 
@@ -210,7 +216,8 @@ def ensure_node_modules(directory: Path = INTEROP_DIR, *, timeout: float = 600.0
 # ---- the server process ------------------------------------------------------------------
 
 
-def _client_metadata(client: ClientIdentity, *, bound: bool) -> dict[str, Any]:
+def client_metadata(client: ClientIdentity, *, bound: bool) -> dict[str, Any]:
+    """oidc-provider registration of ``client`` (for ``OidcProvider(extra_clients=...)``)."""
     common: dict[str, Any] = {
         "client_id": client.client_id,
         "grant_types": ["client_credentials"],
@@ -221,7 +228,8 @@ def _client_metadata(client: ClientIdentity, *, bound: bool) -> dict[str, Any]:
     if client.self_signed:
         # RFC 8705 section 2.2: the certificate is registered as x5c of a JWK in jwks.
         public_key = x509.load_der_x509_certificate(client.cert_der).public_key()
-        jwk = ECAlgorithm.to_jwk(public_key, as_dict=True)  # type: ignore[arg-type]
+        assert isinstance(public_key, ec.EllipticCurvePublicKey)  # mtls_gateway.pki uses P-256
+        jwk = ECAlgorithm.to_jwk(public_key, as_dict=True)
         jwk["x5c"] = [base64.b64encode(client.cert_der).decode("ascii")]
         return {**common, "token_endpoint_auth_method": "self_signed_tls_client_auth",
                 "jwks": {"keys": [jwk]}}
@@ -278,10 +286,10 @@ class OidcProvider:
         """The JSON document ``server.mjs`` reads."""
         pki = self.pki
         clients = [
-            _client_metadata(pki.client_a, bound=True),
-            _client_metadata(pki.client_b, bound=True),
-            _client_metadata(pki.self_signed, bound=True),
-            _client_metadata(pki.unbound, bound=False),
+            client_metadata(pki.client_a, bound=True),
+            client_metadata(pki.client_b, bound=True),
+            client_metadata(pki.self_signed, bound=True),
+            client_metadata(pki.unbound, bound=False),
             {
                 "client_id": self.gateway_client_id,
                 "client_secret": self.gateway_client_secret,
@@ -416,8 +424,12 @@ class OidcProvider:
         """Trusts the interop CA; presents ``client``'s certificate when given."""
         return client_ssl_context(self.pki.ca_file, client)
 
-    def gateway_auth(self) -> aiohttp.BasicAuth:
-        return aiohttp.BasicAuth(self.gateway_client_id, self.gateway_client_secret)
+    def gateway_auth_headers(self) -> dict[str, str]:
+        """HTTP Basic client authentication of the gateway client (RFC 6749 section 2.3.1)."""
+        # RFC 6749 form-urlencodes id and secret before Basic encoding; oidc-provider decodes.
+        login, password = (quote(v, safe="") for v in
+                           (self.gateway_client_id, self.gateway_client_secret))
+        return {"Authorization": aiohttp.encode_basic_auth(login, password)}
 
 
 # ---- async helpers -----------------------------------------------------------------------
@@ -447,7 +459,7 @@ class TokenRequestError(Exception):
 
 @contextlib.asynccontextmanager
 async def _session(provider: OidcProvider, client: ClientIdentity | None,
-                   ) -> Any:  # AsyncIterator[aiohttp.ClientSession]
+                   ) -> AsyncIterator[aiohttp.ClientSession]:
     # One short-lived session per call: the client certificate is per connection, so a shared
     # connection pool would blur which identity a request was made with.
     connector = aiohttp.TCPConnector(ssl=provider.ssl_context(client))
@@ -506,13 +518,13 @@ async def fetch_token(
 
 
 def _auth(provider: OidcProvider, client: ClientIdentity | None, form: dict[str, str],
-          ) -> aiohttp.BasicAuth | None:
+          ) -> dict[str, str]:
     # No client identity: the gateway client with its secret (HTTP Basic). Otherwise the
     # client authenticates with its certificate and names itself in the form.
     if client is None:
-        return provider.gateway_auth()
+        return provider.gateway_auth_headers()
     form["client_id"] = client.client_id
-    return None
+    return {}
 
 
 async def introspect(
@@ -530,9 +542,9 @@ async def introspect(
     form = {"token": token}
     if token_type_hint:
         form["token_type_hint"] = token_type_hint
-    auth = _auth(provider, client, form)
+    headers = _auth(provider, client, form)
     async with _session(provider, client) as session, session.post(
-        provider.info.introspection_endpoint, data=form, auth=auth
+        provider.info.introspection_endpoint, data=form, headers=headers
     ) as response:
         body = await _json(response)
         if response.status != 200:
@@ -547,12 +559,12 @@ async def revoke(provider: OidcProvider, token: str, *,
     200 also when the policy refuses (RFC 7009 says not to tell); JWTs cannot be revoked (400).
     """
     form = {"token": token}
-    auth = _auth(provider, client, form)
+    headers = _auth(provider, client, form)
     async with _session(provider, client) as session, session.post(
-        provider.info.revocation_endpoint, data=form, auth=auth
+        provider.info.revocation_endpoint, data=form, headers=headers
     ) as response:
         await response.read()
-        return response.status
+        return int(response.status)
 
 
 async def fetch_jwks(provider: OidcProvider) -> dict[str, Any]:
@@ -594,9 +606,3 @@ def verify_jwt(token: str, jwks: Mapping[str, Any], *, audience: str, issuer: st
                                         audience=audience, issuer=issuer)
     return claims
 
-
-@contextlib.contextmanager
-def running_provider(pki: InteropPKI, workdir: Path, **kwargs: Any) -> Iterator[OidcProvider]:
-    """``with running_provider(pki, dir) as provider:`` — start, yield, always stop."""
-    with OidcProvider(pki, workdir, **kwargs) as provider:
-        yield provider

@@ -19,10 +19,11 @@
 // and oidc-provider has no API to swap them, so `POST /__control/rotate` builds a *new*
 // Provider instance with freshly generated keys (new kids) and swaps the request handler the
 // HTTPS server dispatches to. Requests already running finish on the old instance. Opaque
-// tokens survive the swap because the built-in memory adapter keeps its storage at module
-// level (shared by every instance in this process); JWTs signed by the old keys stop verifying
-// against the new JWKS, unless `?retain=1` is given, in which case the previous public keys
-// stay published after the new ones (the new keys come first, so they are the ones used to sign).
+// tokens (and revocations) survive the swap because every instance uses one SharedStore
+// adapter (the built-in memory adapter keeps a store per instance). JWTs signed by the old keys
+// stop verifying against the new JWKS, unless `?retain=1` is given: then the previous keys stay
+// in the keystore, hence in the JWKS, after the new ones (oidc-provider only accepts private
+// keys in `jwks`, and signs with the first key that fits the algorithm, so new keys go first).
 // The control endpoint sits on the same HTTPS listener (loopback only, no client cert needed).
 
 import { readFileSync } from 'node:fs';
@@ -58,17 +59,14 @@ function newSigningKeys() {
   ];
 }
 
-function publicOnly({ d, p, q, dp, dq, qi, ...pub }) {
-  return pub;
-}
-
 // ---- mutual TLS ---------------------------------------------------------------------------
 
 // RFC 4514 string of a certificate subject. Node prints the subject one RDN per line, most
 // significant first, already escaped per RFC 2253 (e.g. "O=mtls-gateway test\nCN=client-a");
 // RFC 4514 lists the RDNs in reverse order, comma-separated ("CN=client-a,O=mtls-gateway test"),
-// which is what Python's `x509.Name.rfc4514_string()` gives. Multi-valued RDNs and attributes
-// without an RFC 4514 short name (e.g. emailAddress) are out of scope for these tests.
+// which is what Python's `x509.Name.rfc4514_string()` gives, escapes included (checked with
+// , + " ; \ < > # and leading/trailing spaces, and UTF-8). Compared exactly, no case folding.
+// Multi-valued RDNs and attributes without an RFC 4514 short name (emailAddress) may differ.
 function rfc4514(subject) {
   return subject.split('\n').reverse().join(',');
 }
@@ -125,10 +123,70 @@ const ownerOrGateway = async (ctx, client, token) => (
   client.clientId === config.introspection_client_id || client.clientId === token.clientId
 );
 
+// ---- token store --------------------------------------------------------------------------
+
+// A minimal oidc-provider adapter over one process-wide Map, shared by all Provider instances
+// (see key rotation above). Expired entries are dropped when read; a test AS issues few tokens.
+const store = new Map(); // "Model:id" -> { payload, expiresAt (ms) }
+
+class SharedStore {
+  constructor(model) {
+    this.model = model;
+  }
+
+  key(id) {
+    return `${this.model}:${id}`;
+  }
+
+  async upsert(id, payload, expiresIn) {
+    const expiresAt = expiresIn ? Date.now() + expiresIn * 1000 : Infinity;
+    store.set(this.key(id), { payload, expiresAt });
+  }
+
+  async find(id) {
+    const entry = store.get(this.key(id));
+    if (entry && entry.expiresAt <= Date.now()) store.delete(this.key(id));
+    return entry && entry.expiresAt > Date.now() ? entry.payload : undefined;
+  }
+
+  async #findBy(field, value) {
+    for (const [key, { payload }] of store) {
+      if (key.startsWith(`${this.model}:`) && payload[field] === value) {
+        return this.find(key.slice(this.model.length + 1));
+      }
+    }
+    return undefined;
+  }
+
+  findByUid(uid) {
+    return this.#findBy('uid', uid);
+  }
+
+  findByUserCode(userCode) {
+    return this.#findBy('userCode', userCode);
+  }
+
+  async consume(id) {
+    const entry = store.get(this.key(id));
+    if (entry) entry.payload.consumed = Math.floor(Date.now() / 1000);
+  }
+
+  async destroy(id) {
+    store.delete(this.key(id));
+  }
+
+  async revokeByGrantId(grantId) {
+    for (const [key, { payload }] of store) {
+      if (payload.grantId === grantId) store.delete(key);
+    }
+  }
+}
+
 // ---- provider -----------------------------------------------------------------------------
 
 function buildProvider(issuer, keys) {
   const provider = new Provider(issuer, {
+    adapter: SharedStore,
     clients: config.clients,
     jwks: { keys },
     routes: ROUTES,
@@ -160,17 +218,19 @@ let handler = (req, res) => { res.writeHead(503).end(); }; // replaced once the 
 let keys = newSigningKeys();
 let issuer;
 
-function kids(list) {
-  return Object.fromEntries(list.filter((k) => k.d).map((k) => [k.alg, k.kid]));
+// alg -> kid of the keys that sign (the first one of each algorithm).
+function signingKids(list) {
+  const out = {};
+  for (const { alg, kid } of list) out[alg] ??= kid;
+  return out;
 }
 
 function rotate(retain) {
-  const previous = keys.map(publicOnly);
   const fresh = newSigningKeys();
-  // New keys first: oidc-provider signs with the first key matching the algorithm.
-  keys = retain ? [...fresh, ...previous] : fresh;
-  handler = buildProvider(issuer, keys).callback();
-  return { kids: kids(fresh), jwks_kids: keys.map((k) => k.kid) };
+  const next = retain ? [...fresh, ...keys] : fresh; // new keys first: they sign
+  handler = buildProvider(issuer, next).callback(); // throws before the swap if invalid
+  keys = next;
+  return { kids: signingKids(keys), jwks_kids: keys.map((k) => k.kid) };
 }
 
 function control(req, res) {
@@ -183,7 +243,12 @@ function control(req, res) {
   }
   if (req.method !== 'POST') return send(405, { error: 'POST only' });
   const retain = ['1', 'true'].includes(url.searchParams.get('retain'));
-  return send(200, rotate(retain));
+  try {
+    return send(200, rotate(retain));
+  } catch (err) {
+    console.error('rotation failed', err);
+    return send(500, { error: String(err) });
+  }
 }
 
 const server = https.createServer({
@@ -210,7 +275,7 @@ server.listen(config.port ?? 0, HOST, () => {
     revocation_endpoint: url(ROUTES.revocation),
     jwks_uri: url(ROUTES.jwks),
     rotate_url: url(CONTROL_ROTATE),
-    kids: kids(keys),
+    kids: signingKids(keys),
   })}\n`);
 });
 

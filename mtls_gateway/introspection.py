@@ -1,0 +1,241 @@
+"""Opaque tokens: RFC 7662 introspection with a bounded, safe cache.
+
+* The cache is keyed by SHA-256 of the token; the token is never stored or logged.
+* Active answers live ``min(ttl, exp - now)``, inactive ones ``negative_ttl``;
+  errors and timeouts are never cached.
+* Every hit is re-checked (``exp``, ``nbf``, ``iss``, ``aud``) against the clock;
+  scope and certificate binding are checked by the gateway on every request, so a
+  token cached after use over certificate X still fails over certificate Y.
+* Single flight: concurrent requests with one uncached token share one call.
+* Fail closed and fast: any doubt about the answer is 503, never a pass; after
+  ``failure_threshold`` consecutive failures the endpoint rests for
+  ``failure_cooldown`` and uncached tokens get 503 at once.
+* When the authorization server rejects the gateway's own credentials the client
+  gets 503 (it is the gateway's fault, not the client's) and the log says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+from cachetools import TLRUCache
+
+from .config import IntrospectionProvider
+from .errors import DependencyDown, InvalidToken
+from .tokeninfo import TokenInfo, token_info_from_claims
+
+__all__ = ["IntrospectionStats", "IntrospectionVerifier"]
+
+log = logging.getLogger("mtls_gateway.introspection")
+
+_MAX_RESPONSE_BYTES = 64 * 1024
+
+
+@dataclass
+class IntrospectionStats:
+    """Counters for logs and metrics."""
+
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    calls: int = 0
+    failures: int = 0
+    short_circuited: int = 0
+    latency_seconds: list[float] = field(default_factory=list)  # drained by the metrics
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A cached introspection answer; ``ttl`` is seconds from when it was stored."""
+
+    active: bool
+    claims: dict[str, Any]
+    ttl: float
+
+
+class IntrospectionVerifier:
+    """Verifies opaque tokens with one RFC 7662 endpoint."""
+
+    def __init__(self, provider: IntrospectionProvider) -> None:
+        self.provider = provider
+        self.name = provider.name
+        self.stats = IntrospectionStats()
+        self._cache: TLRUCache[bytes, _Answer] = TLRUCache(
+            maxsize=provider.cache.maxsize, ttu=lambda _k, v, now: now + v.ttl,
+            timer=time.monotonic)
+        self._inflight: dict[bytes, asyncio.Task[_Answer]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self._consecutive_failures = 0
+        self._open_until = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return True  # nothing to preload; an unreachable endpoint shows as 503s, not unreadiness
+
+    def claims_token(self, token: str) -> bool:
+        return True  # the catch-all of a provider chain
+
+    async def start(self) -> None:
+        p = self.provider
+        ctx = ssl.create_default_context(cafile=str(p.ca_file) if p.ca_file else None)
+        if p.auth_method == "tls_client_auth":
+            assert p.client_cert_file is not None and p.client_key_file is not None
+            ctx.load_cert_chain(p.client_cert_file, p.client_key_file)
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=64),
+            timeout=aiohttp.ClientTimeout(total=p.timeout),
+            headers={"Accept": "application/json"},
+        )
+
+    async def close(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._session is not None:
+            await self._session.close()
+
+    async def verify(self, token: str) -> TokenInfo:
+        key = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        answer = self._cache.get(key)
+        if answer is not None:
+            self.stats.hits += 1
+        else:
+            answer = await self._introspect_once(key, token)
+        return self._check(answer)
+
+    # --- one call per token at a time ----------------------------------------------------------
+
+    async def _introspect_once(self, key: bytes, token: str) -> _Answer:
+        task = self._inflight.get(key)
+        if task is not None:
+            self.stats.coalesced += 1
+        else:
+            self.stats.misses += 1
+            if time.monotonic() < self._open_until:
+                self.stats.short_circuited += 1
+                raise DependencyDown("introspection_unavailable",
+                                     "token introspection is unavailable")
+            task = asyncio.create_task(self._call(key, token))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _call(self, key: bytes, token: str) -> _Answer:
+        started = time.perf_counter()
+        self.stats.calls += 1
+        try:
+            answer = await self._post(token)
+        except DependencyDown:
+            self._failed()
+            raise
+        finally:
+            self.stats.latency_seconds.append(time.perf_counter() - started)
+            del self.stats.latency_seconds[:-1000]
+        self._consecutive_failures = 0
+        if answer.ttl > 0:
+            self._cache[key] = answer
+        return answer
+
+    def _failed(self) -> None:
+        self.stats.failures += 1
+        self._consecutive_failures += 1
+        if self._consecutive_failures >= self.provider.failure_threshold:
+            self._open_until = time.monotonic() + self.provider.failure_cooldown
+            log.warning("introspection endpoint of provider %s failed %d times in a row; "
+                        "not calling it for %.1fs", self.name, self._consecutive_failures,
+                        self.provider.failure_cooldown)
+
+    async def _post(self, token: str) -> _Answer:
+        assert self._session is not None, "IntrospectionVerifier.start() was not awaited"
+        p = self.provider
+        form = {"token": token, "token_type_hint": "access_token"}
+        headers: dict[str, str] = {}
+        if p.auth_method == "client_secret_basic":
+            assert p.client_secret is not None
+            pair = f"{quote(p.client_id, safe='')}:{quote(p.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        elif p.auth_method == "client_secret_post":
+            assert p.client_secret is not None
+            form.update(client_id=p.client_id, client_secret=p.client_secret)
+        else:
+            form["client_id"] = p.client_id
+        try:
+            async with self._session.post(p.endpoint, data=form, headers=headers,
+                                          allow_redirects=False) as resp:
+                status = resp.status
+                body = await resp.content.read(_MAX_RESPONSE_BYTES + 1)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.warning("introspection call of provider %s failed: %s", self.name,
+                        type(exc).__name__)
+            raise DependencyDown("introspection_unavailable",
+                                 "token introspection is unavailable") from exc
+        if status in (401, 403):
+            log.error("introspection endpoint of provider %s rejected the gateway's own "
+                      "credentials (HTTP %d): the gateway is misconfigured (client_id %r, "
+                      "auth_method %s)", self.name, status, p.client_id, p.auth_method)
+            raise DependencyDown("introspection_misconfigured",
+                                 "token introspection is unavailable")
+        if status != 200:
+            log.warning("introspection endpoint of provider %s answered HTTP %d",
+                        self.name, status)
+            raise DependencyDown("introspection_unavailable", "token introspection is unavailable")
+        return self._parse(body)
+
+    def _parse(self, body: bytes) -> _Answer:
+        try:
+            if len(body) > _MAX_RESPONSE_BYTES:
+                raise ValueError("response too large")
+            claims = json.loads(body)
+            if not isinstance(claims, dict) or not isinstance(claims.get("active"), bool):
+                raise ValueError('no boolean "active" member')
+        except ValueError as exc:
+            log.error("introspection endpoint of provider %s sent an unusable answer: %s",
+                      self.name, exc)
+            raise DependencyDown("introspection_bad_response",
+                                 "token introspection is unavailable") from exc
+        if not claims["active"]:
+            return _Answer(False, {}, self.provider.cache.negative_ttl)
+        ttl = self.provider.cache.ttl
+        exp = _number(claims.get("exp"))
+        if exp is not None:
+            ttl = min(ttl, exp - time.time())
+        return _Answer(True, claims, ttl)
+
+    # --- checks made on every use, cached or not ---------------------------------------------
+
+    def _check(self, answer: _Answer) -> TokenInfo:
+        if not answer.active:
+            raise InvalidToken("token_inactive", "token is not active")
+        claims, p, now = answer.claims, self.provider, time.time()
+        exp, nbf = _number(claims.get("exp")), _number(claims.get("nbf"))
+        if exp is not None and now > exp + p.leeway:
+            raise InvalidToken("token_expired", "token has expired")
+        if nbf is not None and now + p.leeway < nbf:
+            raise InvalidToken("token_not_yet_valid", "token is not yet valid")
+        if p.issuer is not None and claims.get("iss") != p.issuer:
+            raise InvalidToken("wrong_issuer", "token issuer is not accepted")
+        if p.audiences:
+            aud = claims.get("aud")
+            auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+            if not set(p.audiences) & {a for a in auds if isinstance(a, str)}:
+                raise InvalidToken("wrong_audience", "token audience is not accepted")
+        return token_info_from_claims(self.name, claims)
+
+
+def _number(value: object) -> float | None:
+    """A JSON number as float; None for anything else (booleans included)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
