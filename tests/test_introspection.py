@@ -1,0 +1,408 @@
+"""Opaque tokens through a real introspection server on loopback (HTTPS, call counter)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import ssl
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+from aiohttp import web
+from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
+
+from mtls_gateway.app import GATEWAY
+from mtls_gateway.introspection import IntrospectionVerifier
+from mtls_gateway.tls import peer_certificate
+
+CLIENT_ID = "mtls-gateway"
+SECRET = "s3cr3t-Value/with+chars"
+
+
+class AuthServer:
+    """Behaves like an authorization server's introspection endpoint."""
+
+    def __init__(self, pki: Pki) -> None:
+        self.pki = pki
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.calls = 0
+        self.auth_seen: list[tuple[str, str]] = []   # (method, client_id)
+        self.body: bytes | None = None               # canned body instead of the real answer
+        self.status = 200
+        self.hold: asyncio.Event | None = None
+        self.delay = 0.0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    def issue(self, thumbprint: str | None, **claims: Any) -> str:
+        token = uuid.uuid4().hex + uuid.uuid4().hex
+        now = int(time.time())
+        body: dict[str, Any] = {"active": True, "client_id": "client-a", "sub": "user-1",
+                                "scope": "accounts:read", "exp": now + 300, "iat": now,
+                                "iss": "https://as.test", "aud": "https://api.test"}
+        if thumbprint:
+            body["cnf"] = {"x5t#S256": thumbprint}
+        body.update(claims)
+        self.tokens[token] = {k: v for k, v in body.items() if v is not None}
+        return token
+
+    def _client(self, request: web.Request, form: Any) -> tuple[str, str | None]:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            cid, _, secret = base64.b64decode(header[6:]).decode().partition(":")
+            return "client_secret_basic", cid if unquote(secret) == SECRET and \
+                unquote(cid) == CLIENT_ID else None
+        if "client_secret" in form:
+            ok = form.get("client_id") == CLIENT_ID and form["client_secret"] == SECRET
+            return "client_secret_post", CLIENT_ID if ok else None
+        peer = peer_certificate(request.transport)
+        ok = peer is not None and "CN=gateway" in peer.subject.split(",") and \
+            form.get("client_id") == CLIENT_ID
+        return "tls_client_auth", CLIENT_ID if ok else None
+
+    async def introspect(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        form = await request.post()
+        method, client = self._client(request, form)
+        self.auth_seen.append((method, client or "-"))
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if client is None:
+            return web.json_response({"error": "invalid_client"}, status=401)
+        if self.body is not None:
+            return web.Response(body=self.body, status=self.status,
+                                content_type="text/html" if self.body.startswith(b"<")
+                                else "application/json")
+        answer = self.tokens.get(str(form.get("token")), {"active": False})
+        return web.json_response(answer, status=self.status)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/introspect", self.introspect)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
+        ctx.load_verify_locations(self.pki.ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx).start()
+        self.url = f"https://127.0.0.1:{self.runner.addresses[0][1]}/introspect"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
+@pytest.fixture
+async def auth_server(pki: Pki) -> AsyncIterator[AuthServer]:
+    server = AuthServer(pki)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def introspection_config(pki: Pki, issuer: Issuer | None, upstream: Upstream,
+                         auth: AuthServer, tmp_path: Path, **provider: Any) -> dict[str, Any]:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    config = base_config(pki, issuer, upstream)
+    config["providers"]["opaque"] = {
+        "type": "introspection", "endpoint": auth.url, "client_id": CLIENT_ID,
+        "client_secret_file": str(secret), "ca_file": str(pki.ca_file), "timeout": "1s",
+        "issuer": "https://as.test", "audiences": ["https://api.test"],
+        "cache": {"ttl": "60s", "negative_ttl": "60s"}, **provider,
+    }
+    names = ["corp", "opaque"] if issuer is not None else ["opaque"]
+    config["routes"][1]["auth"] = {"provider": names}
+    return config
+
+
+@pytest.fixture
+async def opaque_gw(make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+                    auth_server: AuthServer, tmp_path: Path) -> RunningGateway:
+    gw: RunningGateway = await make_gateway(
+        introspection_config(pki, issuer, upstream, auth_server, tmp_path))
+    return gw
+
+
+def _verifier(gw: RunningGateway) -> IntrospectionVerifier:
+    verifier = gw.server.app[GATEWAY].verifiers["opaque"]
+    assert isinstance(verifier, IntrospectionVerifier)
+    return verifier
+
+
+async def test_bound_opaque_token_and_binding_never_cached(
+        opaque_gw: RunningGateway, auth_server: AuthServer, upstream: Upstream,
+        pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mtls_gateway.access")
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    results = [(await opaque_gw.request("/x", cert=c, token=token)).status
+               for c in ("a", "b", "a2", "a")]
+    assert results == [200, 401, 401, 200]
+    assert auth_server.calls == 1
+    assert len(upstream.seen) == 2
+    decisions = [r.decision for r in caplog.records if hasattr(r, "decision")]
+    assert [d["reason"] for d in decisions] == ["allowed", "binding_mismatch",
+                                                "binding_mismatch", "allowed"]
+    assert {d["provider"] for d in decisions} == {"opaque"}
+
+
+async def test_inactive_token_is_401_and_cached_negatively(
+        opaque_gw: RunningGateway, auth_server: AuthServer, upstream: Upstream) -> None:
+    for _ in range(3):
+        reply = await opaque_gw.request("/x", token="unknown-token")
+        assert reply.status == 401 and reply.json()["reason"] == "token_inactive"
+        assert 'error="invalid_token"' in reply.headers["WWW-Authenticate"]
+    assert auth_server.calls == 1
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    (b'{"active": "true"}', 200),
+    (b'{"scope": "x"}', 200),
+    (b"<html><body>Login</body></html>", 200),
+    (b'["active", true]', 200),
+    (b'{"active": true}', 500),
+    (b'{"active": true}', 302),
+])
+async def test_misbehaving_server_is_503_never_a_pass_and_never_cached(
+        opaque_gw: RunningGateway, auth_server: AuthServer, upstream: Upstream, pki: Pki,
+        body: bytes, status: int) -> None:
+    auth_server.body, auth_server.status = body, status
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    for _ in range(2):
+        assert (await opaque_gw.request("/x", token=token)).status == 503
+    assert auth_server.calls == 2
+    assert upstream.seen == []
+
+
+async def test_cached_entry_rechecks_expiry_without_calling(
+        opaque_gw: RunningGateway, auth_server: AuthServer, pki: Pki,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    token = auth_server.issue(pki.clients["a"].thumbprint, exp=int(time.time()) + 120)
+    assert (await opaque_gw.request("/x", token=token)).status == 200
+    # The wall clock moves past exp + leeway while the monotonic cache entry is still alive.
+    real = time.time
+    monkeypatch.setattr("mtls_gateway.introspection.time.time", lambda: real() + 200)
+    reply = await opaque_gw.request("/x", token=token)
+    assert reply.status == 401 and reply.json()["reason"] == "token_expired"
+    assert auth_server.calls == 1
+
+
+async def test_cache_ttl_is_bounded_by_exp(opaque_gw: RunningGateway,
+                                           auth_server: AuthServer, pki: Pki) -> None:
+    token = auth_server.issue(pki.clients["a"].thumbprint, exp=int(time.time()) + 1)
+    assert (await opaque_gw.request("/x", token=token)).status == 200
+    assert (await opaque_gw.request("/x", token=token)).status == 200
+    assert auth_server.calls == 1
+    await asyncio.sleep(1.6)
+    auth_server.tokens[token] = {"active": False}
+    reply = await opaque_gw.request("/x", token=token)
+    assert reply.status == 401 and auth_server.calls == 2
+
+
+async def test_500_concurrent_requests_one_call(make_gateway: Any, pki: Pki, issuer: Issuer,
+                                                upstream: Upstream, auth_server: AuthServer,
+                                                tmp_path: Path) -> None:
+    gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path,
+                                                 timeout="60s"))
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    auth_server.hold = asyncio.Event()  # the server answers only once all 500 are waiting
+    verifier = _verifier(gw)
+    tasks = [asyncio.create_task(gw.request("/x", token=token)) for _ in range(500)]
+    deadline = time.monotonic() + 60
+    while verifier.stats.coalesced < 499 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    auth_server.hold.set()
+    replies = await asyncio.gather(*tasks)
+    assert [r.status for r in replies] == [200] * 500
+    assert auth_server.calls == 1
+    assert verifier.stats.coalesced == 499 and verifier.stats.misses == 1
+
+
+async def test_server_down_cached_tokens_work_new_ones_fail_fast(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path) -> None:
+    gw = await make_gateway(introspection_config(
+        pki, issuer, upstream, auth_server, tmp_path, failure_threshold=2,
+        failure_cooldown="30s"))
+    warm = auth_server.issue(pki.clients["a"].thumbprint)
+    assert (await gw.request("/x", token=warm)).status == 200
+    await auth_server.stop()
+    assert (await gw.request("/x", token=warm)).status == 200
+    statuses = []
+    started = time.monotonic()
+    for _ in range(5):
+        reply = await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
+        statuses.append((reply.status, reply.json()["reason"]))
+    assert statuses == [(503, "introspection_unavailable")] * 5
+    assert time.monotonic() - started < 5
+    stats = _verifier(gw).stats
+    assert stats.calls == 3 and stats.short_circuited == 3   # the breaker opened after 2
+    assert (await gw.request("/x", token=warm)).status == 200
+
+
+async def test_slow_server_gives_503_after_timeout(make_gateway: Any, pki: Pki, issuer: Issuer,
+                                                   upstream: Upstream, auth_server: AuthServer,
+                                                   tmp_path: Path) -> None:
+    gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path,
+                                                 timeout="300ms"))
+    auth_server.delay = 1.5
+    started = time.monotonic()
+    reply = await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
+    assert reply.status == 503 and time.monotonic() - started < 1.2
+    assert upstream.seen == []
+
+
+async def test_rejected_gateway_credentials_are_503_and_logged_as_misconfiguration(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = introspection_config(pki, issuer, upstream, auth_server, tmp_path)
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_text("not-the-secret")
+    config["providers"]["opaque"]["client_secret_file"] = str(wrong)
+    gw = await make_gateway(config)
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    reply = await gw.request("/x", token=token)
+    assert reply.status == 503
+    assert reply.json()["reason"] == "introspection_misconfigured"
+    assert "WWW-Authenticate" not in reply.headers
+    assert "gateway is misconfigured" in caplog.text
+    assert "not-the-secret" not in caplog.text and token not in caplog.text
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post",
+                                    "tls_client_auth"])
+async def test_client_auth_methods_seen_by_the_server(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path, method: str,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    extra: dict[str, Any] = {"auth_method": method}
+    if method == "tls_client_auth":
+        crt, key = _gateway_client_cert(pki, tmp_path)
+        extra.update(client_cert_file=str(crt), client_key_file=str(key),
+                     client_secret_file=None)
+    config = introspection_config(pki, issuer, upstream, auth_server, tmp_path, **extra)
+    config["providers"]["opaque"] = {k: v for k, v in config["providers"]["opaque"].items()
+                                     if v is not None}
+    gw = await make_gateway(config)
+    assert (await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
+            ).status == 200
+    assert auth_server.auth_seen == [(method, CLIENT_ID)]
+    assert SECRET not in caplog.text
+
+
+def _gateway_client_cert(pki: Pki, tmp_path: Path) -> tuple[Path, Path]:
+    """A client certificate CN=gateway signed by the test CA (whose key the pki kept)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from mtls_gateway.pki import CertKey, issue_client
+
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_file.read_bytes())
+    ca_key = load_pem_private_key((pki.dir / "ca.key").read_bytes(), None)
+    ca = CertKey(ca_cert, ca_key)  # type: ignore[arg-type]
+    return issue_client(ca, "gateway").write(tmp_path, "gateway-client")
+
+
+@pytest.mark.parametrize(("claims", "reason"), [
+    ({"iss": "https://evil.test"}, "wrong_issuer"),
+    ({"aud": ["https://other.test"]}, "wrong_audience"),
+    ({"nbf": int(time.time()) + 3600}, "token_not_yet_valid"),
+    ({"exp": int(time.time()) - 3600}, "token_expired"),
+    ({"cnf": {"x5t#S256": 42}}, "token_malformed"),
+])
+async def test_response_claims_are_checked_like_jwt_claims(
+        opaque_gw: RunningGateway, auth_server: AuthServer, upstream: Upstream, pki: Pki,
+        claims: dict[str, Any], reason: str) -> None:
+    token = auth_server.issue(pki.clients["a"].thumbprint, **claims)
+    reply = await opaque_gw.request("/x", token=token)
+    assert reply.status == 401 and reply.json()["reason"] == reason
+    assert upstream.seen == []
+
+
+async def test_scope_from_introspection_is_enforced(make_gateway: Any, pki: Pki, issuer: Issuer,
+                                                   upstream: Upstream, auth_server: AuthServer,
+                                                   tmp_path: Path) -> None:
+    config = introspection_config(pki, issuer, upstream, auth_server, tmp_path)
+    config["routes"][1]["auth"]["scopes"] = ["payments:write"]
+    gw = await make_gateway(config)
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    assert (await gw.request("/x", token=token)).status == 403
+    auth_server.tokens[token]["scope"] = "payments:write"
+    other = auth_server.issue(pki.clients["a"].thumbprint, scope="accounts:read payments:write")
+    assert (await gw.request("/x", token=other)).status == 200
+
+
+async def test_provider_chain_jwt_locally_opaque_by_introspection(
+        opaque_gw: RunningGateway, auth_server: AuthServer, issuer: Issuer, pki: Pki,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mtls_gateway.access")
+    tp = pki.clients["a"].thumbprint
+    assert (await opaque_gw.request("/x", token=issuer.mint(tp))).status == 200
+    assert auth_server.calls == 0
+    assert (await opaque_gw.request("/x", token=auth_server.issue(tp))).status == 200
+    assert auth_server.calls == 1
+    # a JWT from an issuer we do not know locally goes to introspection, which says inactive
+    reply = await opaque_gw.request("/x", token=issuer.mint(tp, iss="https://unknown.test"))
+    assert reply.status == 401 and reply.json()["reason"] == "token_inactive"
+    providers = [r.decision["provider"] for r in caplog.records if hasattr(r, "decision")]
+    assert providers == ["corp", "opaque", "opaque"]
+
+
+async def test_cache_is_bounded_and_keyed_by_hash(make_gateway: Any, pki: Pki, issuer: Issuer,
+                                                 upstream: Upstream, auth_server: AuthServer,
+                                                 tmp_path: Path) -> None:
+    config = introspection_config(pki, issuer, upstream, auth_server, tmp_path)
+    config["providers"]["opaque"]["cache"]["maxsize"] = 3
+    gw = await make_gateway(config)
+    tokens = [auth_server.issue(pki.clients["a"].thumbprint) for _ in range(5)]
+    for token in tokens:
+        assert (await gw.request("/x", token=token)).status == 200
+    cache = _verifier(gw)._cache
+    assert len(cache) == 3
+    assert all(isinstance(k, bytes) and len(k) == 32 for k in cache)
+    assert not any(t.encode() in k for t in tokens for k in cache)
+
+
+def test_inline_secret_is_refused_and_env_secret_read(pki: Pki, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+
+    from mtls_gateway.config import IntrospectionProvider
+    from mtls_gateway.config_load import load_config_text
+    from mtls_gateway.errors import ConfigError
+
+    up = Upstream()
+    up.url = "http://127.0.0.1:1"
+    auth = AuthServer(pki)
+    auth.url = "https://127.0.0.1:1/introspect"
+    config = introspection_config(pki, None, up, auth, tmp_path)
+    provider = config["providers"]["opaque"]
+    del provider["client_secret_file"]
+    provider["client_secret"] = "inline"
+    with pytest.raises(ConfigError) as info:
+        load_config_text(yaml.safe_dump(config), base_dir=tmp_path)
+    assert any(p.startswith("providers.opaque.client_secret: inline secrets are refused")
+               for p in info.value.problems)
+    assert "inline" not in str(info.value).replace("inline secrets", "")
+    del provider["client_secret"]
+    provider["client_secret_env"] = "TEST_INTROSPECTION_SECRET"
+    with pytest.raises(ConfigError, match="TEST_INTROSPECTION_SECRET is not set"):
+        load_config_text(yaml.safe_dump(config), base_dir=tmp_path)
+    monkeypatch.setenv("TEST_INTROSPECTION_SECRET", "from-env")
+    loaded = load_config_text(yaml.safe_dump(config), base_dir=tmp_path).providers["opaque"]
+    assert isinstance(loaded, IntrospectionProvider) and loaded.client_secret == "from-env"
+    assert "from-env" not in repr(loaded)
