@@ -1,91 +1,244 @@
-"""The aiohttp application and the server around it.
+"""The gateway process: mutual-TLS listener, admin port, hot reload, graceful stop.
 
-:func:`build_app` makes the application (start-up and shutdown of the verifiers
-and the upstream pool in ``cleanup_ctx``); :class:`GatewayServer` binds it to the
-mutual-TLS listener. Tests and the demo use the same two pieces as ``run``.
+:class:`GatewayServer` owns the current :class:`Gateway` (routes, verifiers,
+upstream pool). A reload builds a complete new one from the new files and swaps
+it in only if everything loaded; requests already running finish on the old one.
+New TLS handshakes pick up new certificate/key/client-CA material through
+:class:`TlsContextSwitch`; established connections keep theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import signal
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
 
+from .admin import build_admin_app
 from .config import GatewayConfig
+from .config_load import load_config
+from .errors import ConfigError
 from .gateway import Gateway
-from .tls import server_ssl_context
+from .metrics import Metrics
+from .tls import TlsContextSwitch, server_ssl_context
 
-__all__ = ["GATEWAY", "GatewayServer", "build_app", "serve_forever"]
+__all__ = ["SERVER", "GatewayServer", "serve_forever"]
 
 log = logging.getLogger("mtls_gateway.app")
-
-GATEWAY = web.AppKey("gateway", Gateway)
 
 # Header size limits: generous for JWTs with many claims, bounded against abuse.
 _MAX_FIELD_SIZE = 16 * 1024
 
 
-def build_app(config: GatewayConfig) -> web.Application:
-    gateway = Gateway(config)
-    app = web.Application(handler_args={"max_field_size": _MAX_FIELD_SIZE})
-    app[GATEWAY] = gateway
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        await app[GATEWAY].start()
-        yield
-        await app[GATEWAY].close()
-
-    app.cleanup_ctx.append(lifecycle)
-    app.router.add_route("*", "/{path:.*}", gateway.handle)
-    return app
+def _fingerprint(paths: tuple[Path, ...]) -> bytes:
+    """Digest of the watched files' contents (blocking: run in a thread)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError as exc:
+            digest.update(f"unreadable:{exc.errno}".encode())
+    return digest.digest()
 
 
-@dataclass
+def _not_after(cert_file: Path) -> float:
+    return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc.timestamp()
+
+
 class GatewayServer:
-    """The gateway listening with mutual TLS; ``port`` is the bound port after start."""
+    """One gateway process; ``port``/``admin_port`` are the bound ports after :meth:`start`."""
 
-    config: GatewayConfig
-    runner: web.AppRunner | None = None
-    port: int = 0
+    def __init__(self, config: GatewayConfig, *, metrics: Metrics | None = None,
+                 reuse_port: bool = False, serve_admin: bool = True,
+                 on_ready_change: Callable[[bool], None] | None = None) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self.gateway = Gateway(config, self.metrics)
+        self.port = 0
+        self.admin_port = 0
+        self.draining = False
+        self._reuse_port = reuse_port
+        self._serve_admin = serve_admin and config.admin.enabled
+        self._on_ready_change = on_ready_change
+        self._tls: TlsContextSwitch | None = None
+        self._runner: web.AppRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
+        self._reload_lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._fingerprint = b""
+
+    # --- start and stop -------------------------------------------------------------------------
+
+    def build_app(self) -> web.Application:
+        app = web.Application(handler_args={"max_field_size": _MAX_FIELD_SIZE})
+        app[SERVER] = self
+
+        async def lifecycle(_: web.Application) -> AsyncIterator[None]:
+            await self.gateway.start()
+            self._fingerprint = await asyncio.to_thread(_fingerprint,
+                                                        self.config.watched_files())
+            if self.config.reload_interval > 0:
+                self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
+            yield
+            if self._watch_task is not None:
+                self._watch_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watch_task
+            for task in list(self._retiring):
+                task.cancel()
+            await self.gateway.close()
+
+        app.cleanup_ctx.append(lifecycle)
+        app.router.add_route("*", "/{path:.*}", self._handle)
+        return app
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        return await self.gateway.handle(request)  # the current config, even after a reload
 
     async def start(self) -> None:
-        app = build_app(self.config)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                                    shutdown_timeout=self.config.shutdown_grace)
-        await self.runner.setup()
         listen = self.config.listen
-        site = web.TCPSite(self.runner, listen.host, listen.port,
-                           ssl_context=server_ssl_context(listen))
-        await site.start()
-        self.port = self.runner.addresses[0][1]
-        log.info("gateway listening on %s:%d (mutual TLS, client certificate %s)",
-                 listen.host, self.port, listen.client_cert)
+        self._tls = TlsContextSwitch(server_ssl_context(listen))
+        self.metrics.server_cert_expiry.set(_not_after(listen.cert_file))
+        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                     shutdown_timeout=self.config.shutdown_grace)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, listen.host, listen.port, ssl_context=self._tls.base,
+                          reuse_port=self._reuse_port or None).start()
+        self.port = self._runner.addresses[0][1]
+        if self._serve_admin:
+            admin = self.config.admin
+            self._admin_runner = web.AppRunner(
+                build_admin_app(readiness=self.readiness, render_metrics=self.metrics.render),
+                access_log=None, handle_signals=False)
+            await self._admin_runner.setup()
+            await web.TCPSite(self._admin_runner, admin.host, admin.port,
+                              reuse_port=self._reuse_port or None).start()
+            self.admin_port = self._admin_runner.addresses[0][1]
+        log.info("gateway listening on %s:%d (mutual TLS, client certificate %s)%s",
+                 listen.host, self.port, listen.client_cert,
+                 f"; admin on {self.config.admin.host}:{self.admin_port}"
+                 if self._admin_runner else "")
+        self._notify_ready()
+
+    def readiness(self) -> dict[str, bool]:
+        return {"listener": self._runner is not None and self.port != 0,
+                "keys_loaded": self.gateway.ready,
+                "not_draining": not self.draining}
+
+    @property
+    def ready(self) -> bool:
+        return all(self.readiness().values())
+
+    def _notify_ready(self) -> None:
+        if self._on_ready_change is not None:
+            self._on_ready_change(self.ready)
+
+    async def stop(self) -> None:
+        """Drain: not ready at once, keep accepting for shutdown_delay, then stop accepting and
+        give in-flight requests up to shutdown_grace."""
+        if self._runner is None:
+            return
+        self.draining = True
+        self._notify_ready()
+        if self.config.shutdown_delay > 0:
+            await asyncio.sleep(self.config.shutdown_delay)
+        await self._runner.cleanup()
+        self._runner = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+            self._admin_runner = None
 
     @property
     def app(self) -> web.Application:
-        assert self.runner is not None
-        return self.runner.app
+        assert self._runner is not None
+        return self._runner.app
 
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+    # --- reload -----------------------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.reload_interval)
+            fingerprint = await asyncio.to_thread(_fingerprint, self.config.watched_files())
+            if fingerprint != self._fingerprint:
+                self._fingerprint = fingerprint  # a broken file is reported once, not each poll
+                await self.reload("files changed")
+
+    async def reload(self, trigger: str) -> bool:
+        """Load config and TLS material anew; swap only if all of it is good."""
+        async with self._reload_lock:
+            try:
+                config = (await asyncio.to_thread(load_config, self.config.source)
+                          if self.config.source else self.config)
+                ctx = await asyncio.to_thread(server_ssl_context, config.listen)
+                expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
+            except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
+                self.metrics.config_reloads.labels("failure").inc()
+                log.error("reload (%s) refused, keeping the current config and TLS material: %s",
+                          trigger, exc)
+                return False
+            self._warn_restart_only(config)
+            new = Gateway(config, self.metrics)
+            await new.start()
+            old, self.gateway, self.config = self.gateway, new, config
+            assert self._tls is not None
+            self._tls.update(ctx)
+            self.metrics.server_cert_expiry.set(expiry)
+            self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())
+            task = asyncio.create_task(old.retire(config.shutdown_grace))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            self.metrics.config_reloads.labels("success").inc()
+            log.info("reloaded (%s): %d routes, %d providers", trigger, len(config.routes),
+                     len(config.providers))
+            self._notify_ready()
+            return True
+
+    def _warn_restart_only(self, new: GatewayConfig) -> None:
+        old = self.config
+        for what, before, after in (
+                ("listen address", (old.listen.host, old.listen.port),
+                 (new.listen.host, new.listen.port)),
+                ("listen.client_cert", old.listen.client_cert, new.listen.client_cert),
+                ("admin", old.admin, new.admin)):
+            if before != after:
+                log.warning("%s changed in the config; it takes effect after a restart", what)
 
 
-async def serve_forever(config: GatewayConfig) -> None:
-    """Run until SIGINT/SIGTERM, then stop accepting and let in-flight requests finish."""
-    server = GatewayServer(config)
+SERVER = web.AppKey("server", GatewayServer)
+
+
+async def serve_forever(config: GatewayConfig, *, reuse_port: bool = False,
+                        serve_admin: bool = True,
+                        on_ready_change: Callable[[bool], None] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (then drain and return); SIGHUP reloads."""
+    server = GatewayServer(config, reuse_port=reuse_port, serve_admin=serve_admin,
+                           on_ready_change=on_ready_change)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_hup() -> None:
+        task = asyncio.create_task(server.reload("SIGHUP"))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await stop.wait()
-        log.info("shutting down: draining for up to %.0fs", config.shutdown_grace)
+        log.info("shutting down: not ready; draining for up to %.0fs",
+                 config.shutdown_delay + config.shutdown_grace)
     finally:
         await server.stop()
+    log.info("stopped")

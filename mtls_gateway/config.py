@@ -194,3 +194,11 @@ class GatewayConfig:
     routes: tuple[Route, ...]
     logging: LoggingConfig
     shutdown_grace: float
+    shutdown_delay: float
+    reload_interval: float
+
+    def watched_files(self) -> tuple[Path, ...]:
+        """Files whose change on disk triggers a reload (the config file and TLS material)."""
+        files = [self.source] if self.source else []
+        files += [self.listen.cert_file, self.listen.key_file, self.listen.client_ca_file]
+        return tuple(files)

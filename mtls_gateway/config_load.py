@@ -553,12 +553,15 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     if isinstance(realm, str) and ('"' in realm or "\\" in realm):
         top.problem("realm", "must not contain quotes or backslashes")
     grace = top.duration("shutdown_grace", 20.0, positive=False)
+    delay = top.duration("shutdown_delay", 0.0, positive=False)
+    reload_interval = top.duration("reload_interval", 2.0, positive=False)
     top.finish()
     if problems.items or listen is None or upstream is None:
         raise ConfigError(problems.items or ["(top): incomplete configuration"])
     return GatewayConfig(source=source, realm=realm, listen=listen, admin=admin,
                          providers=providers, upstream=upstream, routes=routes,
-                         logging=logging_cfg, shutdown_grace=grace)
+                         logging=logging_cfg, shutdown_grace=grace, shutdown_delay=delay,
+                         reload_interval=reload_interval)
 
 
 def load_config(path: Path) -> GatewayConfig:

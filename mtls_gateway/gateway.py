@@ -8,6 +8,7 @@ stable reason code. Refusals are RFC 6750 responses and never reach the upstream
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
@@ -25,9 +26,11 @@ from .errors import (
     NoToken,
     Refusal,
 )
+from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
+from .metrics import Metrics
 from .providers import Verifier, pick_verifier
-from .proxy import ABORTED, Forwarder
+from .proxy import ABORTED, UPSTREAM_SECONDS, Forwarder
 from .routing import Router
 from .tls import PeerCertificate, peer_certificate
 from .tokeninfo import TokenInfo
@@ -37,12 +40,10 @@ __all__ = ["Gateway", "build_verifier", "refusal_response"]
 log = logging.getLogger("mtls_gateway.gateway")
 
 
-def build_verifier(provider: Provider) -> Verifier:
+def build_verifier(provider: Provider, metrics: Metrics | None = None) -> Verifier:
     if provider.kind == "jwt":
-        return JwtVerifier(provider)
-    from .introspection import IntrospectionVerifier
-
-    return IntrospectionVerifier(provider)
+        return JwtVerifier(provider, metrics=metrics)
+    return IntrospectionVerifier(provider, metrics)
 
 
 def _quote(value: str) -> str:
@@ -75,17 +76,31 @@ _GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 502: "bad_gateway",
 class Gateway:
     """Routes, verifiers and forwarder built once from a :class:`GatewayConfig`."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or Metrics()
         self.router = Router(config.routes)
         self.verifiers: dict[str, Verifier] = {
-            name: build_verifier(p) for name, p in config.providers.items()}
+            name: build_verifier(p, self.metrics) for name, p in config.providers.items()}
         self.forwarder = Forwarder(config.upstream)
         self._identity = config.upstream.identity_headers
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def ready(self) -> bool:
+        """Every provider usable (each JWKS loaded at least once)."""
         return all(v.ready for v in self.verifiers.values())
+
+    async def retire(self, grace: float) -> None:
+        """After a reload: let requests that started here finish (up to ``grace``), then close."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning("closing replaced configuration with %d requests still running",
+                        self._in_flight)
+        await self.close()
 
     async def start(self) -> None:
         await self.forwarder.start()
@@ -98,6 +113,16 @@ class Gateway:
         await self.forwarder.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._handle(request)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         fields: dict[str, object] = {"method": request.method, "path": request.path,
                                      "remote": request.remote}
@@ -127,12 +152,15 @@ class Gateway:
             authorized = True
             response = await self.forwarder.forward(
                 request, route.upstream_url or self.config.upstream.url, identity)
+            self.metrics.upstream_seconds.labels(route.name).observe(response[UPSTREAM_SECONDS])
             if response.get(ABORTED):
                 reason = "upstream_aborted"
         except Refusal as exc:
             response = refusal_response(exc, self.config.realm)
             reason = exc.reason
-        self._log(fields, authorized, reason, response.status, peer, started)
+        if reason.startswith("upstream_"):
+            self.metrics.upstream_errors.labels(fields.get("route", ""), reason).inc()
+        self._record(fields, authorized, reason, response.status, peer, started)
         return response
 
     @staticmethod
@@ -152,14 +180,18 @@ class Gateway:
                 out[header] = value
         return out
 
-    @staticmethod
-    def _log(fields: dict[str, object], authorized: bool, reason: str, status: int,
-             peer: PeerCertificate | None, started: float) -> None:
+    def _record(self, fields: dict[str, object], authorized: bool, reason: str, status: int,
+                peer: PeerCertificate | None, started: float) -> None:
+        """The decision log line and the request metrics: one place, same facts."""
+        elapsed = time.perf_counter() - started
+        decision = "allow" if authorized else "deny"
+        route = str(fields.get("route", ""))
+        self.metrics.requests.labels(route, decision, reason, str(status)).inc()
+        self.metrics.request_seconds.labels(route).observe(elapsed)
         log_decision(
-            decision="allow" if authorized else "deny",
-            reason=reason, status=status,
+            decision=decision, reason=reason, status=status,
             client_thumbprint=peer.thumbprint if peer else None,
             client_subject=peer.subject if peer else None,
-            latency_ms=round((time.perf_counter() - started) * 1000, 3),
+            latency_ms=round(elapsed * 1000, 3),
             **fields,
         )

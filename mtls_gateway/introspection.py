@@ -24,7 +24,7 @@ import json
 import logging
 import ssl
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -33,6 +33,7 @@ from cachetools import TLRUCache
 
 from .config import IntrospectionProvider
 from .errors import DependencyDown, InvalidToken
+from .metrics import Metrics
 from .tokeninfo import TokenInfo, token_info_from_claims
 
 __all__ = ["IntrospectionStats", "IntrospectionVerifier"]
@@ -52,7 +53,6 @@ class IntrospectionStats:
     calls: int = 0
     failures: int = 0
     short_circuited: int = 0
-    latency_seconds: list[float] = field(default_factory=list)  # drained by the metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +67,9 @@ class _Answer:
 class IntrospectionVerifier:
     """Verifies opaque tokens with one RFC 7662 endpoint."""
 
-    def __init__(self, provider: IntrospectionProvider) -> None:
+    def __init__(self, provider: IntrospectionProvider, metrics: Metrics | None = None) -> None:
         self.provider = provider
+        self.metrics = metrics
         self.name = provider.name
         self.stats = IntrospectionStats()
         self._cache: TLRUCache[bytes, _Answer] = TLRUCache(
@@ -111,6 +112,7 @@ class IntrospectionVerifier:
         answer = self._cache.get(key)
         if answer is not None:
             self.stats.hits += 1
+            self._count("hit")
         else:
             answer = await self._introspect_once(key, token)
         return self._check(answer)
@@ -121,10 +123,13 @@ class IntrospectionVerifier:
         task = self._inflight.get(key)
         if task is not None:
             self.stats.coalesced += 1
+            self._count("coalesced")
         else:
             self.stats.misses += 1
+            self._count("miss")
             if time.monotonic() < self._open_until:
                 self.stats.short_circuited += 1
+                self._count("short_circuited")
                 raise DependencyDown("introspection_unavailable",
                                      "token introspection is unavailable")
             task = asyncio.create_task(self._call(key, token))
@@ -137,16 +142,25 @@ class IntrospectionVerifier:
         self.stats.calls += 1
         try:
             answer = await self._post(token)
-        except DependencyDown:
+        except DependencyDown as exc:
             self._failed()
+            self._observe(exc.reason, started)
             raise
-        finally:
-            self.stats.latency_seconds.append(time.perf_counter() - started)
-            del self.stats.latency_seconds[:-1000]
+        self._observe("active" if answer.active else "inactive", started)
         self._consecutive_failures = 0
         if answer.ttl > 0:
             self._cache[key] = answer
         return answer
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.introspection_cache.labels(self.name, outcome).inc()
+
+    def _observe(self, result: str, started: float) -> None:
+        if self.metrics:
+            self.metrics.introspection_calls.labels(self.name, result).inc()
+            self.metrics.introspection_seconds.labels(self.name).observe(
+                time.perf_counter() - started)
 
     def _failed(self) -> None:
         self.stats.failures += 1

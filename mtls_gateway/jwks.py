@@ -28,6 +28,7 @@ import jwt
 
 from .config import JwtProvider
 from .errors import DependencyDown, InvalidToken
+from .metrics import Metrics
 
 __all__ = ["JwksSource", "KeySet"]
 
@@ -102,8 +103,9 @@ class JwksStats:
 class JwksSource:
     """Keys of one JWT provider; static (inline JWKS) or fetched from ``jwks_uri``."""
 
-    def __init__(self, provider: JwtProvider) -> None:
+    def __init__(self, provider: JwtProvider, metrics: Metrics | None = None) -> None:
         self.provider = provider
+        self.metrics = metrics
         self.stats = JwksStats()
         self._keys: KeySet | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -193,6 +195,8 @@ class JwksSource:
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             self.stats.failures += 1
             self.stats.last_fetch_ok = False
+            if self.metrics:
+                self.metrics.jwks_fetches.labels(self.provider.name, "failure").inc()
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("JWKS fetch for provider %s failed (keeping %s): %s",
                         self.provider.name, "last good keys" if self._keys else "no keys",
@@ -201,6 +205,8 @@ class JwksSource:
         if self._keys is None or keys.kids != self._keys.kids:
             log.info("JWKS for provider %s loaded: kids=%s", self.provider.name, sorted(keys.kids))
         self._keys = keys
+        if self.metrics:
+            self.metrics.jwks_fetches.labels(self.provider.name, "success").inc()
         self.stats.last_success = time.time()
         self.stats.last_fetch_ok = True
 

@@ -18,6 +18,7 @@ import jwt
 from .config import JwtProvider
 from .errors import InvalidToken
 from .jwks import JwksSource
+from .metrics import Metrics
 from .tokeninfo import TokenInfo, token_info_from_claims
 
 __all__ = ["JwtVerifier", "unverified_issuer"]
@@ -59,10 +60,11 @@ def unverified_issuer(token: str) -> str | None:
 class JwtVerifier:
     """Verifies JWT access tokens of one issuer."""
 
-    def __init__(self, provider: JwtProvider, keys: JwksSource | None = None) -> None:
+    def __init__(self, provider: JwtProvider, keys: JwksSource | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.provider = provider
         self.name = provider.name
-        self.keys = keys or JwksSource(provider)
+        self.keys = keys or JwksSource(provider, metrics)
         self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
         self._require = sorted({"exp", "iss", "aud", *provider.required_claims})
 

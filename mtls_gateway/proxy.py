@@ -9,6 +9,7 @@ and the configured identity header names) is removed before ours are added.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 
 import aiohttp
@@ -19,10 +20,12 @@ from yarl import URL
 from .config import UpstreamConfig
 from .errors import UpstreamFailed, UpstreamTimeout
 
-__all__ = ["ABORTED", "HOP_BY_HOP", "Forwarder", "strip_hop_by_hop"]
+__all__ = ["ABORTED", "HOP_BY_HOP", "UPSTREAM_SECONDS", "Forwarder", "strip_hop_by_hop"]
 
 #: Set on a response whose upstream broke off after the headers were sent.
-ABORTED = "mtls_gateway.upstream_aborted"
+ABORTED = web.ResponseKey("upstream_aborted", bool)
+#: Seconds until the upstream's response headers arrived.
+UPSTREAM_SECONDS = web.ResponseKey("upstream_seconds", float)
 
 log = logging.getLogger("mtls_gateway.proxy")
 
@@ -91,6 +94,7 @@ class Forwarder:
         assert self._session is not None, "Forwarder.start() was not awaited"
         target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
         body = request.content if request.body_exists else None
+        started = time.perf_counter()
         try:
             upstream = await self._session.request(
                 request.method, target, headers=self.upstream_headers(request, identity),
@@ -103,6 +107,7 @@ class Forwarder:
             raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            response[UPSTREAM_SECONDS] = time.perf_counter() - started
             response.headers.extend(strip_hop_by_hop(upstream.headers))
             await response.prepare(request)
             try:

@@ -19,7 +19,7 @@ from cryptography import x509
 from .config import ListenConfig
 from .thumbprint import x5t_s256
 
-__all__ = ["PeerCertificate", "peer_certificate", "server_ssl_context"]
+__all__ = ["PeerCertificate", "TlsContextSwitch", "peer_certificate", "server_ssl_context"]
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -34,6 +34,29 @@ def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
     ctx.verify_mode = ssl.CERT_REQUIRED if listen.client_cert == "required" else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     return ctx
+
+
+class TlsContextSwitch:
+    """Lets new handshakes use new TLS material without touching open connections.
+
+    The listener is bound once with ``base``; its SNI callback (called for every
+    handshake, with or without SNI) moves the new connection onto ``current``,
+    whose certificate, key and client-CA store then apply to that handshake.
+    Established connections keep the material they were made with.
+    """
+
+    def __init__(self, base: ssl.SSLContext) -> None:
+        self.base = base
+        self.current = base
+        base.sni_callback = self._select
+
+    def update(self, ctx: ssl.SSLContext) -> None:
+        self.current = ctx
+
+    def _select(self, ssl_object: ssl.SSLObject, _server_name: str | None,
+                ctx: ssl.SSLContext) -> None:
+        if self.current is not ctx:
+            ssl_object.context = self.current
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,6 @@ import pytest
 from aiohttp import web
 from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
 
-from mtls_gateway.app import GATEWAY
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.tls import peer_certificate
 
@@ -135,7 +134,7 @@ async def opaque_gw(make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstr
 
 
 def _verifier(gw: RunningGateway) -> IntrospectionVerifier:
-    verifier = gw.server.app[GATEWAY].verifiers["opaque"]
+    verifier = gw.server.gateway.verifiers["opaque"]
     assert isinstance(verifier, IntrospectionVerifier)
     return verifier
 
