@@ -180,13 +180,13 @@ class GatewayServer:
                           if self.config.source else self.config)
                 ctx = await asyncio.to_thread(server_ssl_context, config.listen)
                 expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
+                new = Gateway(config, self.metrics)
             except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
                 self.metrics.config_reloads.labels("failure").inc()
                 log.error("reload (%s) refused, keeping the current config and TLS material: %s",
                           trigger, exc)
                 return False
             self._warn_restart_only(config)
-            new = Gateway(config, self.metrics)
             await new.start()
             old, self.gateway, self.config = self.gateway, new, config
             assert self._tls is not None

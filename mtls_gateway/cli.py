@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     run = sub.add_parser("run", help="serve with a config file (the default command)")
     _config_arg(run)
+    run.add_argument("--workers", "-w", type=int,
+                     default=int(os.environ.get("MTLS_GATEWAY_WORKERS", "1")),
+                     help="processes sharing the listening port via SO_REUSEPORT "
+                          "(default: $MTLS_GATEWAY_WORKERS or 1)")
     check = sub.add_parser("check", help="validate a config file and list every problem")
     _config_arg(check)
     thumb = sub.add_parser("thumbprint", help="print the x5t#S256 of a certificate")
@@ -75,6 +79,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .decision_log import configure_logging
 
     configure_logging(config.logging.level)
+    if args.workers > 1:
+        if config.listen.port == 0:
+            print("mtls-gateway: --workers needs a fixed listen.port (not 0)", file=sys.stderr)
+            return 2
+        from .workers import run_workers
+
+        return run_workers(config, args.workers)
+    if args.workers < 1:
+        print("mtls-gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
     asyncio.run(serve_forever(config))
     return 0
 

@@ -40,6 +40,7 @@ from .config import (
     UpstreamConfig,
 )
 from .errors import ConfigError
+from .jwks import KeySet
 
 __all__ = ["KNOWN_FIELDS", "load_config", "load_config_text", "parse_duration"]
 
@@ -300,6 +301,12 @@ def _jwt_provider(name: str, sec: _Section) -> JwtProvider:
             jwks = json.loads(jwks_file.read_text())
         except (OSError, ValueError):
             jwks = None  # reported by the file check
+    algorithms = _algorithms(sec)
+    if jwks is not None and not sec.problems.items:
+        try:
+            KeySet.from_document(jwks, algorithms)
+        except ValueError as exc:
+            sec.problem("jwks_file" if jwks_file else "jwks", str(exc))
     sources = [k for k, v in (("jwks_uri", jwks_uri), ("jwks", sec.data.get("jwks")),
                                ("jwks_file", jwks_file)) if v]
     if len(sources) != 1:
@@ -312,7 +319,7 @@ def _jwt_provider(name: str, sec: _Section) -> JwtProvider:
         name=name,
         issuer=sec.string("issuer"),
         audiences=audiences,
-        algorithms=_algorithms(sec),
+        algorithms=algorithms,
         jwks_uri=jwks_uri,
         jwks=jwks,
         jwks_ca_file=sec.file("jwks_ca_file", None, check=_check_certs),

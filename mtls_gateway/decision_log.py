@@ -31,6 +31,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
         }
         fields = getattr(record, "decision", None)
         if isinstance(fields, dict):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from gwtest import Pki
 
 REPO = Path(__file__).resolve().parent.parent

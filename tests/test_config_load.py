@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-from gwtest import Pki
 
+from gwtest import Pki
 from mtls_gateway import config_load
 from mtls_gateway.config import AuthNone, AuthPolicy, JwtProvider
 from mtls_gateway.config_load import load_config, load_config_text, parse_duration

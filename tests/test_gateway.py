@@ -19,6 +19,7 @@ import aiohttp
 import jwt
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
 from gwtest import AUDIENCE, ISSUER, Issuer, Pki, RunningGateway, Upstream, base_config
 
 

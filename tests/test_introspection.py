@@ -15,8 +15,8 @@ from urllib.parse import unquote
 
 import pytest
 from aiohttp import web
-from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
 
+from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.tls import peer_certificate
 

@@ -1,0 +1,259 @@
+"""The gateway process: hot reload of config and TLS material, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from cryptography import x509
+
+from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
+from mtls_gateway import pki as pki_mod
+from mtls_gateway.pki import CertKey
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Material:
+    """TLS files in a folder laid out like a Kubernetes Secret volume (..data symlink)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.generation = 0
+
+    def publish(self, files: dict[str, bytes]) -> None:
+        """Atomically swap the whole set, as the kubelet does."""
+        self.generation += 1
+        target = self.root / f"..gen{self.generation}"
+        target.mkdir()
+        for name, data in files.items():
+            (target / name).write_bytes(data)
+        tmp_link = self.root / "..data_tmp"
+        tmp_link.symlink_to(target.name)
+        os.replace(tmp_link, self.root / "..data")
+        for name in files:
+            link = self.root / name
+            if not link.is_symlink():
+                link.symlink_to(f"..data/{name}")
+
+
+def _files(server: CertKey, *client_cas: CertKey) -> dict[str, bytes]:
+    return {"tls.crt": server.cert_pem, "tls.key": server.key_pem,
+            "ca.crt": b"".join(ca.cert_pem for ca in client_cas)}
+
+
+@pytest.fixture
+def cas() -> dict[str, Any]:
+    ca1, ca2 = pki_mod.make_ca("rotation CA 1"), pki_mod.make_ca("rotation CA 2")
+    return {"ca1": ca1, "ca2": ca2, "server1": pki_mod.issue_server(ca1),
+            "server2": pki_mod.issue_server(ca2), "client1": pki_mod.issue_client(ca1, "c1"),
+            "client2": pki_mod.issue_client(ca2, "c2")}
+
+
+def _client_ctx(tmp: Path, client: CertKey, *trust: CertKey) -> ssl.SSLContext:
+    name = client.cert.subject.rfc4514_string().replace(",", "_").replace("=", "-")
+    crt, key = client.write(tmp / "clients", name)
+    ctx = ssl.create_default_context(cadata="".join(t.cert_pem.decode() for t in trust))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(crt, key)
+    return ctx
+
+
+class Conn:
+    """A raw keep-alive HTTP/1.1 connection, to prove an old connection survives a reload."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int, ctx: ssl.SSLContext) -> Conn:
+        return cls(*await asyncio.open_connection("127.0.0.1", port, ssl=ctx))
+
+    def server_issuer(self) -> str:
+        der = self.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).issuer.rfc4514_string()
+
+    async def get(self, path: str) -> int:
+        self.writer.write(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        await self.reader.readexactly(length)
+        return status
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _handshake_ok(port: int, ctx: ssl.SSLContext) -> bool:
+    """A new connection completes a request (TLS 1.3 reports a refused cert on first read)."""
+    try:
+        conn = await Conn.open(port, ctx)
+        try:
+            return await conn.get("/public/x") == 200
+        finally:
+            conn.close()
+    except (ssl.SSLError, ConnectionError, IndexError, asyncio.IncompleteReadError):
+        return False
+
+
+async def _start(make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+                 material: Material, **extra: Any) -> RunningGateway:
+    config = base_config(pki, issuer, upstream)
+    config["listen"].update(cert_file=str(material.root / "tls.crt"),
+                            key_file=str(material.root / "tls.key"),
+                            client_ca_file=str(material.root / "ca.crt"))
+    config.update(extra)
+    gw: RunningGateway = await make_gateway(config)
+    return gw
+
+
+async def test_rotated_server_cert_and_client_ca(make_gateway: Any, pki: Pki, issuer: Issuer,
+                                                upstream: Upstream, tmp_path: Path,
+                                                cas: dict[str, Any]) -> None:
+    material = Material(tmp_path / "secret")
+    material.root.mkdir()
+    material.publish(_files(cas["server1"], cas["ca1"]))
+    gw = await _start(make_gateway, pki, issuer, upstream, material, reload_interval="100ms")
+    port = gw.server.port
+    trust_both = (cas["ca1"], cas["ca2"])
+    c1 = _client_ctx(tmp_path, cas["client1"], *trust_both)
+    c2 = _client_ctx(tmp_path, cas["client2"], *trust_both)
+    old = await Conn.open(port, c1)
+    assert await old.get("/public/a") == 200
+    assert "rotation CA 1" in old.server_issuer()
+    assert not await _handshake_ok(port, c2)
+
+    material.publish(_files(cas["server2"], cas["ca2"]))       # the kubelet swaps the Secret
+    reloads = gw.server.metrics.config_reloads.labels("success")
+    for _ in range(50):
+        if reloads._value.get() >= 1:
+            break
+        await asyncio.sleep(0.1)
+    assert reloads._value.get() == 1
+
+    new = await Conn.open(port, c2)
+    assert await new.get("/public/b") == 200                     # the new CA's client is in
+    assert "rotation CA 2" in new.server_issuer()               # and sees the new certificate
+    new.close()
+    assert not await _handshake_ok(port, c1)                     # the removed CA's client is out
+    assert await old.get("/public/c") == 200                     # the old connection lives on
+    old.close()
+    assert [s.path_qs for s in upstream.seen] == ["/public/a", "/public/b", "/public/c"]
+
+
+@pytest.mark.parametrize("broken", ["garbage-cert", "key-mismatch", "half-yaml", "bad-route"])
+async def test_broken_material_is_refused_and_old_kept(make_gateway: Any, pki: Pki,
+                                                      issuer: Issuer, upstream: Upstream,
+                                                      tmp_path: Path, cas: dict[str, Any],
+                                                      broken: str,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    material = Material(tmp_path / "secret")
+    material.root.mkdir()
+    material.publish(_files(cas["server1"], cas["ca1"]))
+    gw = await _start(make_gateway, pki, issuer, upstream, material, reload_interval="0s")
+    c1 = _client_ctx(tmp_path, cas["client1"], cas["ca1"])
+    if broken == "garbage-cert":
+        material.publish({**_files(cas["server1"], cas["ca1"]), "tls.crt": b"-----BEGIN CERT"})
+    elif broken == "key-mismatch":
+        material.publish({**_files(cas["server2"], cas["ca1"]),
+                          "tls.key": cas["server1"].key_pem})
+    else:
+        text = gw.config_path.read_text()
+        gw.config_path.write_text(text[: len(text) // 2] + "\n  - [" if broken == "half-yaml"
+                                  else text.replace("provider: corp", "provider: nobody"))
+    assert await gw.server.reload("test") is False
+    assert "reload (test) refused" in caplog.text
+    assert gw.server.metrics.config_reloads.labels("failure")._value.get() == 1
+    assert await _handshake_ok(gw.server.port, c1)
+
+
+async def test_config_reload_changes_routes_for_new_requests(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    gw = await make_gateway(base_config(pki, issuer, upstream))
+    assert (await gw.request("/open/x", cert=None)).status == 401
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["routes"].insert(0, {"name": "open", "path_prefix": "/open", "auth": "none"})
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert await gw.server.reload("test") is True
+    assert (await gw.request("/open/x", cert=None)).status == 200
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="signals and SO_REUSEPORT as on Linux")
+async def test_sigterm_drains_in_flight_then_exits_and_sighup_reloads(
+        pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
+    config = base_config(pki, None, upstream)
+    config["routes"] = [{"name": "all", "path_prefix": "/", "auth": "none"}]
+    config["admin"] = {"enabled": True, "host": "127.0.0.1", "port": _free_port()}
+    config["listen"]["port"] = _free_port()
+    config.update(shutdown_delay="1s", shutdown_grace="10s", reload_interval="0s")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "mtls_gateway", "run", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO)
+    admin = f"http://127.0.0.1:{config['admin']['port']}"
+    url = f"https://127.0.0.1:{config['listen']['port']}"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                ssl=pki.client_context("a"))) as session:
+            assert await _wait_status(session, admin + "/readyz", 200)
+            # SIGHUP reloads (config with a new route)
+            config["routes"].insert(0, {"name": "closed", "path": "/closed",
+                                        "auth": {"provider": "nobody"}})
+            config["providers"] = {"nobody": {"type": "jwt", "issuer": "https://n.test",
+                                              "audiences": ["x"], "jwks": {"keys": []}}}
+            path.write_text(yaml.safe_dump(config))
+            proc.send_signal(signal.SIGHUP)
+            # the new config has an empty JWKS: refused, so the old one stays
+            await asyncio.sleep(0.5)
+            async with session.get(url + "/closed") as resp:
+                assert resp.status == 200
+            slow = asyncio.create_task(session.get(url + "/slow?s=2"))
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert await _wait_status(session, admin + "/readyz", 503)
+            resp = await slow
+            assert resp.status == 200           # the in-flight request finished
+            resp.release()
+        assert await asyncio.wait_for(proc.wait(), 20) == 0
+        out = (await proc.stdout.read()).decode() if proc.stdout else ""
+        assert "reload (SIGHUP) refused" in out and '"stopped"' in out
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert [s.path_qs for s in upstream.seen] == ["/closed", "/slow?s=2"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_status(session: aiohttp.ClientSession, url: str, status: int) -> bool:
+    for _ in range(100):
+        try:
+            async with session.get(url) as resp:
+                if resp.status == status:
+                    return True
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.1)
+    return False
+
+
