@@ -72,6 +72,10 @@ class KeySet:
                 except jwt.PyJWTError as exc:
                     log.warning("skipping unusable JWKS key kid=%r: %s", kid, exc)
                     break
+                weak = key.Algorithm.check_key_length(key.key)
+                if weak:  # e.g. RSA under 2048 bits (NIST SP 800-131A)
+                    log.warning("skipping weak JWKS key kid=%r: %s", kid, weak)
+                    break
                 if isinstance(kid, str):
                     by_kid[(kid, alg)] = key
                 by_alg.setdefault(alg, []).append(key)

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
 from gwtest import Issuer, Pki, Upstream, base_config
+from mtls_gateway.jwks import KeySet
 
 
 async def test_unknown_kid_triggers_refetch_and_rotation_is_picked_up(
@@ -90,3 +95,32 @@ async def test_slow_jwks_concurrent_cold_requests_share_one_fetch(
     replies = await asyncio.gather(*(gw.request("/x", token=issuer.mint(tp)) for _ in range(20)))
     assert {r.status for r in replies} == {200}
     assert issuer.fetches - config_fetches == 1
+
+
+def _jwk(private: Any, **extra: Any) -> dict[str, Any]:
+    from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+    algo = RSAAlgorithm if isinstance(private, rsa.RSAPrivateKey) else ECAlgorithm
+    return {**json.loads(algo.to_jwk(private.public_key())), **extra}
+
+
+@pytest.mark.parametrize(("jwk_extra", "key_kind", "allowed", "expected"), [
+    ({"kid": "r"}, "rsa2048", ("RS256", "PS256"), {("r", "RS256"), ("r", "PS256")}),
+    ({"kid": "r", "alg": "PS256"}, "rsa2048", ("RS256", "PS256"), {("r", "PS256")}),
+    ({"kid": "r", "use": "enc"}, "rsa2048", ("RS256",), set()),
+    ({"kid": "weak"}, "rsa1024", ("RS256",), set()),
+    ({"kid": "e"}, "p256", ("RS256", "ES256"), {("e", "ES256")}),
+    ({"kid": "e", "alg": "ES384"}, "p256", ("ES256", "ES384", "RS256"), set()),
+])
+def test_keyset_one_key_one_algorithm(rsa_keys: list[rsa.RSAPrivateKey], jwk_extra: Any,
+                                      key_kind: str, allowed: tuple[str, ...],
+                                      expected: set[tuple[str, str]]) -> None:
+    private = {"rsa2048": rsa_keys[0],
+               "rsa1024": rsa.generate_private_key(public_exponent=65537, key_size=1024),
+               "p256": ec.generate_private_key(ec.SECP256R1())}[key_kind]
+    doc = {"keys": [_jwk(private, **jwk_extra),
+                    {"kty": "oct", "k": "c2VjcmV0", "kid": "hmac"},   # never loaded
+                    _jwk(rsa_keys[1], kid="other")]}
+    keys = KeySet.from_document(doc, allowed)
+    assert {k for k in keys.by_kid if k[0] != "other"} == expected
+    assert not any(kid == "hmac" for kid, _ in keys.by_kid)
