@@ -158,8 +158,13 @@ class Gateway:
         except Refusal as exc:
             response = refusal_response(exc, self.config.realm)
             reason = exc.reason
+        except Exception:  # a bug must fail closed, logged, and never reach the upstream
+            log.exception("internal error while handling %s %s", request.method, request.path)
+            response = web.json_response({"error": "internal_error", "reason": "internal_error"},
+                                         status=500, headers={"Cache-Control": "no-store"})
+            reason = "internal_error"
         if reason.startswith("upstream_"):
-            self.metrics.upstream_errors.labels(fields.get("route", ""), reason).inc()
+            self.metrics.upstream_errors.labels(str(fields.get("route", "-")), reason).inc()
         self._record(fields, authorized, reason, response.status, peer, started)
         return response
 
@@ -185,7 +190,7 @@ class Gateway:
         """The decision log line and the request metrics: one place, same facts."""
         elapsed = time.perf_counter() - started
         decision = "allow" if authorized else "deny"
-        route = str(fields.get("route", ""))
+        route = str(fields.get("route", "-"))   # "-": no route matched
         self.metrics.requests.labels(route, decision, reason, str(status)).inc()
         self.metrics.request_seconds.labels(route).observe(elapsed)
         log_decision(

@@ -12,6 +12,10 @@
   ``failure_cooldown`` and uncached tokens get 503 at once.
 * When the authorization server rejects the gateway's own credentials the client
   gets 503 (it is the gateway's fault, not the client's) and the log says so.
+* Only outages (timeouts, refused connections, 5xx, unusable answers, rejected
+  gateway credentials) count towards the breaker; a 4xx about one token does not,
+  so no client can switch introspection off for everyone. A 400
+  ``unsupported_token_type`` is read as ``active: false``.
 """
 
 from __future__ import annotations
@@ -143,7 +147,8 @@ class IntrospectionVerifier:
         try:
             answer = await self._post(token)
         except DependencyDown as exc:
-            self._failed()
+            if exc.reason != "introspection_refused":
+                self._failed()
             self._observe(exc.reason, started)
             raise
         self._observe("active" if answer.active else "inactive", started)
@@ -201,6 +206,16 @@ class IntrospectionVerifier:
                       "auth_method %s)", self.name, status, p.client_id, p.auth_method)
             raise DependencyDown("introspection_misconfigured",
                                  "token introspection is unavailable")
+        if status == 400 and _oauth_error(body) == "unsupported_token_type":
+            # Some servers (node-oidc-provider for JWTs) refuse to introspect a kind of token
+            # instead of saying active: false. It is an answer about this token, not an outage.
+            return _Answer(False, {}, p.cache.negative_ttl)
+        if 400 <= status < 500:
+            # A complaint about this one request: 503, but a client must not be able to open
+            # the breaker for everyone by sending odd tokens.
+            log.warning("introspection endpoint of provider %s refused a request: HTTP %d %s",
+                        self.name, status, _oauth_error(body) or "")
+            raise DependencyDown("introspection_refused", "token introspection is unavailable")
         if status != 200:
             log.warning("introspection endpoint of provider %s answered HTTP %d",
                         self.name, status)
@@ -246,6 +261,16 @@ class IntrospectionVerifier:
             if not set(p.audiences) & {a for a in auds if isinstance(a, str)}:
                 raise InvalidToken("wrong_audience", "token audience is not accepted")
         return token_info_from_claims(self.name, claims)
+
+
+def _oauth_error(body: bytes) -> str | None:
+    """The ``error`` code of an OAuth error response body, if it is one."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    return error if isinstance(error, str) else None
 
 
 def _number(value: object) -> float | None:

@@ -184,6 +184,26 @@ async def test_misbehaving_server_is_503_never_a_pass_and_never_cached(
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize(("body", "status", "reason"), [
+    (b'{"error": "unsupported_token_type"}', 401, "token_inactive"),
+    (b'{"error": "invalid_request"}', 503, "introspection_refused"),
+])
+async def test_4xx_about_one_token_never_opens_the_breaker(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path, body: bytes, status: int,
+        reason: str) -> None:
+    gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path,
+                                                 failure_threshold=2))
+    auth_server.body, auth_server.status = body, 400
+    for _ in range(4):
+        reply = await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
+        assert (reply.status, reply.json()["reason"]) == (status, reason)
+    auth_server.body, auth_server.status = None, 200
+    good = auth_server.issue(pki.clients["a"].thumbprint)
+    assert (await gw.request("/x", token=good)).status == 200   # breaker still closed
+    assert _verifier(gw).stats.short_circuited == 0 and upstream.seen[-1].path_qs == "/x"
+
+
 async def test_cached_entry_rechecks_expiry_without_calling(
         opaque_gw: RunningGateway, auth_server: AuthServer, pki: Pki,
         monkeypatch: pytest.MonkeyPatch) -> None:

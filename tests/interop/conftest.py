@@ -8,6 +8,7 @@ subprocess; nothing here needs an event loop), so async tests of any loop scope 
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -18,13 +19,19 @@ import pytest
 
 _HERE = Path(__file__).resolve().parent
 _REPO = _HERE.parents[1]
-# tests/ is not a package: make `from oidc_server import ...` and `import mtls_gateway` work
-# however pytest is started (plain `pytest` does not put the repository root on sys.path).
-for _path in (_HERE, _REPO):
+# tests/ is not a package: make `from oidc_server import ...`, `from gwtest import ...` (the
+# recording upstream) and `import mtls_gateway` work however pytest is started (plain `pytest`
+# does not put the repository root on sys.path).
+for _path in (_HERE, _HERE.parent, _REPO):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from oidc_server import InteropPKI, OidcProvider, make_interop_pki  # noqa: E402
+from oidc_server import (  # noqa: E402
+    RESERVED_SECRET_CHARACTERS,
+    InteropPKI,
+    OidcProvider,
+    make_interop_pki,
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -52,9 +59,15 @@ def interop_pki(tmp_path_factory: pytest.TempPathFactory) -> InteropPKI:
 @pytest.fixture(scope="session")
 def oidc_provider(interop_pki: InteropPKI,
                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcProvider]:
-    """The shared AS, started once per session. Do not rotate its keys: use start_oidc_provider."""
+    """The shared AS, started once per session. Do not rotate its keys: use start_oidc_provider.
+
+    The gateway client's secret carries characters that client_secret_basic must
+    form-urlencode (RFC 6749 section 2.3.1), so every introspection call exercises that.
+    """
     require_node()
-    with OidcProvider(interop_pki, tmp_path_factory.mktemp("oidc-provider")) as provider:
+    secret = secrets.token_urlsafe(24) + RESERVED_SECRET_CHARACTERS
+    with OidcProvider(interop_pki, tmp_path_factory.mktemp("oidc-provider"),
+                      gateway_client_secret=secret) as provider:
         yield provider
 
 

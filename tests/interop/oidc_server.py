@@ -45,10 +45,14 @@ __all__ = [
     "DEFAULT_RESOURCES",
     "GATEWAY_CLIENT_ID",
     "INTEROP_DIR",
+    "RESERVED_SECRET_CHARACTERS",
     "RESOURCE_JWT_ES256",
     "RESOURCE_JWT_RS256",
     "RESOURCE_OPAQUE",
+    "RESOURCE_OTHER_JWT",
+    "RESOURCE_OTHER_OPAQUE",
     "SCOPE",
+    "SERVER_SCRIPT",
     "ClientIdentity",
     "InteropPKI",
     "NodeNotFoundError",
@@ -77,14 +81,22 @@ SERVER_SCRIPT = INTEROP_DIR / "server.mjs"
 RESOURCE_JWT_RS256 = "https://api.example.test/jwt-rs256"
 RESOURCE_JWT_ES256 = "https://api.example.test/jwt-es256"
 RESOURCE_OPAQUE = "https://api.example.test/opaque"
+# Another API at the same AS: its tokens are valid, just not for the three above.
+RESOURCE_OTHER_JWT = "https://other-api.example.test/jwt-rs256"
+RESOURCE_OTHER_OPAQUE = "https://other-api.example.test/opaque"
 SCOPE = "accounts:read"
 GATEWAY_CLIENT_ID = "mtls-gateway"
+#: Characters reserved in URLs and forms (and a space), for gateway client secrets that
+#: client_secret_basic must form-urlencode (RFC 6749 section 2.3.1).
+RESERVED_SECRET_CHARACTERS = ":/+=%& ?#"
 
 #: resource URI -> how the AS issues tokens for it (the ``resources`` key of the JSON config).
 DEFAULT_RESOURCES: dict[str, dict[str, Any]] = {
     RESOURCE_JWT_RS256: {"format": "jwt", "alg": "RS256", "scope": "accounts:read accounts:write"},
     RESOURCE_JWT_ES256: {"format": "jwt", "alg": "ES256", "scope": "accounts:read accounts:write"},
     RESOURCE_OPAQUE: {"format": "opaque", "scope": "accounts:read accounts:write"},
+    RESOURCE_OTHER_JWT: {"format": "jwt", "alg": "RS256", "scope": "accounts:read"},
+    RESOURCE_OTHER_OPAQUE: {"format": "opaque", "scope": "accounts:read"},
 }
 
 

@@ -47,15 +47,29 @@ const CONTROL_ROTATE = '/__control/rotate';
 
 let generation = 0;
 
+// The keys are JWK-encoded *by generateKeyPairSync itself* (privateKeyEncoding format 'jwk'),
+// never with `keyPair.privateKey.export({ format: 'jwk' })`. On Node.js 20 the latter can
+// deadlock the whole process: the JWK export holds the key's mutex while it allocates JS
+// strings, an allocation may start a garbage collection, and that collection may finalise the
+// (already unreachable) key-generation job of that very key, whose destructor takes the same
+// non-recursive mutex. The main thread then waits on itself forever (seen with gdb:
+// ExportJWKEcKey -> Heap::CollectGarbage -> ~KeyGenJob<EcKeyGenTraits> -> pthread_mutex_lock),
+// so the READY line never came (30 s start-up timeout) or a rotation request never answered.
+// Encoding inside the job runs while the job is still referenced, so it cannot be finalised.
+const JWK_ENCODING = { publicKeyEncoding: { format: 'jwk' }, privateKeyEncoding: { format: 'jwk' } };
+
 function newSigningKeys() {
   generation += 1;
   const tag = `${generation}-${crypto.randomBytes(4).toString('hex')}`;
-  const jwk = (keyPair, alg, kid) => ({
-    ...keyPair.privateKey.export({ format: 'jwk' }), kid, alg, use: 'sig',
+  const jwk = (type, options, alg, kid) => ({
+    ...crypto.generateKeyPairSync(type, { ...options, ...JWK_ENCODING }).privateKey,
+    kid,
+    alg,
+    use: 'sig',
   });
   return [
-    jwk(crypto.generateKeyPairSync('rsa', { modulusLength: 2048 }), 'RS256', `rs256-${tag}`),
-    jwk(crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' }), 'ES256', `es256-${tag}`),
+    jwk('rsa', { modulusLength: 2048 }, 'RS256', `rs256-${tag}`),
+    jwk('ec', { namedCurve: 'P-256' }, 'ES256', `es256-${tag}`),
   ];
 }
 

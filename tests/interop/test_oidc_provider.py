@@ -8,11 +8,14 @@ from typing import Any
 
 import jwt
 import pytest
+
+from mtls_gateway.pki import issue_client
 from oidc_server import (
     RESOURCE_JWT_ES256,
     RESOURCE_JWT_RS256,
     RESOURCE_OPAQUE,
     SCOPE,
+    SERVER_SCRIPT,
     ClientIdentity,
     InteropPKI,
     OidcProvider,
@@ -27,8 +30,6 @@ from oidc_server import (
     rotate_keys,
     verify_jwt,
 )
-
-from mtls_gateway.pki import issue_client
 
 JWT_RESOURCES = [(RESOURCE_JWT_RS256, "RS256"), (RESOURCE_JWT_ES256, "ES256")]
 ALL_RESOURCES = [RESOURCE_JWT_RS256, RESOURCE_JWT_ES256, RESOURCE_OPAQUE]
@@ -268,3 +269,17 @@ async def test_extra_clients_and_expired_certificate(
     with pytest.raises(TokenRequestError) as raised:
         await fetch_token(provider, expired, resource=RESOURCE_OPAQUE)
     assert raised.value.error == "invalid_client"
+
+
+def test_server_never_exports_generated_keys_with_key_object_export() -> None:
+    """Regression guard for the start-up/rotation hang (see newSigningKeys in server.mjs).
+
+    On Node.js 20, ``generateKeyPairSync(...).privateKey.export({ format: 'jwk' })`` can
+    deadlock the process (the export holds the key's mutex, a garbage collection during it
+    finalises the key's generation job, whose destructor takes the same mutex). server.mjs must
+    have generateKeyPairSync encode the keys itself.
+    """
+    source = SERVER_SCRIPT.read_text()
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith("//"))
+    assert ".export(" not in code
+    assert "privateKeyEncoding: { format: 'jwk' }" in code
