@@ -82,6 +82,27 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return Pki(d, ca_file, server_cert, server_key, clients)
 
 
+# --- servers on loopback ----------------------------------------------------------------------
+
+class LoopbackServer:
+    """An aiohttp app on 127.0.0.1 (port chosen by the kernel), stopped with :meth:`stop`."""
+
+    runner: web.AppRunner | None = None
+
+    async def serve(self, app: web.Application, ssl_context: ssl.SSLContext | None = None) -> str:
+        """Start ``app``; the base URL (https when ``ssl_context`` is given)."""
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+        scheme = "https" if ssl_context else "http"
+        return f"{scheme}://127.0.0.1:{self.runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+
 # --- token issuer -----------------------------------------------------------------------------
 
 @dataclass
@@ -102,7 +123,7 @@ def rsa_keys() -> list[rsa.RSAPrivateKey]:
     return [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(3)]
 
 
-class Issuer:
+class Issuer(LoopbackServer):
     """Mints tokens and serves its JWKS over HTTPS; can fail, stop and rotate."""
 
     def __init__(self, pki: Pki, rsa_keys: list[rsa.RSAPrivateKey]) -> None:
@@ -113,7 +134,6 @@ class Issuer:
         self.fetches = 0
         self.fail_with: int | None = None
         self.delay = 0.0
-        self.runner: web.AppRunner | None = None
         self.url = ""
 
     @property
@@ -161,15 +181,7 @@ class Issuer:
         app.router.add_get("/jwks.json", jwks)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx).start()
-        self.url = f"https://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        self.url = await self.serve(app, ctx)
 
 
 @pytest.fixture
@@ -191,12 +203,11 @@ class Seen:
     body_sha256: str
 
 
-class Upstream:
+class Upstream(LoopbackServer):
     """A plain-HTTP upstream on loopback that records every request it receives."""
 
     def __init__(self) -> None:
         self.seen: list[Seen] = []
-        self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -229,15 +240,7 @@ class Upstream:
     async def start(self) -> None:
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{p:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        self.url = await self.serve(app)
 
 
 @pytest.fixture

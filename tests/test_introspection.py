@@ -16,7 +16,7 @@ from urllib.parse import unquote
 import pytest
 from aiohttp import web
 
-from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
+from gwtest import Issuer, LoopbackServer, Pki, RunningGateway, Upstream, base_config
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.tls import peer_certificate
 
@@ -24,7 +24,7 @@ CLIENT_ID = "mtls-gateway"
 SECRET = "s3cr3t-Value/with+chars"
 
 
-class AuthServer:
+class AuthServer(LoopbackServer):
     """Behaves like an authorization server's introspection endpoint."""
 
     def __init__(self, pki: Pki) -> None:
@@ -36,7 +36,6 @@ class AuthServer:
         self.status = 200
         self.hold: asyncio.Event | None = None
         self.delay = 0.0
-        self.runner: web.AppRunner | None = None
         self.url = ""
 
     def issue(self, thumbprint: str | None, **claims: Any) -> str:
@@ -90,15 +89,7 @@ class AuthServer:
         ctx.load_cert_chain(self.pki.server_cert, self.pki.server_key)
         ctx.load_verify_locations(self.pki.ca_file)
         ctx.verify_mode = ssl.CERT_OPTIONAL
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", 0, ssl_context=ctx).start()
-        self.url = f"https://127.0.0.1:{self.runner.addresses[0][1]}/introspect"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
-            self.runner = None
+        self.url = await self.serve(app, ctx) + "/introspect"
 
 
 @pytest.fixture
