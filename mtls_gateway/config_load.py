@@ -492,6 +492,7 @@ def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPo
     for name in names:
         if name not in providers:
             asec.problem("provider", f'unknown provider "{name}"')
+    _check_chain(asec, [providers[n] for n in names if n in providers])
     policy = AuthPolicy(
         providers=names,
         binding=asec.string("binding", "required", choices=("required", "optional", "off")),
@@ -499,6 +500,21 @@ def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPo
     )
     asec.finish()
     return policy
+
+
+def _check_chain(sec: _Section, chain: list[Provider]) -> None:
+    """Refuse provider lists with members that could never be asked (see providers.py)."""
+    seen_issuers: dict[str, str] = {}
+    for i, provider in enumerate(chain):
+        if isinstance(provider, IntrospectionProvider) and i != len(chain) - 1:
+            sec.problem("provider", f'"{provider.name}" (introspection) takes every token, so '
+                        "it must come last")
+        if isinstance(provider, JwtProvider):
+            if provider.issuer in seen_issuers:
+                sec.problem("provider", f'"{provider.name}" can never be reached: '
+                            f'"{seen_issuers[provider.issuer]}" claims every JWT of issuer '
+                            f"{provider.issuer}")
+            seen_issuers.setdefault(provider.issuer, provider.name)
 
 
 def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ...]:

@@ -114,6 +114,24 @@ def test_each_problem_has_its_yaml_path(pki: Pki, tmp_path: Path, path: str, val
     assert any(p.startswith(expected) for p in problems), problems
 
 
+@pytest.mark.parametrize(("chain", "expected"), [
+    (["corp", "corp2"], '"corp2" can never be reached: "corp" claims every JWT of issuer'),
+    (["opaque", "corp"], '"opaque" (introspection) takes every token, so it must come last'),
+])
+def test_provider_chains_without_unreachable_members(pki: Pki, tmp_path: Path,
+                                                     chain: list[str], expected: str) -> None:
+    data = _valid(pki)
+    data["providers"]["corp2"] = {**data["providers"]["corp"], "audiences": ["https://b.test"]}
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    data["providers"]["opaque"] = {"type": "introspection", "endpoint": "https://as.test/i",
+                                   "client_id": "gw", "client_secret_file": str(secret)}
+    data["routes"][1]["auth"]["provider"] = chain
+    problems = _problems(data, tmp_path)
+    assert problems == [f"routes[1].auth.provider: {expected} https://i.test"
+                        if "issuer" in expected else f"routes[1].auth.provider: {expected}"]
+
+
 def test_every_problem_is_listed_at_once(pki: Pki, tmp_path: Path) -> None:
     data = _valid(pki)
     data["listen"]["port"] = "x"
