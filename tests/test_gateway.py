@@ -382,3 +382,13 @@ def test_jwt_library_refuses_none_on_its_own() -> None:
     with pytest.raises(jwt.InvalidAlgorithmError):
         jwt.decode(f"{_b64({'alg': 'none'})}.{_b64({'iss': ISSUER, 'aud': AUDIENCE})}.",
                    key="k", algorithms=["RS256"])
+
+
+async def test_head_request_passes_length_without_body(gateway: RunningGateway, issuer: Issuer,
+                                                       pki: Pki, upstream: Upstream) -> None:
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    get = await gateway.request("/x", token=token)
+    head = await gateway.request("/x", token=token, method="HEAD")
+    assert head.status == 200 and head.body == b""
+    assert head.headers["Content-Length"] == get.headers["Content-Length"]
+    assert [s.method for s in upstream.seen] == ["GET", "HEAD"]
