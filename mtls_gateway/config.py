@@ -79,6 +79,7 @@ class JwtProvider:
     leeway: float
     required_claims: tuple[str, ...]
     require_typ_at_jwt: bool
+    verify_cache_size: int
     kind: Literal["jwt"] = "jwt"
 
 

@@ -329,6 +329,7 @@ def _jwt_provider(name: str, sec: _Section) -> JwtProvider:
         leeway=sec.duration("leeway", 30.0, positive=False),
         required_claims=sec.strings("required_claims", ()),
         require_typ_at_jwt=sec.boolean("require_typ_at_jwt", False),
+        verify_cache_size=sec.integer("verify_cache_size", 10000, low=0, high=10_000_000),
     )
     sec.string("type")
     sec.finish()

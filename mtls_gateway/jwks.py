@@ -42,13 +42,23 @@ _ALGS_FOR_KEY = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeySet:
-    """Immutable snapshot of usable keys, indexed by ``(kid, alg)`` and by ``alg``."""
+    """Immutable snapshot of usable keys, indexed by ``(kid, alg)`` and by ``alg``.
+
+    Two key sets are equal when they come from the same JWKS document and algorithms.
+    """
 
     by_kid: Mapping[tuple[str, str], jwt.PyJWK]
     by_alg: Mapping[str, tuple[jwt.PyJWK, ...]]
     kids: frozenset[str]
+    source: str = ""   # canonical JSON of the document and the allowed algorithms
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeySet) and other.source == self.source
+
+    def __hash__(self) -> int:
+        return hash(self.source)
 
     @classmethod
     def from_document(cls, doc: Any, algorithms: tuple[str, ...]) -> KeySet:
@@ -82,7 +92,8 @@ class KeySet:
         if not by_alg:
             raise ValueError("JWKS has no key usable with the allowed algorithms")
         return cls(by_kid, {a: tuple(k) for a, k in by_alg.items()},
-                   frozenset(kid for kid, _ in by_kid))
+                   frozenset(kid for kid, _ in by_kid),
+                   json.dumps([doc, algorithms], sort_keys=True))
 
     def lookup(self, kid: str | None, alg: str) -> tuple[jwt.PyJWK, ...]:
         """Keys to try: the one with this kid, or (no kid in the token) every key for alg."""
@@ -124,6 +135,11 @@ class JwksSource:
         """True once a key set has been loaded (readiness)."""
         return self._keys is not None
 
+    @property
+    def current(self) -> KeySet | None:
+        """The key set in use; replaced (a new object) only when the JWKS document changes."""
+        return self._keys
+
     async def start(self) -> None:
         """Open the HTTP session, make a first fetch, and start background refresh."""
         if self.provider.jwks_uri is None:
@@ -148,20 +164,19 @@ class JwksSource:
         if self._session is not None:
             await self._session.close()
 
-    async def keys_for(self, kid: str | None, alg: str) -> tuple[jwt.PyJWK, ...]:
-        """Candidate keys for a token header, refetching (rate-limited) on an unknown kid."""
+    async def keys_for(self, kid: str | None, alg: str) -> tuple[KeySet, tuple[jwt.PyJWK, ...]]:
+        """Candidate keys for a token header (and the key set they belong to), refetching
+        (rate-limited) on an unknown kid."""
         keys = self._keys
-        if keys is not None:
-            found = keys.lookup(kid, alg)
-            if found:
-                return found
+        if keys is not None and (found := keys.lookup(kid, alg)):
+            return keys, found
         if self.provider.jwks_uri is not None and self._may_fetch_on_demand():
             if keys is not None:
                 self.stats.kid_refetches += 1
             await self._refresh_shared()
             keys = self._keys
             if keys is not None and (found := keys.lookup(kid, alg)):
-                return found
+                return keys, found
         if keys is None:
             raise DependencyDown("jwks_unavailable", "signing keys are not available")
         raise InvalidToken("unknown_key", "no signing key matches the token")
@@ -206,9 +221,10 @@ class JwksSource:
                         self.provider.name, "last good keys" if self._keys else "no keys",
                         self.stats.last_error)
             return
-        if self._keys is None or keys.kids != self._keys.kids:
-            log.info("JWKS for provider %s loaded: kids=%s", self.provider.name, sorted(keys.kids))
-        self._keys = keys
+        if keys != self._keys:  # an unchanged document keeps the same KeySet (and its caches)
+            log.info("JWKS for provider %s loaded: kids=%s", self.provider.name,
+                     sorted(keys.kids))
+            self._keys = keys
         if self.metrics:
             self.metrics.jwks_fetches.labels(self.provider.name, "success").inc()
         self.stats.last_success = time.time()

@@ -5,19 +5,29 @@ never chooses how it is verified: ``alg`` must be on the provider's allowlist
 (asymmetric only), the key comes from the provider's JWKS by ``kid``, and
 ``jku``/``x5u``/``jwk``/``x5c`` header parameters are ignored. ``crit`` is
 refused because the gateway understands no JWS extensions.
+
+A token that verified is remembered (bounded, keyed by its SHA-256, never the
+token itself) until its ``exp``, so a client reusing its token does not pay for
+the signature again; each hit re-checks ``exp``/``nbf`` against the clock, and
+the entry is void as soon as the provider's key set changes (rotation, removal).
+Binding and scope are checked by the gateway on every request, cached or not.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cachetools import TLRUCache
 
 from .config import JwtProvider
 from .errors import InvalidToken
-from .jwks import JwksSource
+from .jwks import JwksSource, KeySet
 from .metrics import Metrics
 from .tokeninfo import TokenInfo, token_info_from_claims
 
@@ -37,6 +47,14 @@ _PYJWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
     (jwt.DecodeError, "token_malformed", "token is malformed"),
     (jwt.InvalidTokenError, "token_invalid", "token is invalid"),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Verified:
+    info: TokenInfo
+    keys: KeySet            # the key set the signature was checked with
+    not_before: float | None
+    expires: float          # exp + leeway, POSIX seconds
 
 
 def _segment(token: str, index: int) -> dict[str, Any] | None:
@@ -65,8 +83,17 @@ class JwtVerifier:
         self.provider = provider
         self.name = provider.name
         self.keys = keys or JwksSource(provider, metrics)
+        self.metrics = metrics
+        self.verifications = 0      # signatures checked
+        self.cache_hits = 0
         self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
         self._require = sorted({"exp", "iss", "aud", *provider.required_claims})
+        self._verified: TLRUCache[bytes, _Verified] | None = None
+        if provider.verify_cache_size > 0:
+            self._verified = TLRUCache(
+                maxsize=provider.verify_cache_size,
+                ttu=lambda _k, v, _now: time.monotonic() + max(0.0, v.expires - time.time()),
+                timer=time.monotonic)
 
     @property
     def ready(self) -> bool:
@@ -83,6 +110,31 @@ class JwtVerifier:
         return unverified_issuer(token) == self.provider.issuer
 
     async def verify(self, token: str) -> TokenInfo:
+        if self._verified is None:
+            return await self._verify(token)
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+        hit = self._verified.get(digest)
+        if hit is not None and hit.keys is self.keys.current:
+            self.cache_hits += 1
+            if self.metrics:
+                self.metrics.jwt_cache.labels(self.name, "hit").inc()
+            now = time.time()
+            if now > hit.expires:
+                raise InvalidToken("token_expired", "token has expired")
+            if hit.not_before is not None and now + self.provider.leeway < hit.not_before:
+                raise InvalidToken("token_not_yet_valid", "token is not yet valid")
+            return hit.info
+        info, claims, keys = await self._verify_claims(token)
+        nbf = claims.get("nbf")
+        self._verified[digest] = _Verified(
+            info, keys, float(nbf) if isinstance(nbf, int | float) else None,
+            float(claims["exp"]) + self.provider.leeway)
+        return info
+
+    async def _verify(self, token: str) -> TokenInfo:
+        return (await self._verify_claims(token))[0]
+
+    async def _verify_claims(self, token: str) -> tuple[TokenInfo, dict[str, Any], KeySet]:
         header = _segment(token, 0)
         if header is None:
             raise InvalidToken("token_malformed", "token is not a valid JWT")
@@ -98,8 +150,12 @@ class JwtVerifier:
         kid = header.get("kid")
         if kid is not None and not isinstance(kid, str):
             raise InvalidToken("token_malformed", "token kid is malformed")
-        claims = self._decode(token, alg, await self.keys.keys_for(kid, alg))
-        return token_info_from_claims(self.name, claims)
+        keys, candidates = await self.keys.keys_for(kid, alg)
+        self.verifications += 1
+        if self.metrics and self._verified is not None:
+            self.metrics.jwt_cache.labels(self.name, "miss").inc()
+        claims = self._decode(token, alg, candidates)
+        return token_info_from_claims(self.name, claims), claims, keys
 
     def _decode(self, token: str, alg: str, keys: tuple[jwt.PyJWK, ...]) -> dict[str, Any]:
         last: jwt.PyJWTError | None = None

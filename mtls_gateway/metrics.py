@@ -42,6 +42,9 @@ class Metrics:
         self.jwks_fetches = Counter(
             "mtls_gateway_jwks_fetches", "JWKS fetches by provider and result.",
             ["provider", "result"], registry=r)
+        self.jwt_cache = Counter(
+            "mtls_gateway_jwt_cache", "Verified-JWT cache lookups by provider: hit or miss "
+            "(a miss checks the signature).", ["provider", "outcome"], registry=r)
         self.introspection_calls = Counter(
             "mtls_gateway_introspection_calls", "Introspection calls by provider and result.",
             ["provider", "result"], registry=r)

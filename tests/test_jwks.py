@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
@@ -124,3 +125,45 @@ def test_keyset_one_key_one_algorithm(rsa_keys: list[rsa.RSAPrivateKey], jwk_ext
     keys = KeySet.from_document(doc, allowed)
     assert {k for k in keys.by_kid if k[0] != "other"} == expected
     assert not any(kid == "hmac" for kid, _ in keys.by_kid)
+
+
+async def test_verified_jwt_cache_skips_signature_but_never_binding_or_expiry(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    gw = await make_gateway(base_config(pki, issuer, upstream))
+    verifier = gw.server.gateway.verifiers["corp"]
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    statuses = [(await gw.request("/x", cert=c, token=token)).status
+                for c in ("a", "a", "b", "a2", "a")]
+    assert statuses == [200, 200, 401, 401, 200]       # binding is checked every time
+    assert (verifier.verifications, verifier.cache_hits) == (1, 4)
+    real = time.time
+    monkeypatch.setattr("mtls_gateway.jwt_verifier.time.time", lambda: real() + 3600)
+    reply = await gw.request("/x", token=token)
+    assert reply.status == 401 and reply.json()["reason"] == "token_expired"
+    assert verifier.verifications == 1                 # refused from the cache, by the clock
+
+
+async def test_verified_jwt_cache_is_void_once_the_key_set_changes(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["providers"]["corp"]["jwks_refetch_cooldown"] = "0s"
+    gw = await make_gateway(config)
+    tp = pki.clients["a"].thumbprint
+    old = issuer.mint(tp)
+    assert (await gw.request("/x", token=old)).status == 200
+    new = issuer.rotate()                               # rsa-1 is withdrawn at the issuer
+    assert (await gw.request("/x", token=issuer.mint(tp, kid=new.kid))).status == 200
+    reply = await gw.request("/x", token=old)           # cached, but its key is gone
+    assert reply.status == 401 and reply.json()["reason"] == "unknown_key"
+
+
+async def test_verified_jwt_cache_can_be_turned_off(make_gateway: Any, pki: Pki,
+                                                    issuer: Issuer, upstream: Upstream) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["providers"]["corp"]["verify_cache_size"] = 0
+    gw = await make_gateway(config)
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    for _ in range(3):
+        assert (await gw.request("/x", token=token)).status == 200
+    assert gw.server.gateway.verifiers["corp"].verifications == 3

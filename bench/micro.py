@@ -1,0 +1,212 @@
+"""What each piece of the gateway's request path costs, in one process, in microseconds.
+
+    .venv/bin/python bench/micro.py [--rounds 5] [--seconds 0.2]
+
+Companion to ``bench/run.py``: that one measures whole requests through real sockets; this
+one times the gateway's own per-request pieces in isolation (token verification, the
+decision log line, metrics, header copying, the per-connection certificate parse). Each is
+also given as a multiple of a primitive measured in the same run (one raw RSA-2048 signature
+verification with ``cryptography``), so figures compare within a run on a noisy machine.
+
+Rows are measured round-robin (``--rounds`` passes over all rows, each pass bounded in time
+and count) and each row keeps its fastest pass, so a burst of noise hits one pass of every
+row rather than every pass of one row. Hot-loop figures are lower bounds: inside the real
+server, with cold caches between requests, the same code costs more (see bench/README.md).
+Nothing listens on any port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import io
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from jwt.api_jws import PyJWS
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from mtls_gateway.bearer import bearer_token
+from mtls_gateway.config_load import load_config
+from mtls_gateway.decision_log import configure_logging, log_decision, token_hash
+from mtls_gateway.gateway import Gateway
+from mtls_gateway.metrics import Metrics
+from mtls_gateway.proxy import strip_hop_by_hop
+from mtls_gateway.tls import peer_certificate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import AUDIENCE, ISSUER, Material, gateway_config, make_material
+
+MAX_CALLS = 100_000   # per pass and row
+
+
+def completed(coro: Coroutine[Any, Any, object]) -> object:
+    """Run a coroutine that never suspends (no I/O) to its end without an event loop."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    raise RuntimeError("the coroutine waited for I/O")
+
+
+def pass_us(fn: Callable[[], object], seconds: float) -> float:
+    """Microseconds per call over one pass bounded by ``seconds`` and MAX_CALLS."""
+    calls, started = 0, time.perf_counter()
+    deadline = started + seconds
+    while calls < MAX_CALLS:
+        for _ in range(10):
+            fn()
+        calls += 10
+        if time.perf_counter() > deadline:
+            break
+    return (time.perf_counter() - started) / calls * 1e6
+
+
+class _Connection:
+    """Stands in for an asyncio transport and its SSLObject: a new one per call, so
+    ``peer_certificate`` does its once-per-connection work every time."""
+
+    def __init__(self, der: bytes) -> None:
+        self._der = der
+
+    def get_extra_info(self, name: str) -> object:
+        return self if name == "ssl_object" else None
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self._der
+
+
+@contextlib.contextmanager
+def stdout_to(path: Path) -> Iterator[None]:
+    """Point sys.stdout at a file while the decision log handler is created and used."""
+    saved = sys.stdout
+    with path.open("w") as fh:
+        sys.stdout = fh
+        try:
+            yield
+        finally:
+            sys.stdout = saved
+
+
+Row = tuple[str, Callable[[], object], str]
+
+
+def rows_for(m: Material) -> list[Row]:
+    config_path = m.dir / "gateway.yaml"
+    config_path.write_text(yaml.safe_dump(gateway_config(
+        m, "http://127.0.0.1:9", "https://127.0.0.1:9/introspect")))
+    gateway = Gateway(load_config(config_path), Metrics())
+    verifier = gateway.verifiers["jwt"]
+    rs_token = m.tokens["rs256"].read_text().strip()
+    es_token = m.tokens["es256"].read_text().strip()
+    rsa_jwk = jwt.PyJWK(m.jwks["keys"][0], algorithm="RS256")
+    ec_jwk = jwt.PyJWK(m.jwks["keys"][1], algorithm="ES256")
+
+    def raw_parts(token: str) -> tuple[bytes, bytes]:
+        head, body, sig = token.split(".")
+        return f"{head}.{body}".encode(), base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+
+    rs_signed, rs_sig = raw_parts(rs_token)
+    es_signed, es_raw = raw_parts(es_token)
+    half = len(es_raw) // 2
+    es_sig = encode_dss_signature(int.from_bytes(es_raw[:half], "big"),
+                                  int.from_bytes(es_raw[half:], "big"))
+    rsa_pub, ec_pub = rsa_jwk.key, ec_jwk.key
+    plain = jwt.PyJWT()
+    segments = [s.encode() for s in rs_token.split(".")]
+    headers = CIMultiDictProxy(CIMultiDict({
+        "Host": "127.0.0.1:8443", "User-Agent": "mtlsload", "Authorization": f"Bearer {rs_token}",
+        "Accept": "*/*", "X-Request-Id": "abc"}))
+    no_query: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+    metrics = gateway.metrics
+
+    def record_metrics() -> None:
+        metrics.requests.labels("jwt", "allow", "allowed", "200").inc()
+        metrics.request_seconds.labels("jwt").observe(0.001)
+        metrics.upstream_seconds.labels("jwt").observe(0.001)
+
+    fields: dict[str, Any] = {
+        "decision": "allow", "reason": "allowed", "status": 200, "route": "jwt",
+        "provider": "jwt", "method": "GET", "path": "/jwt/x", "remote": "127.0.0.1",
+        "token_hash": "0123456789ab", "client_thumbprint": "x" * 43,
+        "client_subject": "CN=alice,O=mtls-gateway test", "latency_ms": 1.234}
+    cert_der = x509.load_pem_x509_certificate(m.certs["alice"][0].read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    return [
+        ("raw RSA-2048 PKCS#1 v1.5 verify (cryptography)",
+         lambda: rsa_pub.verify(rs_sig, rs_signed, padding.PKCS1v15(), hashes.SHA256()),
+         "reference"),
+        ("raw ECDSA P-256 verify (cryptography)",
+         lambda: ec_pub.verify(es_sig, es_signed, ec.ECDSA(hashes.SHA256())), ""),
+        ("pyjwt decode RS256 (signature + claims)",
+         lambda: plain.decode(rs_token, key=rsa_jwk, algorithms=["RS256"], audience=AUDIENCE,
+                              issuer=ISSUER), ""),
+        ("pyjwt decode ES256 (signature + claims)",
+         lambda: plain.decode(es_token, key=ec_jwk, algorithms=["ES256"], audience=AUDIENCE,
+                              issuer=ISSUER), ""),
+        ("  pyjwt's base64url alphabet check alone (RS256 token)",
+         lambda: [PyJWS._decode_base64url_segment(s, "segment") for s in segments],
+         f"{len(rs_token)} chars, a Python step each"),
+        ("gateway JwtVerifier.verify RS256", lambda: completed(verifier.verify(rs_token)),
+         "per request, JWT routes"),
+        ("gateway JwtVerifier.verify ES256", lambda: completed(verifier.verify(es_token)),
+         "per request, JWT routes"),
+        ("bearer_token (Authorization parsing)", lambda: bearer_token(headers, no_query),
+         "per request"),
+        ("token_hash (SHA-256 for the log)", lambda: token_hash(rs_token),
+         "per request with a token"),
+        ("strip_hop_by_hop (5 request headers)",
+         lambda: strip_hop_by_hop(headers, frozenset({"x-auth-subject"})),
+         "twice per request"),
+        ("metrics: requests.labels().inc() + 2 histogram observes", record_metrics,
+         "per request"),
+        ("decision log line (logging + JSON, to a file)", lambda: log_decision(**fields),
+         "per request"),
+        ("peer_certificate on a new connection", lambda: peer_certificate(
+            _Connection(cert_der)), "once per connection"),
+    ]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5, help="passes over all rows (default 5)")
+    p.add_argument("--seconds", type=float, default=0.2,
+                   help="time per row and pass (default 0.2, at most 2)")
+    args = p.parse_args()
+    rounds, seconds = min(max(args.rounds, 1), 20), min(max(args.seconds, 0.02), 2.0)
+    with tempfile.TemporaryDirectory(prefix="mtls-gateway-micro-") as tmp, \
+            contextlib.redirect_stderr(io.StringIO()):
+        m = make_material(Path(tmp))
+        rows = rows_for(m)
+        best = [float("inf")] * len(rows)
+        with stdout_to(m.dir / "decisions.log"):
+            configure_logging("INFO")  # the gateway's own handler and formatter, to a file
+            for _ in range(rounds):
+                for i, (_name, fn, _when) in enumerate(rows):
+                    best[i] = min(best[i], pass_us(fn, seconds))
+            logging.getLogger().handlers.clear()
+    ref = best[0]
+    print(f"python {sys.version.split()[0]}; fastest of {rounds} interleaved passes of "
+          f"{seconds}s per row")
+    print(f"{'piece':<58} {'us':>7} {'x ref':>6}  when")
+    for (name, _fn, when), us in zip(rows, best, strict=True):
+        print(f"{name:<58} {us:>7.1f} {us / ref:>6.2f}  {when}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Fallback load generator (pure Python, asyncio streams) for when Go is not available.
+
+Same flags and the same ``RESULT {json}`` line as ``shared/tools/mtlsload`` (a subset: no
+``-resume``), so ``bench/run.py`` can use either. Closed loop: ``-c`` workers, each with one
+mutual-TLS connection reused (keep-alive) or a new one per request (``-newconn``).
+
+It is much slower than the Go tool (one Python core drives a few thousand requests/s), so
+with it the figures of the fastest rows measure the load generator as much as the server;
+``bench/run.py`` labels every figure made with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def _duration(text: str) -> float:
+    """Go-style duration: 500ms, 2s, 1m (a bare number is seconds)."""
+    for suffix, scale in (("ms", 0.001), ("s", 1.0), ("m", 60.0)):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * scale
+    return float(text)
+
+
+@dataclass
+class _Stats:
+    n: int = 0
+    errors: int = 0
+    handshakes: int = 0
+    status: dict[int, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    first_error: str = ""
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one HTTP/1.1 response; return its status and whether the server closes."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("connection closed before a response")
+    status = int(status_line.split()[1])
+    length, chunked, close = 0, False, False
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == "content-length":
+            length = int(value)
+        elif name == "transfer-encoding" and "chunked" in value:
+            chunked = True
+        elif name == "connection" and "close" in value:
+            close = True
+    if chunked:
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            await reader.readexactly(size + 2)
+            if size == 0:
+                break
+    elif length:
+        await reader.readexactly(length)
+    return status, close
+
+
+async def _run(args: argparse.Namespace) -> int:
+    url = urlsplit(args.url)
+    if url.scheme != "https" or url.hostname is None:
+        print("pyload: need an https:// URL", file=sys.stderr)
+        return 2
+    port = url.port or 443
+    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else \
+        ssl._create_unverified_context()  # noqa: S323 - same as mtlsload without -ca
+    if args.cert:
+        ctx.load_cert_chain(args.cert, args.key or args.cert)
+    ctx.set_alpn_protocols(["http/1.1"])
+    lines = [f"{args.m} {url.path or '/'}{'?' + url.query if url.query else ''} HTTP/1.1",
+             f"Host: {url.netloc}", "User-Agent: pyload"]
+    if args.token:
+        lines.append(f"Authorization: Bearer {args.token}")
+    if args.newconn:
+        lines.append("Connection: close")
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    warmup, duration = _duration(args.warmup), _duration(args.d)
+    stats = _Stats()
+    counting = warmup == 0
+    stop = False
+
+    async def worker() -> None:
+        nonlocal stop
+        reader: asyncio.StreamReader | None = None
+        writer: asyncio.StreamWriter | None = None
+        while not stop:
+            started = time.perf_counter()
+            try:
+                if writer is None:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(
+                        url.hostname, port, ssl=ctx, server_hostname=url.hostname), 5)
+                    if counting:
+                        stats.handshakes += 1
+                assert reader is not None and writer is not None
+                writer.write(request)
+                status, close = await asyncio.wait_for(_read_response(reader), 30)
+            except (OSError, ValueError, IndexError, asyncio.IncompleteReadError,
+                    TimeoutError) as exc:
+                if counting:
+                    stats.errors += 1
+                    stats.first_error = stats.first_error or repr(exc)
+                if writer is not None:
+                    writer.close()
+                reader = writer = None
+                await asyncio.sleep(0.01)
+                continue
+            if counting:
+                stats.latencies.append(time.perf_counter() - started)
+                stats.n += 1
+                stats.status[status] = stats.status.get(status, 0) + 1
+            if args.newconn or close:
+                assert writer is not None
+                writer.close()
+                reader = writer = None
+        if writer is not None:
+            writer.close()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(args.c)]
+    if warmup:
+        await asyncio.sleep(warmup)
+        counting = True
+    began = time.perf_counter()
+    await asyncio.sleep(duration)
+    stop = True
+    elapsed = time.perf_counter() - began
+    await asyncio.wait(tasks, timeout=35)
+
+    lat = sorted(stats.latencies)
+
+    def pct(p: float) -> float:
+        return lat[int(p * (len(lat) - 1))] * 1000 if lat else 0.0
+
+    rps = stats.n / elapsed
+    mode = "newconn" if args.newconn else "keepalive"
+    bad = stats.errors + sum(v for k, v in stats.status.items() if args.expect and k != args.expect)
+    print(f"pyload {mode} c={args.c}: {stats.n} requests in {elapsed:.2f}s = {rps:.0f} req/s, "
+          f"handshakes {stats.handshakes}, errors {stats.errors}, status {stats.status}")
+    if stats.first_error:
+        print(f"first error: {stats.first_error}")
+    result = {"tool": "pyload", "mode": mode, "c": args.c, "requests": stats.n,
+              "seconds": elapsed, "rps": rps, "errors": stats.errors,
+              "status": {str(k): v for k, v in stats.status.items()},
+              "handshakes": stats.handshakes, "resumed": 0,
+              "p50_ms": pct(0.5), "p99_ms": pct(0.99)}
+    print("RESULT " + json.dumps(result), flush=True)
+    return 1 if bad else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-url", required=True)
+    p.add_argument("-cert", default="")
+    p.add_argument("-key", default="")
+    p.add_argument("-ca", default="")
+    p.add_argument("-token-file", dest="token_file", default="")
+    p.add_argument("-m", default="GET")
+    p.add_argument("-c", type=int, default=32)
+    p.add_argument("-d", default="10s")
+    p.add_argument("-warmup", default="0s")
+    p.add_argument("-expect", type=int, default=200)
+    p.add_argument("-newconn", action="store_true")
+    args = p.parse_args()
+    args.token = Path(args.token_file).read_text().strip() if args.token_file else ""
+    return asyncio.run(_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
