@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
@@ -247,12 +248,10 @@ def _free_port() -> int:
 
 async def _wait_status(session: aiohttp.ClientSession, url: str, status: int) -> bool:
     for _ in range(100):
-        try:
+        with contextlib.suppress(aiohttp.ClientError):  # not listening yet: poll again
             async with session.get(url) as resp:
                 if resp.status == status:
                     return True
-        except aiohttp.ClientError:
-            pass
         await asyncio.sleep(0.1)
     return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -43,12 +44,10 @@ async def test_two_workers_share_one_port(pki: Pki, upstream: Upstream, tmp_path
     try:
         async with aiohttp.ClientSession() as plain:
             for _ in range(150):
-                try:
+                with contextlib.suppress(aiohttp.ClientError):  # not listening yet
                     async with plain.get(admin + "/readyz") as resp:
                         if resp.status == 200:
                             break
-                except aiohttp.ClientError:
-                    pass
                 await asyncio.sleep(0.1)
             else:
                 raise AssertionError("workers never became ready")
