@@ -2,13 +2,20 @@
 
 The token itself is never logged: only ``token_hash``, the first 12 hex digits
 of its SHA-256, which is enough to correlate requests and useless to replay.
+
+The event loop never writes to stdout itself: records go through a queue to a
+writer thread (``QueueHandler``/``QueueListener``), so a slow log pipe delays
+log lines, not requests. The listener flushes what is queued at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import Any
@@ -43,11 +50,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, separators=(",", ":"), default=str)
 
 
+_listener: logging.handlers.QueueListener | None = None
+
+
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    """JSON lines on stdout at ``level``, written by a thread off the event loop."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(JsonFormatter())
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _listener = logging.handlers.QueueListener(records, stream, respect_handler_level=False)
+    _listener.start()
+    atexit.register(_listener.stop)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = True
 
