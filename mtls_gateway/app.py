@@ -173,32 +173,38 @@ class GatewayServer:
                 await self.reload("files changed")
 
     async def reload(self, trigger: str) -> bool:
-        """Load config and TLS material anew; swap only if all of it is good."""
+        """Load config and TLS material anew; swap only if all of it is good.
+
+        When only TLS files changed (cert-manager rotation), the running :class:`Gateway`
+        and its warm caches stay; just new handshakes get the new material.
+        """
         async with self._reload_lock:
             try:
                 config = (await asyncio.to_thread(load_config, self.config.source)
                           if self.config.source else self.config)
                 ctx = await asyncio.to_thread(server_ssl_context, config.listen)
                 expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
-                new = Gateway(config, self.metrics)
+                new = Gateway(config, self.metrics) if config != self.config else None
             except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
                 self.metrics.config_reloads.labels("failure").inc()
                 log.error("reload (%s) refused, keeping the current config and TLS material: %s",
                           trigger, exc)
                 return False
-            self._warn_restart_only(config)
-            await new.start()
-            old, self.gateway, self.config = self.gateway, new, config
+            if new is not None:
+                self._warn_restart_only(config)
+                await new.start()
+                old, self.gateway, self.config = self.gateway, new, config
+                task = asyncio.create_task(old.retire(config.shutdown_grace))
+                self._retiring.add(task)
+                task.add_done_callback(self._retiring.discard)
             assert self._tls is not None
             self._tls.update(ctx)
             self.metrics.server_cert_expiry.set(expiry)
             self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())
-            task = asyncio.create_task(old.retire(config.shutdown_grace))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
             self.metrics.config_reloads.labels("success").inc()
-            log.info("reloaded (%s): %d routes, %d providers", trigger, len(config.routes),
-                     len(config.providers))
+            log.info("reloaded (%s): %s", trigger,
+                     f"{len(config.routes)} routes, {len(config.providers)} providers"
+                     if new is not None else "TLS material only, configuration unchanged")
             self._notify_ready()
             return True
 

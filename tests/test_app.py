@@ -136,6 +136,7 @@ async def test_rotated_server_cert_and_client_ca(make_gateway: Any, pki: Pki, is
     assert "rotation CA 1" in old.server_issuer()
     assert not await _handshake_ok(port, c2)
 
+    gateway_before = gw.server.gateway
     material.publish(_files(cas["server2"], cas["ca2"]))       # the kubelet swaps the Secret
     reloads = gw.server.metrics.config_reloads.labels("success")
     for _ in range(50):
@@ -143,6 +144,7 @@ async def test_rotated_server_cert_and_client_ca(make_gateway: Any, pki: Pki, is
             break
         await asyncio.sleep(0.1)
     assert reloads._value.get() == 1
+    assert gw.server.gateway is gateway_before    # TLS only: routes, verifiers, caches kept
 
     new = await Conn.open(port, c2)
     assert await new.get("/public/b") == 200                     # the new CA's client is in
@@ -187,7 +189,9 @@ async def test_config_reload_changes_routes_for_new_requests(
     config = yaml.safe_load(gw.config_path.read_text())
     config["routes"].insert(0, {"name": "open", "path_prefix": "/open", "auth": "none"})
     gw.config_path.write_text(yaml.safe_dump(config))
+    before = gw.server.gateway
     assert await gw.server.reload("test") is True
+    assert gw.server.gateway is not before
     assert (await gw.request("/open/x", cert=None)).status == 200
 
 
