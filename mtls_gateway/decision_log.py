@@ -20,13 +20,21 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure_logging", "log_decision", "token_hash"]
+__all__ = ["JsonFormatter", "configure_logging", "log_decision", "stop_logging", "token_digest",
+           "token_hash"]
 
 access_log = logging.getLogger("mtls_gateway.access")
 
 
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+def token_digest(token: str) -> bytes:
+    """SHA-256 of the token: computed once per request, it names the token in the log and
+    keys the verifier caches, so the token itself is never kept."""
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def token_hash(token: str, digest: bytes | None = None) -> str:
+    """The log's short name for a token: 12 hex digits of its SHA-256."""
+    return (digest or token_digest(token)).hex()[:12]
 
 
 class JsonFormatter(logging.Formatter):
@@ -56,18 +64,26 @@ _listener: logging.handlers.QueueListener | None = None
 def configure_logging(level: str) -> None:
     """JSON lines on stdout at ``level``, written by a thread off the event loop."""
     global _listener
-    if _listener is not None:
-        _listener.stop()
+    stop_logging()
     stream = logging.StreamHandler(sys.stdout)
     stream.setFormatter(JsonFormatter())
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _listener = logging.handlers.QueueListener(records, stream, respect_handler_level=False)
     _listener.start()
-    atexit.register(_listener.stop)
+    atexit.register(stop_logging)
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(records)]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def stop_logging() -> None:
+    """Write out everything queued and stop the writer thread (at exit, or before the
+    stream it writes to goes away)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None
 
 
 def log_decision(**fields: Any) -> None:

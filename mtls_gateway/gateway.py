@@ -18,7 +18,7 @@ from aiohttp import web
 from .bearer import bearer_token
 from .binding import check_binding
 from .config import AuthPolicy, GatewayConfig, Provider
-from .decision_log import log_decision, token_hash
+from .decision_log import log_decision, token_digest, token_hash
 from .errors import (
     InsufficientScope,
     InvalidRequest,
@@ -137,12 +137,13 @@ class Gateway:
                 token = bearer_token(request.headers, request.query)
                 if token is None:
                     raise NoToken()
-                fields["token_hash"] = token_hash(token)
+                digest = token_digest(token)
+                fields["token_hash"] = token_hash(token, digest)
                 if route.auth.binding == "required" and peer is None:
                     raise InvalidToken("no_client_cert", "a client certificate is required")
                 verifier = pick_verifier(self.verifiers, route.auth.providers, token)
                 fields["provider"] = verifier.name
-                info = await verifier.verify(token)
+                info = await verifier.verify(token, digest)
                 check_binding(route.auth.binding, info, peer)
                 self._authorize(route.auth, info)
                 identity = self._identity_headers(info, peer)

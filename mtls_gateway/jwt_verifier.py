@@ -16,7 +16,6 @@ Binding and scope are checked by the gateway on every request, cached or not.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -109,10 +108,9 @@ class JwtVerifier:
         """Whether this provider is the one to ask: a JWT naming our issuer."""
         return unverified_issuer(token) == self.provider.issuer
 
-    async def verify(self, token: str) -> TokenInfo:
+    async def verify(self, token: str, digest: bytes) -> TokenInfo:
         if self._verified is None:
             return await self._verify(token)
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
         hit = self._verified.get(digest)
         if hit is not None and hit.keys is self.keys.current:
             self.cache_hits += 1

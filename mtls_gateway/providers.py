@@ -25,8 +25,9 @@ class Verifier(Protocol):
         """Cheap check (no I/O, no crypto): is this token for me?"""
         ...
 
-    async def verify(self, token: str) -> TokenInfo:
-        """Verify or raise a :class:`~mtls_gateway.errors.Refusal`."""
+    async def verify(self, token: str, digest: bytes) -> TokenInfo:
+        """Verify or raise a :class:`~mtls_gateway.errors.Refusal`; ``digest`` is the
+        token's SHA-256 (:func:`~mtls_gateway.decision_log.token_digest`), the cache key."""
         ...
 
     @property
