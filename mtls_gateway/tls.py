@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -19,7 +19,13 @@ from cryptography import x509
 from .config import ListenConfig
 from .thumbprint import x5t_s256
 
-__all__ = ["PeerCertificate", "TlsContextSwitch", "peer_certificate", "server_ssl_context"]
+__all__ = [
+    "PeerCertificate",
+    "TlsContextSwitch",
+    "describe_certificate",
+    "peer_certificate",
+    "server_ssl_context",
+]
 
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -69,6 +75,7 @@ class PeerCertificate:
     thumbprint: str          # x5t#S256
     subject: str             # RFC 4514 string, for logs and identity headers
     not_after: float         # POSIX seconds
+    der: bytes = field(default=b"", repr=False, compare=False)   # for Client-Cert forwarding
 
 
 _BY_CONNECTION: weakref.WeakKeyDictionary[ssl.SSLObject, PeerCertificate | None] = (
@@ -76,12 +83,13 @@ _BY_CONNECTION: weakref.WeakKeyDictionary[ssl.SSLObject, PeerCertificate | None]
 )
 
 
-def _describe(der: bytes) -> PeerCertificate:
+def describe_certificate(der: bytes) -> PeerCertificate:
     cert = x509.load_der_x509_certificate(der)
     return PeerCertificate(
         thumbprint=x5t_s256(der),
         subject=cert.subject.rfc4514_string(),
         not_after=cert.not_valid_after_utc.timestamp(),
+        der=der,
     )
 
 
@@ -97,6 +105,6 @@ def peer_certificate(transport: asyncio.BaseTransport | Any | None) -> PeerCerti
     except KeyError:
         pass
     der = ssl_object.getpeercert(binary_form=True)
-    peer = _describe(der) if der else None
+    peer = describe_certificate(der) if der else None
     _BY_CONNECTION[ssl_object] = peer
     return peer

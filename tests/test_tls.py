@@ -17,13 +17,13 @@ async def test_thumbprint_computed_once_per_connection(
         gateway: RunningGateway, issuer: Issuer, pki: Pki,
         monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    real = tls._describe
+    real = tls.describe_certificate
 
     def counting(der: bytes) -> tls.PeerCertificate:
         calls.append(der)
         return real(der)
 
-    monkeypatch.setattr(tls, "_describe", counting)
+    monkeypatch.setattr(tls, "describe_certificate", counting)
     token = issuer.mint(pki.clients["a"].thumbprint)
     connector = aiohttp.TCPConnector(ssl=pki.client_context("a"), limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
