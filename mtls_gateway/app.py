@@ -17,6 +17,7 @@ import signal
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from cryptography import x509
@@ -24,6 +25,7 @@ from cryptography import x509
 from .admin import build_admin_app
 from .config import GatewayConfig
 from .config_load import load_config
+from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
 from .metrics import Metrics
@@ -32,9 +34,6 @@ from .tls import TlsContextSwitch, server_ssl_context
 __all__ = ["SERVER", "GatewayServer", "serve_forever"]
 
 log = logging.getLogger("mtls_gateway.app")
-
-# Header size limits: generous for JWTs with many claims, bounded against abuse.
-_MAX_FIELD_SIZE = 16 * 1024
 
 
 def _fingerprint(paths: tuple[Path, ...]) -> bytes:
@@ -79,8 +78,17 @@ class GatewayServer:
     # --- start and stop -------------------------------------------------------------------------
 
     def build_app(self) -> web.Application:
-        app = web.Application(handler_args={"max_field_size": _MAX_FIELD_SIZE})
+        limits = self.config.limits
+        app = web.Application(
+            handler_args={"max_field_size": limits.max_header_size,
+                          "max_line_size": limits.max_header_size,
+                          "max_headers": limits.max_headers,
+                          "keepalive_timeout": limits.idle_timeout,
+                          # a compressed request body is forwarded as it came, never inflated
+                          "auto_decompress": False},
+            middlewares=[self._every_request])
         app[SERVER] = self
+        app.on_response_prepare.append(self._before_response)
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.gateway.start()
@@ -104,12 +112,24 @@ class GatewayServer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         return await self.gateway.handle(request)  # the current config, even after a reload
 
+    @web.middleware
+    async def _every_request(self, request: web.Request,
+                             handler: Any) -> web.StreamResponse:
+        """Every request goes to the gateway, even targets aiohttp's router cannot match
+        (``*``, authority form): those are refused there with a reason code, not a text 404."""
+        return await self._handle(request)
+
+    async def _before_response(self, request: web.Request,
+                               response: web.StreamResponse) -> None:
+        count_request(request, response, self.config.limits.max_requests_per_connection)
+
     async def start(self) -> None:
         listen = self.config.listen
         self._tls = TlsContextSwitch(server_ssl_context(listen))
         self.metrics.server_cert_expiry.set(_not_after(listen.cert_file))
-        self._runner = web.AppRunner(self.build_app(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=self.config.shutdown_grace)
+        self._runner = GuardedAppRunner(self.build_app(), access_log=None, handle_signals=False,
+                                        shutdown_timeout=self.config.shutdown_grace,
+                                        limits=lambda: self.config.limits)
         await self._runner.setup()
         await web.TCPSite(self._runner, listen.host, listen.port, ssl_context=self._tls.base,
                           reuse_port=self._reuse_port or None).start()

@@ -26,6 +26,7 @@ __all__ = [
     "IdentityHeaders",
     "IntrospectionProvider",
     "JwtProvider",
+    "LimitsConfig",
     "ListenConfig",
     "LoggingConfig",
     "PathMatch",
@@ -185,6 +186,20 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """Bounds on what one client may cost the gateway (see :mod:`mtls_gateway.connection`)."""
+
+    max_body_size: int = 10 * 1024 * 1024     # bytes; 413 beyond, chunked bodies too
+    max_header_size: int = 16 * 1024          # bytes per header line and request line
+    max_headers: int = 100                    # header lines per request
+    header_timeout: float = 10.0              # a request head must arrive within this
+    body_timeout: float = 30.0                # longest wait for the next request body bytes
+    idle_timeout: float = 60.0                # keep-alive connection idle time
+    max_requests_per_connection: int = 1000   # then Connection: close
+    max_connections: int = 10000              # concurrent client connections
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: Path | None
     realm: str
@@ -197,6 +212,7 @@ class GatewayConfig:
     shutdown_grace: float
     shutdown_delay: float
     reload_interval: float
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""

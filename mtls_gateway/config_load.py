@@ -32,6 +32,7 @@ from .config import (
     IdentityHeaders,
     IntrospectionProvider,
     JwtProvider,
+    LimitsConfig,
     ListenConfig,
     LoggingConfig,
     PathMatch,
@@ -547,6 +548,26 @@ def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ..
     return tuple(routes)
 
 
+def _limits(sec: _Section | None, problems: _Problems) -> LimitsConfig:
+    sec = sec or _Section({}, "limits", problems)
+    d = LimitsConfig()
+    limits = LimitsConfig(
+        max_body_size=sec.integer("max_body_size", d.max_body_size, low=1, high=2**40),
+        max_header_size=sec.integer("max_header_size", d.max_header_size, low=1024,
+                                    high=1024 * 1024),
+        max_headers=sec.integer("max_headers", d.max_headers, low=8, high=10_000),
+        header_timeout=sec.duration("header_timeout", d.header_timeout),
+        body_timeout=sec.duration("body_timeout", d.body_timeout),
+        idle_timeout=sec.duration("idle_timeout", d.idle_timeout),
+        max_requests_per_connection=sec.integer(
+            "max_requests_per_connection", d.max_requests_per_connection, low=1, high=2**31),
+        max_connections=sec.integer("max_connections", d.max_connections, low=1,
+                                    high=1_000_000),
+    )
+    sec.finish()
+    return limits
+
+
 def _logging(sec: _Section | None, problems: _Problems) -> LoggingConfig:
     sec = sec or _Section({}, "logging", problems)
     cfg = LoggingConfig(level=sec.string("level", "INFO",
@@ -573,6 +594,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     upstream = _upstream(upstream_sec) if upstream_sec else None
     routes = _routes(top, providers)
     logging_cfg = _logging(top.section("logging", required=False), problems)
+    limits = _limits(top.section("limits", required=False), problems)
     realm = top.string("realm", "mtls-gateway")
     if isinstance(realm, str) and ('"' in realm or "\\" in realm):
         top.problem("realm", "must not contain quotes or backslashes")
@@ -585,7 +607,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     return GatewayConfig(source=source, realm=realm, listen=listen, admin=admin,
                          providers=providers, upstream=upstream, routes=routes,
                          logging=logging_cfg, shutdown_grace=grace, shutdown_delay=delay,
-                         reload_interval=reload_interval)
+                         reload_interval=reload_interval, limits=limits)
 
 
 def load_config(path: Path) -> GatewayConfig:

@@ -6,6 +6,8 @@
     ├── ConfigError              bad gateway.yaml: every problem with its YAML path; refuse to start
     └── Refusal                  a request is refused; carries status + stable reason code
         ├── InvalidRequest       400 error="invalid_request"  (token in query, several tokens)
+        ├── RequestTimeout       408                          (request body too slow)
+        ├── BodyTooLarge         413                          (request body over the cap)
         ├── NoToken              401, no error attribute      (RFC 6750 section 3.1)
         ├── InvalidToken         401 error="invalid_token"    (bad/expired/unbound token)
         ├── InsufficientScope    403 error="insufficient_scope", scope=
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 __all__ = [
+    "BodyTooLarge",
     "ConfigError",
     "DependencyDown",
     "GatewayError",
@@ -35,6 +38,7 @@ __all__ = [
     "NoRoute",
     "NoToken",
     "Refusal",
+    "RequestTimeout",
     "UpstreamFailed",
     "UpstreamTimeout",
 ]
@@ -69,6 +73,18 @@ class Refusal(GatewayError):
 class InvalidRequest(Refusal):
     status = 400
     error = "invalid_request"
+
+
+class RequestTimeout(Refusal):
+    """The client was too slow sending its request body."""
+
+    status = 408
+
+
+class BodyTooLarge(Refusal):
+    """The request body is larger than ``limits.max_body_size``."""
+
+    status = 413
 
 
 class NoToken(Refusal):

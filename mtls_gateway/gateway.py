@@ -20,12 +20,15 @@ from .binding import check_binding
 from .config import AuthPolicy, GatewayConfig, Provider
 from .decision_log import log_decision, token_digest, token_hash
 from .errors import (
+    BodyTooLarge,
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
     NoToken,
     Refusal,
+    RequestTimeout,
 )
+from .framing import check_framing
 from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
 from .metrics import Metrics
@@ -69,7 +72,8 @@ def refusal_response(exc: Refusal, realm: str) -> web.Response:
     return web.json_response(body, status=exc.status, headers=headers)
 
 
-_GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 502: "bad_gateway",
+_GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 408: "request_timeout",
+                   413: "request_too_large", 502: "bad_gateway",
                    503: "temporarily_unavailable", 504: "gateway_timeout"}
 
 
@@ -82,7 +86,7 @@ class Gateway:
         self.router = Router(config.routes)
         self.verifiers: dict[str, Verifier] = {
             name: build_verifier(p, self.metrics) for name, p in config.providers.items()}
-        self.forwarder = Forwarder(config.upstream)
+        self.forwarder = Forwarder(config.upstream, config.limits)
         self._identity = config.upstream.identity_headers
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -129,6 +133,7 @@ class Gateway:
         peer: PeerCertificate | None = None
         authorized = False
         try:
+            check_framing(request, self.config.limits)
             route = self.router.match(request.method, request.path, request.raw_path)
             fields["route"] = route.name
             peer = peer_certificate(request.transport)
@@ -159,6 +164,8 @@ class Gateway:
         except Refusal as exc:
             response = refusal_response(exc, self.config.realm)
             reason = exc.reason
+            if isinstance(exc, BodyTooLarge | RequestTimeout):
+                response.force_close()  # the rest of the body is not worth reading
         except Exception:  # a bug must fail closed, logged, and never reach the upstream
             log.exception("internal error while handling %s %s", request.method, request.path)
             response = web.json_response({"error": "internal_error", "reason": "internal_error"},

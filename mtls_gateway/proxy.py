@@ -8,17 +8,18 @@ and the configured identity header names) is removed before ours are added.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .config import UpstreamConfig
-from .errors import UpstreamFailed, UpstreamTimeout
+from .config import LimitsConfig, UpstreamConfig
+from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, UpstreamTimeout
 
 __all__ = ["ABORTED", "HOP_BY_HOP", "UPSTREAM_SECONDS", "Forwarder", "strip_hop_by_hop"]
 
@@ -57,8 +58,9 @@ def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[st
 class Forwarder:
     """Upstream connection pool and the forwarding of one request."""
 
-    def __init__(self, upstream: UpstreamConfig) -> None:
+    def __init__(self, upstream: UpstreamConfig, limits: LimitsConfig | None = None) -> None:
         self.config = upstream
+        self.limits = limits or LimitsConfig()
         self._strip = _ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
         if not upstream.pass_authorization:
             self._strip |= {"authorization"}
@@ -88,12 +90,33 @@ class Forwarder:
             headers["X-Forwarded-Host"] = request.host
         return headers
 
+    async def _body(self, request: web.Request) -> AsyncIterator[bytes]:
+        """The request body, chunk by chunk, within ``max_body_size`` and ``body_timeout``.
+
+        Raising here makes aiohttp abort the upstream request mid-body (no final chunk, or
+        fewer bytes than Content-Length), so the upstream never sees a complete-looking body.
+        """
+        limit, timeout = self.limits.max_body_size, self.limits.body_timeout
+        sent = 0
+        while True:
+            try:
+                chunk = await asyncio.wait_for(request.content.readany(), timeout)
+            except TimeoutError as exc:
+                raise RequestTimeout("body_timeout", "request body was not sent in time") \
+                    from exc
+            if not chunk:
+                return
+            sent += len(chunk)
+            if sent > limit:
+                raise BodyTooLarge("body_too_large", "request body is too large")
+            yield chunk
+
     async def forward(self, request: web.Request, base_url: str,
                       identity: Mapping[str, str]) -> web.StreamResponse:
         """Send the request upstream and stream the answer back; 502/504 on failure."""
         assert self._session is not None, "Forwarder.start() was not awaited"
         target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
-        body = request.content if request.body_exists else None
+        body = self._body(request) if request.body_exists else None
         started = time.perf_counter()
         try:
             upstream = await self._session.request(
@@ -104,6 +127,10 @@ class Forwarder:
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout("upstream_timeout", "upstream did not answer in time") from exc
         except (aiohttp.ClientError, OSError) as exc:
+            # The client's own fault while its body streamed (too large, too slow) is its
+            # refusal; the upstream request was aborted, never completed with a short body.
+            if isinstance(exc.__cause__, Refusal):
+                raise exc.__cause__ from exc
             raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)

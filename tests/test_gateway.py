@@ -267,8 +267,11 @@ async def test_response_hop_by_hop_headers_removed_and_large_download_streams(
     assert "X-Secret-Hop" not in reply.headers and "Keep-Alive" not in reply.headers
 
 
-async def test_large_upload_streams_through(gateway: RunningGateway, issuer: Issuer, pki: Pki,
+async def test_large_upload_streams_through(make_gateway: Any, issuer: Issuer, pki: Pki,
                                             upstream: Upstream) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["limits"] = {"max_body_size": 32 * 1024 * 1024}
+    gateway = await make_gateway(config)
     chunk = bytes(range(256)) * 256  # 64 KiB
     count = 256                      # 16 MiB in all, sent chunked
 

@@ -1,0 +1,182 @@
+"""What one client connection may cost: deadlines, caps, and unparseable requests.
+
+aiohttp parses HTTP for us; this module wraps its per-connection protocol so that
+
+* a request head (request line and headers) must be complete within
+  ``limits.header_timeout`` of the connection opening or of its first byte, else
+  the client gets ``408`` (``header_timeout``) and the connection is closed
+  (slowloris: a client dribbling one header byte at a time holds nothing for long);
+* beyond ``limits.max_connections`` concurrent connections a new one gets an
+  immediate ``503`` (``too_many_connections``) with ``Connection: close``;
+* after ``limits.max_requests_per_connection`` requests the response says
+  ``Connection: close``;
+* a request aiohttp cannot parse gets a JSON refusal with a stable reason code
+  (``414``/``431`` for oversized request lines and headers, ``400`` otherwise)
+  instead of aiohttp's text page, which echoes the offending bytes (possibly a
+  token) and logs them with a traceback.
+
+The limits are read from the server's current configuration for every new
+connection; header size limits are fixed when the listener starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from .config import LimitsConfig
+from .decision_log import log_decision
+
+__all__ = ["GuardedAppRunner", "count_request", "parse_error_reason", "raw_refusal"]
+
+log = logging.getLogger("mtls_gateway.connection")
+
+_ERRORS = {400: "invalid_request", 408: "request_timeout", 413: "request_too_large",
+           414: "uri_too_long", 431: "headers_too_large", 503: "temporarily_unavailable"}
+
+
+def raw_refusal(status: int, reason: str) -> bytes:
+    """A complete HTTP/1.1 refusal, written straight to a transport (no request object)."""
+    body = json.dumps({"error": _ERRORS.get(status, "refused"), "reason": reason}).encode()
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            "Content-Type: application/json\r\nCache-Control: no-store\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+    return head.encode("ascii") + body
+
+
+def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
+    """Status and reason code for a request aiohttp could not parse."""
+    if isinstance(exc, LineTooLong):
+        # llhttp reports an over-long request target as a bytearray, header lines as bytes
+        if exc.args and isinstance(exc.args[0], bytearray):
+            return 414, "request_line_too_long"
+        return 431, "headers_too_large"
+    if isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
+        return 431, "headers_too_large"
+    return 400, "bad_request"
+
+
+def _deny(reason: str, status: int, transport: Any) -> None:
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    log_decision(decision="deny", reason=reason, status=status,
+                 remote=peer[0] if isinstance(peer, tuple) else None)
+
+
+class _GuardedHandler(RequestHandler):
+    """aiohttp's connection protocol plus the deadlines and caps described above."""
+
+    def __init__(self, manager: Any, *, limits: Callable[[], LimitsConfig],
+                 **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._limits = limits
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.served = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        limits = self._limits()
+        assert self._manager is not None
+        if len(self._manager.connections) > limits.max_connections:
+            self._refuse(503, "too_many_connections")
+            return
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        heads_before = self._request_count
+        super().data_received(data)
+        if self._request_count != heads_before:
+            self._disarm()          # a head is complete (or unparseable: answered anyway)
+        elif data and self._head_timer is None and not self._request_in_progress \
+                and not self._messages:
+            self._arm()             # the first bytes of a new request head
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self._loop.call_later(self._limits().header_timeout,
+                                                 self._head_too_slow)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self._messages:
+            return
+        self._refuse(408, "header_timeout")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        transport = self.transport
+        _deny(reason, status, transport)
+        if transport is not None and not transport.is_closing():
+            transport.write(raw_refusal(status, reason))
+        self.force_close()
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        """A JSON refusal with a reason code; never the offending bytes, never a traceback."""
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if isinstance(exc, HttpProcessingError) or status == 400:
+            status, reason = parse_error_reason(exc)
+        else:
+            log.error("internal error on a connection: %s", type(exc).__name__, exc_info=exc)
+            status, reason = 500, "internal_error"
+        _deny(reason, status, self.transport)
+        response = web.json_response({"error": _ERRORS.get(status, "internal_error"),
+                                      "reason": reason}, status=status,
+                                     headers={"Cache-Control": "no-store"})
+        response.force_close()
+        return response
+
+
+class _GuardedServer(web.Server):
+    def __init__(self, *args: Any, limits: Callable[[], LimitsConfig], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._limits_of = limits
+
+    def __call__(self) -> RequestHandler:
+        return _GuardedHandler(self, loop=self._loop, limits=self._limits_of, **self._kwargs)
+
+
+class GuardedAppRunner(web.AppRunner):
+    """An :class:`aiohttp.web.AppRunner` whose connections use :class:`_GuardedHandler`.
+
+    ``limits`` is called for each new connection, so a reload applies to new connections.
+    """
+
+    def __init__(self, app: web.Application, *, limits: Callable[[], LimitsConfig],
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._limits_of = limits
+
+    async def _make_server(self) -> web.Server:
+        plain = await super()._make_server()
+        return _GuardedServer(plain.request_handler, request_factory=plain.request_factory,
+                              handler_cancellation=plain.handler_cancellation,
+                              loop=plain._loop, limits=self._limits_of,
+                              **plain._kwargs)
+
+
+def count_request(request: web.Request, response: web.StreamResponse,
+                  max_requests: int) -> None:
+    """Before a response goes out: close the connection once it has served enough."""
+    protocol = request.protocol
+    if isinstance(protocol, _GuardedHandler):
+        protocol.served += 1
+        if protocol.served >= max_requests:
+            response.force_close()
+
