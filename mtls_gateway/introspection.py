@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
 import logging
 import ssl
 import time
@@ -37,6 +36,7 @@ from cachetools import TLRUCache
 from .config import IntrospectionProvider
 from .errors import DependencyDown, InvalidToken
 from .metrics import Metrics
+from .strict_json import loads_object, numeric_date
 from .tokeninfo import TokenInfo, token_info_from_claims
 
 __all__ = ["IntrospectionStats", "IntrospectionVerifier"]
@@ -193,6 +193,7 @@ class IntrospectionVerifier:
             async with self._session.post(p.endpoint, data=form, headers=headers,
                                           allow_redirects=False) as resp:
                 status = resp.status
+                content_type = resp.content_type
                 body = await resp.content.read(_MAX_RESPONSE_BYTES + 1)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("introspection call of provider %s failed: %s", self.name,
@@ -219,15 +220,22 @@ class IntrospectionVerifier:
             log.warning("introspection endpoint of provider %s answered HTTP %d",
                         self.name, status)
             raise DependencyDown("introspection_unavailable", "token introspection is unavailable")
-        return self._parse(body)
+        return self._parse(body, content_type)
 
-    def _parse(self, body: bytes) -> _Answer:
+    def _parse(self, body: bytes, content_type: str = "application/json") -> _Answer:
         try:
             if len(body) > _MAX_RESPONSE_BYTES:
                 raise ValueError("response too large")
-            claims = json.loads(body)
-            if not isinstance(claims, dict) or not isinstance(claims.get("active"), bool):
+            main, _, sub = content_type.lower().partition("/")
+            if main != "application" or not (sub == "json" or sub.endswith("+json")):
+                raise ValueError(f"content type {content_type[:60]!r} is not JSON")
+            claims = loads_object(body)   # strict: no duplicates, NaN or deep nesting
+            if not isinstance(claims.get("active"), bool):
                 raise ValueError('no boolean "active" member')
+            bad = [n for n in ("exp", "nbf", "iat") if n in claims and claims[n] is not None
+                   and not numeric_date(claims[n])]
+            if claims["active"] and bad:
+                raise ValueError(f"{bad[0]} is not a NumericDate")
         except ValueError as exc:
             log.error("introspection endpoint of provider %s sent an unusable answer: %s",
                       self.name, exc)
@@ -265,7 +273,7 @@ class IntrospectionVerifier:
 def _oauth_error(body: bytes) -> str | None:
     """The ``error`` code of an OAuth error response body, if it is one."""
     try:
-        doc = json.loads(body)
+        doc = loads_object(body)
     except ValueError:
         return None
     error = doc.get("error") if isinstance(doc, dict) else None

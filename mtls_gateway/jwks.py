@@ -8,7 +8,13 @@ Rules that keep an attacker from steering key handling (RFC 8725):
   (a flood of random kids costs one request, not thousands), and concurrent
   triggers share that one request;
 * a failed or empty refresh keeps the last good key set; with no key set at all
-  the caller gets :class:`DependencyDown` (503), never a pass.
+  the caller gets :class:`DependencyDown` (503), never a pass;
+* only the configured ``jwks_uri`` is fetched: redirects are not followed, the
+  body must be JSON (``application/json`` or ``application/*+json``), at most
+  512 KiB and 100 keys, strictly parsed;
+* a key that is broken, private (``d``, ``k``...), not for verification
+  (``use``/``key_ops``), too weak, or a duplicate of an earlier ``(kid, alg)`` is
+  skipped and logged; the others stay usable.
 """
 
 from __future__ import annotations
@@ -29,12 +35,16 @@ import jwt
 from .config import JwtProvider
 from .errors import DependencyDown, InvalidToken
 from .metrics import Metrics
+from .strict_json import loads_object
 
 __all__ = ["JwksSource", "KeySet"]
 
 log = logging.getLogger("mtls_gateway.jwks")
 
 _MAX_JWKS_BYTES = 512 * 1024
+_MAX_JWKS_KEYS = 100
+#: Members only a private or symmetric key has: such a JWK is never published for verification.
+_PRIVATE_MEMBERS = frozenset({"d", "p", "q", "dp", "dq", "qi", "oth", "k"})
 _ALGS_FOR_KEY = {
     "RSA": ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512"),
     "EC:P-256": ("ES256",), "EC:P-384": ("ES384",), "EC:P-521": ("ES512",),
@@ -65,28 +75,43 @@ class KeySet:
         """Keep each key usable with an allowed algorithm; skip (and log) the rest."""
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
             raise ValueError('JWKS is not an object with a "keys" list')
+        if len(doc["keys"]) > _MAX_JWKS_KEYS:
+            raise ValueError(f"JWKS has more than {_MAX_JWKS_KEYS} keys")
         by_kid: dict[tuple[str, str], jwt.PyJWK] = {}
         by_alg: dict[str, list[jwt.PyJWK]] = {}
         for jwk in doc["keys"]:
             if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+                continue
+            kid = jwk.get("kid")
+            key_ops = jwk.get("key_ops")
+            if key_ops is not None and (not isinstance(key_ops, list) or "verify" not in key_ops):
+                continue
+            if _PRIVATE_MEMBERS & jwk.keys():
+                log.warning("skipping JWKS key kid=%r: it holds private or symmetric key "
+                            "material, which is never published for verification", kid)
                 continue
             kty = jwk.get("kty")
             family = f"{kty}:{jwk.get('crv')}" if kty in ("EC", "OKP") else kty
             candidates = _ALGS_FOR_KEY.get(str(family), ())
             if "alg" in jwk:  # one key, one algorithm
                 candidates = tuple(a for a in candidates if a == jwk["alg"])
-            kid = jwk.get("kid")
             for alg in (a for a in candidates if a in algorithms):
                 try:
                     key = jwt.PyJWK(jwk, algorithm=alg)
-                except jwt.PyJWTError as exc:
-                    log.warning("skipping unusable JWKS key kid=%r: %s", kid, exc)
+                    weak = key.Algorithm.check_key_length(key.key)
+                except (jwt.PyJWTError, ValueError, TypeError, KeyError,
+                        AttributeError) as exc:
+                    log.warning("skipping unusable JWKS key kid=%r: %s", kid,
+                                type(exc).__name__)
                     break
-                weak = key.Algorithm.check_key_length(key.key)
                 if weak:  # e.g. RSA under 2048 bits (NIST SP 800-131A)
                     log.warning("skipping weak JWKS key kid=%r: %s", kid, weak)
                     break
                 if isinstance(kid, str):
+                    if (kid, alg) in by_kid:
+                        log.warning("skipping JWKS key kid=%r: an earlier key has this kid",
+                                    kid)
+                        break
                     by_kid[(kid, alg)] = key
                 by_alg.setdefault(alg, []).append(key)
         if not by_alg:
@@ -101,6 +126,12 @@ class KeySet:
             return self.by_alg.get(alg, ())
         key = self.by_kid.get((kid, alg))
         return (key,) if key is not None else ()
+
+
+def _is_json(content_type: str) -> bool:
+    """``application/json``, ``application/jwk-set+json`` and other ``+json`` types."""
+    main, _, sub = content_type.lower().partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 @dataclass
@@ -206,11 +237,13 @@ class JwksSource:
         try:
             async with self._session.get(self.provider.jwks_uri, allow_redirects=False) as resp:
                 if resp.status != 200:
-                    raise ValueError(f"HTTP {resp.status}")
+                    raise ValueError(f"HTTP {resp.status}")  # a redirect too: never followed
+                if not _is_json(resp.content_type):
+                    raise ValueError(f"content type {resp.content_type[:60]!r} is not JSON")
                 body = await resp.content.read(_MAX_JWKS_BYTES + 1)
                 if len(body) > _MAX_JWKS_BYTES:
                     raise ValueError("JWKS document too large")
-            keys = KeySet.from_document(json.loads(body), self.provider.algorithms)
+            keys = KeySet.from_document(loads_object(body), self.provider.algorithms)
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             self.stats.failures += 1
             self.stats.last_fetch_ok = False

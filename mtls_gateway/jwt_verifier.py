@@ -6,6 +6,15 @@ never chooses how it is verified: ``alg`` must be on the provider's allowlist
 ``jku``/``x5u``/``jwk``/``x5c`` header parameters are ignored. ``crit`` is
 refused because the gateway understands no JWS extensions.
 
+Checks PyJWT does not make (RFC 8725, RFC 9068), all before any signature work:
+a JWE (five segments) is refused without decryption (``token_encrypted``);
+``cty`` (nested tokens), ``zip`` and ``b64`` are refused (``header_unsupported``);
+``typ`` must be an access-token type (``at+jwt``, or also ``JWT``/absent unless
+``require_typ_at_jwt``); header and payload are strict JSON (no duplicate
+members, no NaN/Infinity, bounded nesting); ``exp``/``nbf``/``iat`` must be
+JSON numbers (PyJWT accepts ``"exp": "9999999999"`` and crashes on
+``Infinity``); ``iss`` must be a string and ``aud`` a string or list of strings.
+
 A token that verified is remembered (bounded, keyed by its SHA-256, never the
 token itself) until its ``exp``, so a client reusing its token does not pay for
 the signature again; each hit re-checks ``exp``/``nbf`` against the clock, and
@@ -16,7 +25,6 @@ Binding and scope are checked by the gateway on every request, cached or not.
 from __future__ import annotations
 
 import base64
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +36,17 @@ from .config import JwtProvider
 from .errors import InvalidToken
 from .jwks import JwksSource, KeySet
 from .metrics import Metrics
+from .strict_json import loads_object, numeric_date
 from .tokeninfo import TokenInfo, token_info_from_claims
 
 __all__ = ["JwtVerifier", "unverified_issuer"]
 
 _AT_JWT_TYPES = ("at+jwt", "application/at+jwt")
+#: typ values accepted unless require_typ_at_jwt: RFC 9068 types, plain JWT, or none at all.
+_ACCESS_TOKEN_TYPES = (*_AT_JWT_TYPES, "jwt", "application/jwt", None)
+#: A token is carried in one header line (limits.max_header_size); kids are names.
+_MAX_TOKEN_CHARS = 64 * 1024
+_MAX_KID_CHARS = 256
 
 # pyjwt's exceptions, translated once into stable reason codes (most specific first).
 _PYJWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
@@ -59,13 +73,46 @@ class _Verified:
 def _segment(token: str, index: int) -> dict[str, Any] | None:
     """JSON object in segment ``index`` of a compact JWS, unverified; None if not one."""
     parts = token.split(".")
-    if len(parts) != 3:
+    if len(parts) != 3 or len(token) > _MAX_TOKEN_CHARS:
         return None
     try:
-        value = json.loads(base64.urlsafe_b64decode(parts[index] + "=" * (-len(parts[index]) % 4)))
-    except (ValueError, UnicodeDecodeError):
+        return loads_object(base64.urlsafe_b64decode(
+            parts[index] + "=" * (-len(parts[index]) % 4)))
+    except ValueError:   # binascii.Error and UnicodeDecodeError are ValueErrors
         return None
-    return value if isinstance(value, dict) else None
+
+
+def _check_header(header: dict[str, Any], allowed: tuple[str, ...], typ_at_jwt: bool) -> str:
+    """The header's ``alg`` if the header is acceptable; else :class:`InvalidToken`."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg not in allowed:
+        raise InvalidToken("alg_not_allowed", "token algorithm is not allowed")
+    if "crit" in header:
+        raise InvalidToken("crit_unsupported", "token has critical header parameters")
+    if any(name in header for name in ("cty", "zip", "b64")):
+        raise InvalidToken("header_unsupported", "token header parameter is not supported")
+    typ = header.get("typ")
+    typ = typ.lower() if isinstance(typ, str) else typ
+    if typ not in (_AT_JWT_TYPES if typ_at_jwt else _ACCESS_TOKEN_TYPES):
+        raise InvalidToken("wrong_typ", "token is not an at+jwt access token"
+                           if typ_at_jwt else "token type is not an access token")
+    kid = header.get("kid")
+    if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_CHARS):
+        raise InvalidToken("token_malformed", "token kid is malformed")
+    return alg
+
+
+def _check_claim_types(claims: dict[str, Any]) -> None:
+    """Refuse claims whose JSON type PyJWT would coerce or choke on."""
+    for name in ("exp", "nbf", "iat"):
+        if name in claims and not numeric_date(claims[name]):
+            raise InvalidToken("token_malformed", f"token claim {name} is not a NumericDate")
+    if "iss" in claims and not isinstance(claims["iss"], str):
+        raise InvalidToken("token_malformed", "token claim iss is not a string")
+    aud = claims.get("aud")
+    if "aud" in claims and not (isinstance(aud, str) or (
+            isinstance(aud, list) and all(isinstance(a, str) for a in aud))):
+        raise InvalidToken("token_malformed", "token claim aud is malformed")
 
 
 def unverified_issuer(token: str) -> str | None:
@@ -133,26 +180,24 @@ class JwtVerifier:
         return (await self._verify_claims(token))[0]
 
     async def _verify_claims(self, token: str) -> tuple[TokenInfo, dict[str, Any], KeySet]:
+        if token.count(".") == 4:
+            raise InvalidToken("token_encrypted", "encrypted tokens (JWE) are not accepted")
         header = _segment(token, 0)
         if header is None:
             raise InvalidToken("token_malformed", "token is not a valid JWT")
-        alg = header.get("alg")
-        if not isinstance(alg, str) or alg not in self.provider.algorithms:
-            raise InvalidToken("alg_not_allowed", "token algorithm is not allowed")
-        if "crit" in header:
-            raise InvalidToken("crit_unsupported", "token has critical header parameters")
-        typ = header.get("typ")
-        if self.provider.require_typ_at_jwt and (
-                not isinstance(typ, str) or typ.lower() not in _AT_JWT_TYPES):
-            raise InvalidToken("wrong_typ", "token is not an at+jwt access token")
+        alg = _check_header(header, self.provider.algorithms, self.provider.require_typ_at_jwt)
         kid = header.get("kid")
-        if kid is not None and not isinstance(kid, str):
-            raise InvalidToken("token_malformed", "token kid is malformed")
+        payload = _segment(token, 1)
+        if payload is None:
+            raise InvalidToken("token_malformed", "token payload is not a JSON object")
+        _check_claim_types(payload)
         keys, candidates = await self.keys.keys_for(kid, alg)
         self.verifications += 1
         if self.metrics and self._verified is not None:
             self.metrics.jwt_cache.labels(self.name, "miss").inc()
         claims = self._decode(token, alg, candidates)
+        if claims.get("iss") != self.provider.issuer:   # exact, whatever PyJWT's version does
+            raise InvalidToken("wrong_issuer", "token issuer is not accepted")
         return token_info_from_claims(self.name, claims), claims, keys
 
     def _decode(self, token: str, alg: str, keys: tuple[jwt.PyJWK, ...]) -> dict[str, Any]:
@@ -169,6 +214,8 @@ class JwtVerifier:
             except jwt.PyJWTError as exc:
                 last = exc
                 break
+            except (ValueError, TypeError, OverflowError) as exc:  # PyJWT let a shape through
+                raise InvalidToken("token_malformed", "token is malformed") from exc
         assert last is not None
         for kind, reason, description in _PYJWT_REASONS:
             if isinstance(last, kind):
