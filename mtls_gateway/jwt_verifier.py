@@ -97,7 +97,7 @@ def _check_header(header: dict[str, Any], allowed: tuple[str, ...], typ_at_jwt: 
         raise InvalidToken("wrong_typ", "token is not an at+jwt access token"
                            if typ_at_jwt else "token type is not an access token")
     kid = header.get("kid")
-    if kid is not None and (not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_CHARS):
+    if "kid" in header and (not isinstance(kid, str) or not 0 < len(kid) <= _MAX_KID_CHARS):
         raise InvalidToken("token_malformed", "token kid is malformed")
     return alg
 
