@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from .bearer import bearer_token
 from .binding import check_binding
@@ -166,6 +166,10 @@ class Gateway:
             reason = exc.reason
             if isinstance(exc, BodyTooLarge | RequestTimeout):
                 response.force_close()  # the rest of the body is not worth reading
+            if request.version not in (HttpVersion10, HttpVersion11):
+                # aiohttp answers in the request's version: say "HTTP/1.1 400", not "HTTP/2.0"
+                request._cache["version"] = HttpVersion11   # (a reify cache)
+                response.force_close()
         except Exception:  # a bug must fail closed, logged, and never reach the upstream
             log.exception("internal error while handling %s %s", request.method, request.path)
             response = web.json_response({"error": "internal_error", "reason": "internal_error"},

@@ -8,7 +8,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
+import socket
 import ssl
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -350,3 +353,120 @@ async def gateway(make_gateway: GatewayFactory, pki: Pki, issuer: Issuer,
                   upstream: Upstream) -> RunningGateway:
     """The standard set-up: provider ``corp``, binding required on everything but /public."""
     return await make_gateway(base_config(pki, issuer, upstream))
+
+
+# --- raw sockets: bytes exactly as written, no client or server library in between ----------
+
+_STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+
+
+def statuses(raw: bytes) -> list[int]:
+    """Status codes of the responses in a raw byte stream, in order."""
+    return [int(m.group(1)) for m in _STATUS.finditer(raw)]
+
+
+async def raw_exchange(gw: RunningGateway, data: bytes, *, cert: str | None = "a",
+                       timeout: float = 15.0) -> bytes:
+    """Write ``data`` verbatim over a new mutual-TLS connection; everything read until EOF."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.server.port, ssl=gw.pki.client_context(cert),
+        server_hostname="localhost")
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    except (ConnectionError, ssl.SSLError):
+        return b""
+    finally:
+        writer.close()
+
+
+class RawUpstream:
+    """An upstream on a plain socket that records raw requests and can misbehave.
+
+    ``mode``: ``ok`` (200 with a small body), ``refuse_after_head`` (close without
+    answering), ``reset_mid_response`` (promise 1 MiB, send 1 KiB, reset),
+    ``malformed_head`` (garbage status line), ``hang`` (never answer).
+    """
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+        self.requests: list[bytes] = []    # each complete request head + body, raw
+        self.connections = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._release = asyncio.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> bytes | None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lower = head.lower()
+        body = b""
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";")[0], 16)
+                chunk = await reader.readexactly(size + 2)
+                body += size_line + chunk
+                if size == 0:
+                    break
+        elif (m := re.search(rb"content-length: *(\d+)", lower)) is not None:
+            body = await reader.readexactly(int(m.group(1)))
+        return head + body
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        try:
+            while True:
+                try:
+                    request = await self._read_request(reader)
+                except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+                    return
+                if request is None:
+                    return
+                self.requests.append(request)
+                if self.mode == "refuse_after_head":
+                    return
+                if self.mode == "hang":
+                    await self._release.wait()
+                    return
+                if self.mode == "malformed_head":
+                    writer.write(b"HTTP/1.1 2OO NOT OK\r\nContent-Length: 2\r\n\r\nok")
+                    await writer.drain()
+                    return
+                if self.mode == "reset_mid_response":
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n"
+                                 + b"x" * 1024)
+                    await writer.drain()
+                    sock = writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))   # close with RST
+                    writer.transport.abort()
+                    return
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                             b"Content-Length: 2\r\n\r\nok")
+                await writer.drain()
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        self._release.set()
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    up = RawUpstream()
+    await up.start()
+    yield up
+    await up.stop()
