@@ -365,8 +365,8 @@ def statuses(raw: bytes) -> list[int]:
     return [int(m.group(1)) for m in _STATUS.finditer(raw)]
 
 
-async def raw_exchange(gw: RunningGateway, data: bytes, *, cert: str | None = "a",
-                       timeout: float = 15.0) -> bytes:
+async def raw_exchange(gw: RunningGateway, data: bytes, *,
+                       cert: str | None = "a") -> bytes:
     """Write ``data`` verbatim over a new mutual-TLS connection; everything read until EOF."""
     reader, writer = await asyncio.open_connection(
         "127.0.0.1", gw.server.port, ssl=gw.pki.client_context(cert),
@@ -374,7 +374,7 @@ async def raw_exchange(gw: RunningGateway, data: bytes, *, cert: str | None = "a
     try:
         writer.write(data)
         await writer.drain()
-        return await asyncio.wait_for(reader.read(), timeout)
+        return await asyncio.wait_for(reader.read(), 30)   # a hang is a failure, not a wait
     except (ConnectionError, ssl.SSLError):
         return b""
     finally:
