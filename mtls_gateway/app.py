@@ -84,6 +84,9 @@ class GatewayServer:
                           "max_line_size": limits.max_header_size,
                           "max_headers": limits.max_headers,
                           "keepalive_timeout": limits.idle_timeout,
+                          # after a refusal with a body left unread (413, 408): read and drop
+                          # it for at most this long so the client sees the answer, then close
+                          "lingering_time": 2.0,
                           # a compressed request body is forwarded as it came, never inflated
                           "auto_decompress": False},
             middlewares=[self._every_request])

@@ -5,7 +5,9 @@ aiohttp parses HTTP for us; this module wraps its per-connection protocol so tha
 * a request head (request line and headers) must be complete within
   ``limits.header_timeout`` of the connection opening or of its first byte, else
   the client gets ``408`` (``header_timeout``) and the connection is closed
-  (slowloris: a client dribbling one header byte at a time holds nothing for long);
+  (slowloris: a client dribbling one header byte at a time holds nothing for long).
+  A partial head that arrived pipelined behind a request still in progress, and
+  then stalls completely, is closed by ``limits.idle_timeout`` instead;
 * beyond ``limits.max_connections`` concurrent connections a new one gets an
   immediate ``503`` (``too_many_connections``) with ``Connection: close``;
 * after ``limits.max_requests_per_connection`` requests the response says
@@ -178,5 +180,6 @@ def count_request(request: web.Request, response: web.StreamResponse,
     if isinstance(protocol, _GuardedHandler):
         protocol.served += 1
         if protocol.served >= max_requests:
-            response.force_close()
+            response.force_close()          # (headers are computed already: say it too)
+            response.headers["Connection"] = "close"
 
