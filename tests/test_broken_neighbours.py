@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from test_introspection import AuthServer, introspection_config
 
 from gwtest import (
     Issuer,
@@ -28,7 +29,6 @@ from gwtest import (
     raw_exchange,
     statuses,
 )
-from test_introspection import AuthServer, introspection_config
 
 
 def _closed_port() -> int:
