@@ -1,0 +1,484 @@
+"""Property-based fuzzing (Hypothesis): nothing an attacker sends gets through or crashes.
+
+Invariants, for every generated input:
+
+* only the gateway's own refusals come out (``Refusal`` subclasses, ``ValueError`` for
+  parsers), never another exception;
+* a token is accepted only if an independent oracle agrees it should be (signed by the
+  issuer, allowed alg and typ, exact iss, our aud, numeric exp in the future...);
+* through the real gateway: no 5xx other than 502/503/504, and the upstream receives
+  nothing unless the request was valid.
+
+The default run is small so the suite stays fast. The long run (README, SECURITY.md):
+
+    HYPOTHESIS_PROFILE=long .venv/bin/python -m pytest -p no:cacheprovider tests/test_fuzz.py
+
+``FUZZ_EXAMPLES`` sets the examples per property of the long profile (default 20000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+from gwtest import AUDIENCE, ISSUER, Issuer, Pki, Upstream, base_config
+from mtls_gateway.app import GatewayServer
+from mtls_gateway.bearer import bearer_token
+from mtls_gateway.config import CacheConfig, IntrospectionProvider, PathMatch, Route
+from mtls_gateway.config_load import load_config, load_config_text
+from mtls_gateway.errors import DependencyDown, InvalidRequest, InvalidToken, NoRoute
+from mtls_gateway.introspection import IntrospectionVerifier
+from mtls_gateway.jwks import KeySet
+from mtls_gateway.jwt_verifier import JwtVerifier
+from mtls_gateway.routing import Router
+from mtls_gateway.strict_json import loads_object
+from test_jwt_hardening import sign_raw
+
+T = TypeVar("T")
+
+_COMMON = {"deadline": None, "derandomize": False, "print_blob": True,
+           "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.function_scoped_fixture]}
+settings.register_profile("fuzz-default", max_examples=40, **_COMMON)  # type: ignore[arg-type]
+settings.register_profile("long", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "20000")),
+                          **_COMMON)  # type: ignore[arg-type]
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fuzz-default"))
+LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
+#: end-to-end properties cost a TLS handshake per example: a tenth of the unit examples
+E2E = settings(max_examples=max(10, settings().max_examples // 10))
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+json_scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70)
+                | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+NOW = int(time.time())
+numeric_dates = (st.integers(NOW - 10**6, NOW + 10**6) | st.floats(NOW - 1e6, NOW + 1e6)
+                 | st.integers() | json_values)
+headers = st.fixed_dictionaries(
+    {"alg": st.sampled_from(["RS256", "ES256", "PS256", "HS256", "none", "RS512", "rs256"])
+     | json_values},
+    optional={"kid": st.sampled_from(["rsa-1", "ec-1", "", "RSA-1"]) | json_values,
+              "typ": st.sampled_from(["at+jwt", "JWT", "application/at+jwt", "dpop+jwt", ""])
+              | json_values,
+              "crit": json_values, "cty": json_values, "b64": st.booleans(),
+              "zip": st.just("DEF"), "jku": st.just("https://evil.test/jwks"),
+              "jwk": json_values, "x5c": json_values})
+payloads = st.fixed_dictionaries(
+    {},
+    optional={"iss": st.sampled_from([ISSUER, ISSUER + "/", ISSUER.upper(), ISSUER[:-1]])
+              | json_values,
+              "aud": st.sampled_from([AUDIENCE, [AUDIENCE], ["x", AUDIENCE], AUDIENCE + "/", []])
+              | json_values,
+              "exp": numeric_dates, "nbf": numeric_dates, "iat": numeric_dates,
+              "sub": json_values, "scope": st.sampled_from(["accounts:read", ""]) | json_values,
+              "cnf": json_values})
+
+
+# Mostly-valid tokens with a few members changed, so that acceptance is exercised too.
+_BASE_HEADER = {"alg": "RS256", "kid": "rsa-1", "typ": "at+jwt"}
+_BASE_PAYLOAD = {"iss": ISSUER, "aud": AUDIENCE, "sub": "user-1", "iat": NOW,
+                 "exp": NOW + 3600, "scope": "accounts:read", "cnf": {"x5t#S256": "TP"}}
+near_headers = st.dictionaries(st.sampled_from(sorted(_BASE_HEADER) + ["crit", "cty", "jku"]),
+                               json_values | st.sampled_from(["RS256", "JWT", "rsa-1"]),
+                               max_size=2).map(lambda d: {**_BASE_HEADER, **d})
+near_payloads = st.dictionaries(st.sampled_from(sorted(_BASE_PAYLOAD) + ["nbf"]),
+                                numeric_dates | st.sampled_from([ISSUER, AUDIENCE]),
+                                max_size=2).map(lambda d: {**_BASE_PAYLOAD, **d})
+any_headers = headers | near_headers | st.just(_BASE_HEADER)
+any_payloads = payloads | near_payloads | st.just(_BASE_PAYLOAD)
+
+
+def _ok_date(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) \
+        and abs(value) < 2**53
+
+
+def oracle_accepts(header: dict[str, Any], payload: dict[str, Any]) -> bool:
+    """Independent statement of what a correctly signed RS256 token needs to be accepted."""
+    typ = header.get("typ", None)
+    aud = payload.get("aud")
+    return (header.get("alg") == "RS256" and header.get("kid", "rsa-1") == "rsa-1"
+            and not {"crit", "cty", "zip", "b64"} & header.keys()
+            and (typ is None or (isinstance(typ, str) and typ.lower() in
+                                 ("at+jwt", "application/at+jwt", "jwt", "application/jwt")))
+            and payload.get("iss") == ISSUER
+            and (aud == AUDIENCE or (isinstance(aud, list) and AUDIENCE in aud
+                                     and all(isinstance(a, str) for a in aud)))
+            and _ok_date(payload.get("exp")) and payload["exp"] + 30 >= time.time()
+            and all(_ok_date(payload[n]) for n in ("nbf", "iat") if n in payload)
+            and payload.get("nbf", 0) <= time.time() + 30
+            and _members_ok(payload))
+
+
+def _members_ok(payload: dict[str, Any]) -> bool:
+    """What tokeninfo.py requires of the members the gateway reads itself."""
+    scope, cnf = payload.get("scope"), payload.get("cnf")
+    scope_ok = scope is None or isinstance(scope, str) or (
+        isinstance(scope, list) and all(isinstance(s, str) for s in scope))
+    cnf_ok = cnf is None or (isinstance(cnf, dict) and (
+        "x5t#S256" not in cnf or cnf["x5t#S256"] is None
+        or (isinstance(cnf["x5t#S256"], str) and cnf["x5t#S256"] != "")))
+    strings_ok = all(isinstance(payload[n], str) for n in ("sub", "jti") if n in payload)
+    return scope_ok and cnf_ok and strings_ok
+
+
+# --- a static JWT verifier (no network) -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def signer(pki: Pki, rsa_keys: Any) -> Issuer:
+    return Issuer(pki, rsa_keys)     # keys and claims only; its server is never started
+
+
+@pytest.fixture(scope="module")
+def verifier(signer: Issuer) -> JwtVerifier:
+    config = load_config_text(yaml.safe_dump({
+        "listen": {"cert_file": str(signer.pki.server_cert),
+                   "key_file": str(signer.pki.server_key),
+                   "client_ca_file": str(signer.pki.ca_file)},
+        "providers": {"corp": {"type": "jwt", "issuer": ISSUER, "audiences": [AUDIENCE],
+                               "algorithms": ["RS256", "ES256"],
+                               "jwks": {"keys": [k.public_jwk() for k in signer.keys]},
+                               "verify_cache_size": 0}},
+        "upstream": {"url": "http://127.0.0.1:1"},
+        "routes": [{"path_prefix": "/", "auth": {"provider": "corp"}}]}),
+        base_dir=Path("."))
+    provider = config.providers["corp"]
+    assert provider.kind == "jwt"
+    return JwtVerifier(provider)
+
+
+def _verify(verifier: JwtVerifier, token: str) -> Any:
+    async def go() -> Any:
+        return await verifier.verify(token, hashlib.sha256(token.encode()).digest())
+    return asyncio.run(go())
+
+
+@given(header=any_headers, payload=any_payloads)
+def test_signed_tokens_are_accepted_only_when_the_oracle_agrees(
+        verifier: JwtVerifier, signer: Issuer, header: dict[str, Any],
+        payload: dict[str, Any]) -> None:
+    try:
+        token = sign_raw(signer.key("rsa-1").private, "RS256", header, payload)
+    except (TypeError, ValueError):   # not JSON-serialisable: nothing to send
+        assume(False)
+        return
+    try:
+        _verify(verifier, token)
+        accepted = True
+    except (InvalidToken, DependencyDown):
+        accepted = False
+    assert accepted == oracle_accepts(header, payload), (header, payload)
+
+
+@given(text=st.text(max_size=300) | st.from_regex(r"[A-Za-z0-9_\-.=]{0,400}", fullmatch=True))
+def test_arbitrary_token_strings_are_refused_cleanly(verifier: JwtVerifier, text: str) -> None:
+    with pytest.raises((InvalidToken, DependencyDown)):
+        _verify(verifier, text)
+
+
+@given(header=json_values, payload=json_values, sig=st.binary(max_size=300),
+       extra_dots=st.integers(0, 4))
+def test_structured_forgeries_are_refused(verifier: JwtVerifier, header: Any, payload: Any,
+                                          sig: bytes, extra_dots: int) -> None:
+    token = ".".join([_b64(json.dumps(header).encode()), _b64(json.dumps(payload).encode()),
+                      _b64(sig)] + ["x"] * extra_dots)
+    with pytest.raises((InvalidToken, DependencyDown)):
+        _verify(verifier, token)
+
+
+@given(data=st.data())
+def test_mutated_valid_tokens_never_verify_with_other_claims(
+        verifier: JwtVerifier, signer: Issuer, data: st.DataObject) -> None:
+    valid = signer.mint("tp")
+    pos = data.draw(st.integers(0, len(valid) - 1))
+    op = data.draw(st.sampled_from(["replace", "delete", "insert", "truncate"]))
+    char = data.draw(st.sampled_from("AZaz09-_.=+/ \x00"))
+    mutated = {"replace": valid[:pos] + char + valid[pos + 1:],
+               "delete": valid[:pos] + valid[pos + 1:],
+               "insert": valid[:pos] + char + valid[pos:],
+               "truncate": valid[:pos]}[op]
+    assume(mutated != valid)
+    try:
+        _verify(verifier, mutated)
+    except (InvalidToken, DependencyDown):
+        return
+    # base64url's spare bits: the same bytes under another spelling, so the same claims
+    assert mutated.split(".")[:2] == valid.split(".")[:2]
+
+
+# --- parsers of untrusted documents -----------------------------------------------------------
+
+@given(body=st.binary(max_size=400) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_strict_json_raises_only_value_error(body: bytes) -> None:
+    try:
+        assert isinstance(loads_object(body), dict)
+    except ValueError:
+        pass
+
+
+jwk_members = st.fixed_dictionaries(
+    {"kty": st.sampled_from(["RSA", "EC", "OKP", "oct", "rsa"]) | json_values},
+    optional={"kid": json_values, "alg": st.sampled_from(["RS256", "ES256", "HS256", "none"])
+              | json_values, "use": st.sampled_from(["sig", "enc"]) | json_values,
+              "key_ops": json_values, "crv": st.sampled_from(["P-256", "P-384", "Ed25519"])
+              | json_values, "n": st.text(max_size=40) | json_values,
+              "e": st.sampled_from(["AQAB", "Aw"]) | json_values, "x": st.text(max_size=50),
+              "y": st.text(max_size=50), "d": st.text(max_size=10), "k": st.text(max_size=10)})
+
+
+@given(keys=st.lists(jwk_members | json_values, max_size=6), real=st.booleans(),
+       doc_shape=st.sampled_from(["object", "list", "keys_object"]))
+def test_jwks_documents_yield_only_public_asymmetric_keys(
+        signer: Issuer, keys: list[Any], real: bool, doc_shape: str) -> None:
+    if real:
+        keys = [*keys, signer.key("rsa-1").public_jwk()]
+    doc: Any = {"keys": keys} if doc_shape == "object" else keys if doc_shape == "list" \
+        else {"keys": {"a": keys}}
+    try:
+        keyset = KeySet.from_document(doc, ("RS256", "ES256", "EdDSA"))
+    except ValueError:
+        assert not (real and doc_shape == "object" and len(keys) <= 100)
+        return
+    for (kid, alg), key in keyset.by_kid.items():
+        assert alg in ("RS256", "ES256", "EdDSA") and isinstance(kid, str)
+        assert hasattr(key.key, "verify")          # a public key object, never a secret
+        assert not hasattr(key.key, "private_bytes")
+
+
+def _introspection_verifier() -> IntrospectionVerifier:
+    return IntrospectionVerifier(IntrospectionProvider(
+        name="opaque", endpoint="https://as.test/i", client_id="gw",
+        auth_method="client_secret_basic", client_secret="s", client_cert_file=None,
+        client_key_file=None, ca_file=None, timeout=1.0, issuer="https://as.test",
+        audiences=("https://api.test",), leeway=30.0, cache=CacheConfig(10, 60.0, 10.0),
+        failure_threshold=5, failure_cooldown=5.0))
+
+
+introspection_bodies = st.fixed_dictionaries(
+    {"active": st.booleans() | json_values},
+    optional={"exp": numeric_dates, "nbf": numeric_dates, "iat": numeric_dates,
+              "iss": st.just("https://as.test") | json_values,
+              "aud": st.just("https://api.test") | json_values,
+              "scope": json_values, "cnf": json_values, "sub": json_values})
+
+
+@given(body=introspection_bodies.map(lambda d: json.dumps(d).encode())
+       | st.binary(max_size=300),
+       content_type=st.sampled_from(["application/json", "application/token+json",
+                                     "text/html", "text/plain", ""]))
+def test_introspection_answers_pass_only_when_active_and_well_formed(
+        body: bytes, content_type: str) -> None:
+    verifier = _introspection_verifier()
+    try:
+        info = verifier._check(verifier._parse(body, content_type))
+    except (InvalidToken, DependencyDown):
+        return
+    doc = json.loads(body)
+    assert doc["active"] is True and content_type.endswith("json")
+    assert doc.get("iss") == "https://as.test"
+    assert info.provider == "opaque"
+
+
+@given(value=st.text(max_size=120) | st.sampled_from(["Bearer", "bearer ", "Bearer  x",
+                                                     "Bearer x=y", "Basic abc"]),
+       second=st.none() | st.text(max_size=20), query=st.booleans())
+def test_authorization_headers_parse_or_refuse(value: str, second: str | None,
+                                               query: bool) -> None:
+    headers = CIMultiDict([("Authorization", value)])
+    if second is not None:
+        headers.add("authorization", second)
+    params = MultiDict([("access_token", "x")] if query else [])
+    try:
+        token = bearer_token(CIMultiDictProxy(headers), MultiDictProxy(params))
+    except InvalidRequest:
+        return
+    assert second is None and not query
+    assert token is None or (token and " " not in token and token in value)
+
+
+ROUTER = Router([Route("admin", PathMatch("prefix", "/admin"), None, None, None),  # type: ignore[arg-type]
+                 Route("rest", PathMatch("prefix", "/"), None, None, None)])  # type: ignore[arg-type]
+
+
+@given(path=st.text(max_size=40), raw=st.text(max_size=40))
+def test_routing_refuses_or_matches_a_normal_path(path: str, raw: str) -> None:
+    try:
+        route = ROUTER.match("GET", path, raw)
+    except (InvalidRequest, NoRoute):
+        return
+    assert path.startswith("/") and "//" not in path and ";" not in path
+    assert not any(seg in (".", "..") for seg in path.split("/"))
+    assert route.name == ("admin" if path == "/admin" or path.startswith("/admin/") else "rest")
+
+
+# --- end to end through the real gateway ------------------------------------------------------
+
+class Live:
+    """A gateway, issuer and upstream on a private event loop in a thread, so that sync
+    Hypothesis tests can drive them."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def live(pki: Pki, rsa_keys: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    env = Live()
+    issuer, upstream = Issuer(pki, rsa_keys), Upstream()
+    path = tmp_path_factory.mktemp("fuzz") / "gateway.yaml"
+
+    async def start() -> tuple[GatewayServer, aiohttp.ClientSession]:
+        await issuer.start()
+        await upstream.start()
+        path.write_text(yaml.safe_dump(base_config(pki, issuer, upstream)))
+        server = GatewayServer(load_config(path))
+        await server.start()
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+            ssl=pki.client_context("a"), force_close=True))
+        return server, session
+
+    server, session = env.run(start())
+    yield env, server, issuer, upstream, session
+
+    async def stop() -> None:
+        await session.close()
+        await server.stop()
+        await upstream.stop()
+        await issuer.stop()
+
+    env.run(stop())
+    env.stop()
+
+
+def _send(live: Any, path: str, headers: list[tuple[str, str]]) -> int:
+    env, server, _issuer, _upstream, session = live
+
+    async def go() -> int:
+        url = f"https://127.0.0.1:{server.port}{path}"
+        async with session.get(url, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+    return env.run(go())
+
+
+def _check_outcome(live: Any, status: int, valid: bool) -> None:
+    upstream: Upstream = live[3]
+    assert status < 500 or status in (502, 503, 504), status
+    if valid:
+        assert status == 200 and len(upstream.seen) == 1
+    else:
+        assert status != 200 and upstream.seen == [], status
+    upstream.seen.clear()
+
+
+def _printable(value: str) -> str:
+    return "".join(ch for ch in value if 0x20 <= ord(ch) < 0x7f)
+
+
+@E2E
+@given(token=st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e),
+                     min_size=1, max_size=200),
+       scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "DPoP", "Bearer\t"]))
+def test_e2e_authorization_values(live: Any, token: str, scheme: str) -> None:
+    status = _send(live, "/x", [("Authorization", f"{scheme} {token}")])
+    _check_outcome(live, status, valid=False)
+
+
+@E2E
+@given(header=any_headers, payload=any_payloads)
+def test_e2e_signed_tokens(live: Any, header: dict[str, Any], payload: dict[str, Any]) -> None:
+    issuer: Issuer = live[2]
+    if payload.get("cnf") == {"x5t#S256": "TP"}:
+        payload = {**payload, "cnf": {"x5t#S256": live_thumbprint(live)}}
+    try:
+        token = sign_raw(issuer.key("rsa-1").private, "RS256", header, payload)
+    except (TypeError, ValueError):
+        assume(False)
+        return
+    assume(len(token) < 7000)        # the test upstream's header line limit
+    # the binding is required: only a token bound to client "a" may pass
+    valid = oracle_accepts(header, payload) and isinstance(payload.get("cnf"), dict) \
+        and payload["cnf"].get("x5t#S256") == live_thumbprint(live)
+    status = _send(live, "/x", [("Authorization", f"Bearer {token}")])
+    _check_outcome(live, status, valid=valid)
+
+
+def live_thumbprint(live: Any) -> str:
+    return str(live[2].pki.clients["a"].thumbprint)
+
+
+cert_header_names = st.sampled_from(["X-Forwarded-Client-Cert", "Client-Cert",
+                                     "Client-Cert-Chain", "SSL-Client-Cert",
+                                     "X-SSL-Client-Cert", "X-Client-Cert-Thumbprint",
+                                     "X-Auth-Subject", "Forwarded", "X-Forwarded-For"])
+
+
+@E2E
+@given(names=st.lists(cert_header_names, min_size=1, max_size=4),
+       value=st.text(max_size=200).map(_printable), with_token=st.booleans())
+def test_e2e_certificate_and_identity_headers_are_never_trusted(
+        live: Any, names: list[str], value: str, with_token: bool) -> None:
+    """Without a configured front proxy, certificate headers are stripped: they neither
+    authorise nor reach the upstream."""
+    issuer: Issuer = live[2]
+    extra = [(n, value or "x") for n in names]
+    token_headers = [("Authorization", f"Bearer {issuer.mint(live_thumbprint(live))}")] \
+        if with_token else []
+    status = _send(live, "/x", extra + token_headers)
+    upstream: Upstream = live[3]
+    seen = list(upstream.seen)
+    _check_outcome(live, status, valid=with_token)
+    if seen:
+        forwarded = seen[0].headers
+        for name in ("x-forwarded-client-cert", "client-cert", "client-cert-chain",
+                     "ssl-client-cert", "x-ssl-client-cert", "forwarded"):
+            assert name not in forwarded
+        if value:
+            assert forwarded.get("x-auth-subject") == ["user-1"]
+
+
+@E2E
+@given(path=st.text(alphabet=st.sampled_from("/.%2fFeE5cC;\\aAdmin0x"), max_size=30))
+def test_e2e_paths(live: Any, path: str) -> None:
+    status = _send(live, "/" + path, [])
+    # no token: nothing may reach the upstream whatever the path ("/public..." is public)
+    upstream: Upstream = live[3]
+    assert status < 500 or status in (502, 503, 504)
+    for seen in upstream.seen:
+        assert seen.path_qs.startswith("/public/") or seen.path_qs == "/public" \
+            or seen.path_qs.startswith("/public?")
+    upstream.seen.clear()
+
