@@ -122,6 +122,10 @@ class GatewayServer:
         (``*``, authority form): those are refused there with a reason code, not a text 404."""
         return await self._handle(request)
 
+    def _count_refusal(self, reason: str, status: int) -> None:
+        """A refusal made before any route was looked at (connection limits, parse errors)."""
+        self.metrics.requests.labels("-", "deny", reason, str(status)).inc()
+
     async def _before_response(self, request: web.Request,
                                response: web.StreamResponse) -> None:
         count_request(request, response, self.config.limits.max_requests_per_connection)
@@ -132,7 +136,8 @@ class GatewayServer:
         self.metrics.server_cert_expiry.set(_not_after(listen.cert_file))
         self._runner = GuardedAppRunner(self.build_app(), access_log=None, handle_signals=False,
                                         shutdown_timeout=self.config.shutdown_grace,
-                                        limits=lambda: self.config.limits)
+                                        limits=lambda: self.config.limits,
+                                        on_refusal=self._count_refusal)
         await self._runner.setup()
         await web.TCPSite(self._runner, listen.host, listen.port, ssl_context=self._tls.base,
                           reuse_port=self._reuse_port or None).start()

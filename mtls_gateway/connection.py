@@ -66,19 +66,26 @@ def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
     return 400, "bad_request"
 
 
-def _deny(reason: str, status: int, transport: Any) -> None:
+#: Told about every refusal made here (reason, status): the server counts them in its metrics.
+OnRefusal = Callable[[str, int], None]
+
+
+def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None) -> None:
     peer = transport.get_extra_info("peername") if transport is not None else None
     log_decision(decision="deny", reason=reason, status=status,
                  remote=peer[0] if isinstance(peer, tuple) else None)
+    if on_refusal is not None:
+        on_refusal(reason, status)
 
 
 class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol plus the deadlines and caps described above."""
 
     def __init__(self, manager: Any, *, limits: Callable[[], LimitsConfig],
-                 **kwargs: Any) -> None:
+                 on_refusal: OnRefusal | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
+        self._on_refusal = on_refusal
         self._head_timer: asyncio.TimerHandle | None = None
         self.served = 0
 
@@ -122,7 +129,7 @@ class _GuardedHandler(RequestHandler):
 
     def _refuse(self, status: int, reason: str) -> None:
         transport = self.transport
-        _deny(reason, status, transport)
+        _deny(reason, status, transport, self._on_refusal)
         if transport is not None and not transport.is_closing():
             transport.write(raw_refusal(status, reason))
         self.force_close()
@@ -137,7 +144,7 @@ class _GuardedHandler(RequestHandler):
         else:
             log.error("internal error on a connection: %s", type(exc).__name__, exc_info=exc)
             status, reason = 500, "internal_error"
-        _deny(reason, status, self.transport)
+        _deny(reason, status, self.transport, self._on_refusal)
         response = web.json_response({"error": _ERRORS.get(status, "internal_error"),
                                       "reason": reason}, status=status,
                                      headers={"Cache-Control": "no-store"})
@@ -146,12 +153,15 @@ class _GuardedHandler(RequestHandler):
 
 
 class _GuardedServer(web.Server):
-    def __init__(self, *args: Any, limits: Callable[[], LimitsConfig], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, limits: Callable[[], LimitsConfig],
+                 on_refusal: OnRefusal | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limits_of = limits
+        self._on_refusal = on_refusal
 
     def __call__(self) -> RequestHandler:
-        return _GuardedHandler(self, loop=self._loop, limits=self._limits_of, **self._kwargs)
+        return _GuardedHandler(self, loop=self._loop, limits=self._limits_of,
+                               on_refusal=self._on_refusal, **self._kwargs)
 
 
 class GuardedAppRunner(web.AppRunner):
@@ -161,16 +171,17 @@ class GuardedAppRunner(web.AppRunner):
     """
 
     def __init__(self, app: web.Application, *, limits: Callable[[], LimitsConfig],
-                 **kwargs: Any) -> None:
+                 on_refusal: OnRefusal | None = None, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._limits_of = limits
+        self._on_refusal = on_refusal
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         return _GuardedServer(plain.request_handler, request_factory=plain.request_factory,
                               handler_cancellation=plain.handler_cancellation,
                               loop=plain._loop, limits=self._limits_of,
-                              **plain._kwargs)
+                              on_refusal=self._on_refusal, **plain._kwargs)
 
 
 def count_request(request: web.Request, response: web.StreamResponse,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +261,20 @@ def test_limits_problems_have_their_yaml_path(pki: Pki, tmp_path: Path, limits: 
     with pytest.raises(ConfigError) as info:
         load_config_text(yaml.safe_dump(_config(pki, limits)), base_dir=tmp_path)
     assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+async def test_connection_level_refusals_are_logged_and_counted(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mtls_gateway.access")
+    gw: RunningGateway = await make_gateway(
+        _limited(pki, issuer, upstream, header_timeout="300ms"))
+    assert statuses(await raw_exchange(gw, b"GET /public/x HTTP/1.1\r\nHost")) == [408]
+    assert statuses(await raw_exchange(gw, b"GET /public/x HTTP/1.1\r\nHost: a\r\n"
+                                           b"X-Big: " + b"v" * 20_000 + b"\r\n\r\n")) == [431]
+    reasons = [r.decision["reason"] for r in caplog.records  # type: ignore[attr-defined]
+               if hasattr(r, "decision")]
+    assert reasons == ["header_timeout", "headers_too_large"]
+    metrics = gw.server.metrics.render().decode()
+    assert 'reason="header_timeout",route="-",status="408"' in metrics
+    assert 'reason="headers_too_large",route="-",status="431"' in metrics
