@@ -9,6 +9,7 @@ field and its default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,10 @@ __all__ = [
     "AuthPolicy",
     "Binding",
     "CacheConfig",
+    "CertHeaderFormat",
     "ClientAuthMethod",
     "GatewayConfig",
+    "HeaderCertificateSource",
     "IdentityHeaders",
     "IntrospectionProvider",
     "JwtProvider",
@@ -31,6 +34,7 @@ __all__ = [
     "PathMatch",
     "Provider",
     "Route",
+    "TrustedProxies",
     "UpstreamConfig",
 ]
 
@@ -41,18 +45,47 @@ ASYMMETRIC_ALGORITHMS: tuple[str, ...] = (
 
 Binding = Literal["required", "optional", "off"]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "tls_client_auth"]
+CertHeaderFormat = Literal["rfc9440", "xfcc", "pem"]
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class TrustedProxies:
+    """Who may state the client certificate in a header: every configured rule must hold.
+
+    ``cidrs``: the connection's source address; ``subjects`` (RFC 4514, exact DN) and
+    ``sans`` (``dns:``, ``uri:``, ``ip:``, ``email:``): the front proxy's own client
+    certificate on a mutual-TLS connection. Empty tuples are rules not configured.
+    """
+
+    cidrs: tuple[IpNetwork, ...]
+    subjects: tuple[str, ...]
+    sans: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HeaderCertificateSource:
+    """The client certificate comes from a trusted front proxy's header, not our handshake."""
+
+    format: CertHeaderFormat
+    header: str
+    chain_header: str | None            # RFC 9440 Client-Cert-Chain (checked, not used)
+    trusted: TrustedProxies
 
 
 @dataclass(frozen=True)
 class ListenConfig:
     host: str
     port: int
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path
+    cert_file: Path | None               # None only when tls is false
+    key_file: Path | None
+    client_ca_file: Path | None
     client_cert: Literal["required", "optional"]
     min_tls_version: Literal["1.2", "1.3"]
     max_tls_version: Literal["1.2", "1.3"]
+    tls: bool = True
+    #: None: the certificate of our own TLS handshake (the default).
+    client_certificate: HeaderCertificateSource | None = None
 
 
 @dataclass(frozen=True)
@@ -177,6 +210,7 @@ class Route:
     methods: frozenset[str] | None           # None: any method
     auth: AuthNone | AuthPolicy
     upstream_url: str | None                 # None: the global upstream
+    forward_client_cert: bool = False        # send the caller's certificate as RFC 9440 Client-Cert
 
 
 @dataclass(frozen=True)
@@ -201,5 +235,6 @@ class GatewayConfig:
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""
         files = [self.source] if self.source else []
-        files += [self.listen.cert_file, self.listen.key_file, self.listen.client_ca_file]
+        files += [f for f in (self.listen.cert_file, self.listen.key_file,
+                              self.listen.client_ca_file) if f is not None]
         return tuple(files)

@@ -9,6 +9,7 @@ them all. Relative file paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from .config import (
     AuthPolicy,
     CacheConfig,
     GatewayConfig,
+    HeaderCertificateSource,
     IdentityHeaders,
     IntrospectionProvider,
     JwtProvider,
@@ -37,6 +39,7 @@ from .config import (
     PathMatch,
     Provider,
     Route,
+    TrustedProxies,
     UpstreamConfig,
 )
 from .errors import ConfigError
@@ -242,19 +245,99 @@ def _check_jwks(data: bytes) -> None:
 
 # --- sections --------------------------------------------------------------------------------
 
+_CERT_HEADER_DEFAULTS = {"rfc9440": "Client-Cert", "xfcc": "X-Forwarded-Client-Cert",
+                         "pem": "X-SSL-Client-Cert"}
+_SAN_KINDS = ("dns", "uri", "ip", "email")
+
+
+def _trusted_proxies(sec: _Section | None, path: str, problems: _Problems) -> TrustedProxies:
+    sec = sec or _Section({}, path, problems)
+    cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for value in sec.strings("cidrs", ()):
+        try:
+            cidrs.append(ipaddress.ip_network(value, strict=True))
+        except ValueError as exc:
+            sec.problem("cidrs", f"{value!r} is not a network in CIDR notation ({exc})")
+    subjects = sec.strings("subjects", ())
+    for value in subjects:
+        try:
+            x509.Name.from_rfc4514_string(value)
+        except ValueError as exc:
+            sec.problem("subjects", f"{value!r} is not an RFC 4514 distinguished name ({exc})")
+    sans = sec.strings("sans", ())
+    for value in sans:
+        kind, sep, rest = value.partition(":")
+        if not sep or kind.lower() not in _SAN_KINDS or not rest:
+            sec.problem("sans", f"{value!r} must be one of dns:, uri:, ip:, email: and a value")
+        elif kind.lower() == "ip":
+            try:
+                ipaddress.ip_address(rest)
+            except ValueError:
+                sec.problem("sans", f"{value!r} is not an IP address")
+    sec.finish()
+    if any(n.prefixlen == 0 for n in cidrs):
+        sec.problem("cidrs", "a /0 network trusts every address; list your front proxies")
+    return TrustedProxies(tuple(cidrs), subjects, sans)
+
+
+def _client_certificate(sec: _Section | None, problems: _Problems,
+                        path: str) -> HeaderCertificateSource | None:
+    """``listen.client_certificate``: None means the certificate of our own handshake."""
+    if sec is None:
+        return None
+    source = sec.string("source", "tls", choices=("tls", "header"))
+    fmt = sec.string("format", "rfc9440", choices=("rfc9440", "xfcc", "pem"))
+    header = sec.string("header", _CERT_HEADER_DEFAULTS.get(fmt or "", "Client-Cert"))
+    chain_header = sec.string("chain_header", "Client-Cert-Chain" if fmt == "rfc9440" else "")
+    for key, name in (("header", header), ("chain_header", chain_header)):
+        if name and not _HEADER_NAME.match(name):
+            sec.problem(key, f"{name!r} is not a valid header name")
+        elif name and name.lower() in ("authorization", "host", "connection", "cookie"):
+            sec.problem(key, f"{name!r} cannot carry a certificate")
+    if chain_header and fmt != "rfc9440":
+        sec.problem("chain_header", "only the rfc9440 format has a separate chain header")
+    trusted = _trusted_proxies(sec.section("trusted_proxies", required=False),
+                               sec.at("trusted_proxies"), problems)
+    sec.finish()
+    if source != "header":
+        for key in ("format", "header", "chain_header", "trusted_proxies"):
+            if key in sec.data:
+                sec.problem(key, "only applies with source: header")
+        return None
+    if not (trusted.cidrs or trusted.subjects or trusted.sans):
+        sec.problem("trusted_proxies", "source: header needs at least one trust rule (cidrs, "
+                    "subjects or sans): a header from anyone is a forgery waiting to happen")
+    return HeaderCertificateSource(format=fmt, header=header, chain_header=chain_header or None,
+                                   trusted=trusted)
+
+
 def _listen(sec: _Section) -> ListenConfig:
+    tls = sec.boolean("tls", True)
+    need = _REQUIRED if tls else None
     listen = ListenConfig(
         host=sec.string("host", "0.0.0.0"),  # noqa: S104 - a sidecar serves the pod IP
         port=sec.integer("port", 8443, low=0, high=65535),
-        cert_file=sec.file("cert_file", check=_check_certs),  # type: ignore[arg-type]
-        key_file=sec.file("key_file", check=_check_key),  # type: ignore[arg-type]
-        client_ca_file=sec.file("client_ca_file", check=_check_certs),  # type: ignore[arg-type]
+        cert_file=sec.file("cert_file", need, check=_check_certs),
+        key_file=sec.file("key_file", need, check=_check_key),
+        client_ca_file=sec.file("client_ca_file", need, check=_check_certs),
         client_cert=sec.string("client_cert", "required", choices=("required", "optional")),
         min_tls_version=sec.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
         max_tls_version=sec.string("max_tls_version", "1.3", choices=("1.2", "1.3")),
+        tls=tls,
+        client_certificate=_client_certificate(
+            sec.section("client_certificate", required=False), sec.problems,
+            sec.at("client_certificate")),
     )
     if listen.min_tls_version == "1.3" and listen.max_tls_version == "1.2":
         sec.problem("min_tls_version", "is higher than max_tls_version")
+    header = listen.client_certificate
+    if not tls:
+        if header is None:
+            sec.problem("tls", "a plain-HTTP listener has no client certificate of its own; it "
+                        "needs client_certificate.source: header")
+        elif header.trusted.subjects or header.trusted.sans:
+            sec.problem("tls", "trusted_proxies subjects/sans need the front proxy's mutual "
+                        "TLS: keep tls: true, or trust by cidrs only")
     if listen.cert_file and listen.key_file and not sec.problems.items:
         try:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -541,9 +624,11 @@ def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ..
                 sec.problem("methods", f"unknown HTTP method {m!r}")
         auth = _auth(sec, providers)
         upstream_url = sec.url("upstream", None, schemes=("http", "https"))
+        forward_cert = sec.boolean("forward_client_cert", False)
         sec.finish()
         if match is not None and auth is not None:
-            routes.append(Route(name, match, methods, auth, upstream_url))
+            routes.append(Route(name, match, methods, auth, upstream_url,
+                                forward_client_cert=forward_cert))
     return tuple(routes)
 
 

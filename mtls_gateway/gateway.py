@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 
 from aiohttp import web
 
 from .bearer import bearer_token
 from .binding import check_binding
+from .cert_headers import encode_client_cert
+from .client_cert import UNTRUSTED_HEADER, build_certificate_source
 from .config import AuthPolicy, GatewayConfig, Provider
 from .decision_log import log_decision, token_digest, token_hash
 from .errors import (
@@ -32,7 +33,7 @@ from .metrics import Metrics
 from .providers import Verifier, pick_verifier
 from .proxy import ABORTED, UPSTREAM_SECONDS, Forwarder
 from .routing import Router
-from .tls import PeerCertificate, peer_certificate
+from .tls import PeerCertificate
 from .tokeninfo import TokenInfo
 
 __all__ = ["Gateway", "build_verifier", "refusal_response"]
@@ -82,7 +83,8 @@ class Gateway:
         self.router = Router(config.routes)
         self.verifiers: dict[str, Verifier] = {
             name: build_verifier(p, self.metrics) for name, p in config.providers.items()}
-        self.forwarder = Forwarder(config.upstream)
+        self.certificates = build_certificate_source(config.listen)
+        self.forwarder = Forwarder(config.upstream, also_strip=self.certificates.strip)
         self._identity = config.upstream.identity_headers
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -131,8 +133,8 @@ class Gateway:
         try:
             route = self.router.match(request.method, request.path, request.raw_path)
             fields["route"] = route.name
-            peer = peer_certificate(request.transport)
-            identity: Mapping[str, str] = {}
+            peer = self.certificates.peer(request)
+            identity: dict[str, str] = {}
             if isinstance(route.auth, AuthPolicy):
                 token = bearer_token(request.headers, request.query)
                 if token is None:
@@ -150,6 +152,8 @@ class Gateway:
                 reason = "allowed"
             else:
                 reason = "public_route"
+            if route.forward_client_cert and peer is not None and peer.der:
+                identity["Client-Cert"] = encode_client_cert(peer.der)
             authorized = True
             response = await self.forwarder.forward(
                 request, route.upstream_url or self.config.upstream.url, identity)
@@ -164,6 +168,8 @@ class Gateway:
             response = web.json_response({"error": "internal_error", "reason": "internal_error"},
                                          status=500, headers={"Cache-Control": "no-store"})
             reason = "internal_error"
+        if request.get(UNTRUSTED_HEADER):
+            fields["untrusted_cert_header"] = True
         if reason.startswith("upstream_"):
             self.metrics.upstream_errors.labels(str(fields.get("route", "-")), reason).inc()
         self._record(fields, authorized, reason, response.status, peer, started)

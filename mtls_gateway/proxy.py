@@ -57,9 +57,11 @@ def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[st
 class Forwarder:
     """Upstream connection pool and the forwarding of one request."""
 
-    def __init__(self, upstream: UpstreamConfig) -> None:
+    def __init__(self, upstream: UpstreamConfig, *,
+                 also_strip: frozenset[str] = frozenset()) -> None:
         self.config = upstream
-        self._strip = _ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
+        self._strip = (_ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
+                       | also_strip)
         if not upstream.pass_authorization:
             self._strip |= {"authorization"}
         self._session: aiohttp.ClientSession | None = None
