@@ -205,3 +205,61 @@ def test_shipped_gateway_yaml_documents_every_field(pki: Pki, tmp_path: Path) ->
     missing = sorted(f for f in config_load.KNOWN_FIELDS
                      if not re.search(rf"^\s*#?\s*-?\s*{re.escape(f)}:", text, re.MULTILINE))
     assert missing == []
+
+
+_HEADER = {"source": "header", "format": "xfcc", "trusted_proxies": {"cidrs": ["127.0.0.1/32"]}}
+
+
+@pytest.mark.parametrize(("client_certificate", "listen", "expected"), [
+    ({"source": "header"}, {},
+     "listen.client_certificate.trusted_proxies: source: header needs at least one trust rule"),
+    ({"source": "tls", "format": "xfcc"}, {},
+     "listen.client_certificate.format: only applies with source: header"),
+    ({**_HEADER, "format": "der"}, {}, "listen.client_certificate.format: must be one of"),
+    ({**_HEADER, "header": "Bad Header"}, {},
+     "listen.client_certificate.header: 'Bad Header' is not a valid header name"),
+    ({**_HEADER, "header": "Authorization"}, {},
+     "listen.client_certificate.header: 'Authorization' cannot carry a certificate"),
+    ({**_HEADER, "chain_header": "X-Chain"}, {},
+     "listen.client_certificate.chain_header: only the rfc9440 format"),
+    ({**_HEADER, "trusted_proxies": {"cidrs": ["10.0.0.1/8"]}}, {},
+     "listen.client_certificate.trusted_proxies.cidrs: '10.0.0.1/8' is not a network"),
+    ({**_HEADER, "trusted_proxies": {"cidrs": ["0.0.0.0/0"]}}, {},
+     "listen.client_certificate.trusted_proxies.cidrs: a /0 network trusts every address"),
+    ({**_HEADER, "trusted_proxies": {"subjects": ["not a dn"]}}, {},
+     "listen.client_certificate.trusted_proxies.subjects: 'not a dn' is not an RFC 4514"),
+    ({**_HEADER, "trusted_proxies": {"sans": ["spiffe://x"]}}, {},
+     "listen.client_certificate.trusted_proxies.sans: 'spiffe://x' must be one of dns:"),
+    ({**_HEADER, "trusted_proxies": {"sans": ["ip:300.1.1.1"]}}, {},
+     "listen.client_certificate.trusted_proxies.sans: 'ip:300.1.1.1' is not an IP address"),
+    ({**_HEADER, "trusted_proxies": {"cidr": ["10.0.0.0/8"]}}, {},
+     "listen.client_certificate.trusted_proxies.cidr: unknown field"),
+    (None, {"tls": False}, "listen.tls: a plain-HTTP listener has no client certificate"),
+    ({**_HEADER, "trusted_proxies": {"sans": ["dns:edge"]}}, {"tls": False},
+     "listen.tls: trusted_proxies subjects/sans need the front proxy's mutual TLS"),
+])
+def test_client_certificate_problems(pki: Pki, tmp_path: Path, client_certificate: Any,
+                                     listen: dict[str, Any], expected: str) -> None:
+    data = _valid(pki)
+    data["listen"].update(listen)
+    if client_certificate is not None:
+        data["listen"]["client_certificate"] = client_certificate
+    problems = _problems(data, tmp_path)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_header_source_defaults_and_plain_listener(pki: Pki, tmp_path: Path) -> None:
+    data = _valid(pki)
+    data["listen"] = {"tls": False, "client_certificate": {
+        "source": "header", "trusted_proxies": {"cidrs": ["127.0.0.1/32", "::1/128"]}}}
+    config = _load(data, tmp_path)
+    source = config.listen.client_certificate
+    assert (source.format, source.header, source.chain_header) == (
+        "rfc9440", "Client-Cert", "Client-Cert-Chain")
+    assert [str(n) for n in source.trusted.cidrs] == ["127.0.0.1/32", "::1/128"]
+    assert config.listen.cert_file is None and config.watched_files() == ()
+    for fmt, header in (("xfcc", "X-Forwarded-Client-Cert"), ("pem", "X-SSL-Client-Cert")):
+        data["listen"]["client_certificate"]["format"] = fmt
+        source = _load(data, tmp_path).listen.client_certificate
+        assert (source.header, source.chain_header) == (header, None)
+    assert _load(_valid(pki), tmp_path).listen.client_certificate is None   # tls: the default
