@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -102,21 +101,22 @@ FrontProxy = Callable[[str, int, bool], Awaitable[str]]
 @pytest.fixture
 async def front_proxy(pki: Pki, tmp_path: Path) -> AsyncIterator[FrontProxy]:
     """``await front_proxy(name, gateway_port, mtls)`` starts it; the base URL of its port."""
-    running: list[subprocess.Popen[bytes]] = []
+    running: list[asyncio.subprocess.Process] = []
 
     async def start(name: str, gateway_port: int, mtls: bool) -> str:
         program, package, write_conf, argv, _ = PROXIES[name]
-        binary = debian_program(program, package)
+        binary = await asyncio.to_thread(debian_program, program, package)
         d = tmp_path / name
         d.mkdir()
         port = _free_port()
         conf = d / f"{name}.conf"
         conf.write_text(write_conf(pki, d, port, gateway_port, mtls))
-        proc = subprocess.Popen([binary, *argv, str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=(d / "stderr").open("wb"))
+        with (d / "stderr").open("wb") as stderr:
+            proc = await asyncio.create_subprocess_exec(
+                binary, *argv, str(conf), stdout=asyncio.subprocess.DEVNULL, stderr=stderr)
         running.append(proc)
         for _ in range(200):
-            if proc.poll() is not None:
+            if proc.returncode is not None:
                 pytest.fail(f"{name} exited: {(d / 'stderr').read_text()}")
             with contextlib.suppress(OSError):
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -127,12 +127,13 @@ async def front_proxy(pki: Pki, tmp_path: Path) -> AsyncIterator[FrontProxy]:
 
     yield start
     for proc in running:
-        proc.terminate()
+        if proc.returncode is None:
+            proc.terminate()
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
             proc.kill()
-            proc.wait()
+            await proc.wait()
 
 
 async def _get(pki: Pki, url: str, cert: str, token: str,
