@@ -245,3 +245,19 @@ async def test_forward_client_cert_to_the_upstream(
                              token=token, headers=headers)
     assert reply.status == 200
     assert "client-cert" not in upstream.seen[1].headers
+
+
+@pytest.mark.parametrize("connection",
+                         ["X-Forwarded-Client-Cert", "close, x-forwarded-client-cert"])
+async def test_xfcc_named_in_connection_is_never_read(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        connection: str) -> None:
+    gw = await make_gateway(header_config(pki, issuer, upstream, fmt="xfcc",
+                                          sans=[f"uri:{PROXY_URI}"]))
+    reply = await gw.request("/accounts", cert="proxy",
+                             token=issuer.mint(pki.clients["a"].thumbprint),
+                             headers=[("Connection", connection),
+                                      ("X-Forwarded-Client-Cert", xfcc(pki.clients["a"].der))])
+    assert reply.status == 401
+    assert reply.json()["reason"] == "no_client_cert"
+    assert upstream.seen == []
