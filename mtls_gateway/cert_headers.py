@@ -43,6 +43,9 @@ __all__ = [
 
 _B64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 _XFCC_KEY = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_XFCC_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.DOTALL)
+_XFCC_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_XFCC_BARE = re.compile(r'[^;,"]*')
 #: XFCC keys whose value must appear at most once per element (DNS and URI may repeat).
 _XFCC_SINGLE = frozenset({"by", "hash", "cert", "chain", "subject"})
 
@@ -98,7 +101,9 @@ def parse_client_cert_chain(value: str) -> list[bytes]:
 
 def _pem_certificates(text: str) -> list[bytes]:
     """DER of every certificate in PEM text (lines may be indented, as nginx's old variable)."""
-    cleaned = "\n".join(line.strip() for line in text.strip().splitlines())
+    cleaned = text.strip()
+    if "\n " in cleaned or "\n\t" in cleaned:
+        cleaned = "\n".join(line.strip() for line in cleaned.splitlines())
     try:
         certs = x509.load_pem_x509_certificates(cleaned.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
@@ -138,26 +143,17 @@ class XfccElement:
 
 def _xfcc_value(text: str, i: int) -> tuple[str, int]:
     """Read one value at ``i``: quoted (with ``\\`` escapes) or bare up to ``;`` or ``,``."""
-    if i < len(text) and text[i] == '"':
-        out: list[str] = []
-        i += 1
-        while i < len(text):
-            ch = text[i]
-            if ch == "\\" and i + 1 < len(text):
-                out.append(text[i + 1])
-                i += 2
-            elif ch == '"':
-                return "".join(out), i + 1
-            else:
-                out.append(ch)
-                i += 1
-        raise CertHeaderError("unterminated quoted value")
-    end = i
-    while end < len(text) and text[end] not in ";,":
-        if text[end] == '"':
-            raise CertHeaderError("quote inside an unquoted value")
-        end += 1
-    return text[i:end].strip(" \t"), end
+    if text.startswith('"', i):
+        quoted = _XFCC_QUOTED.match(text, i)
+        if quoted is None:
+            raise CertHeaderError("unterminated quoted value")
+        return _XFCC_ESCAPE.sub(r"\1", quoted.group(1)), quoted.end()
+    bare = _XFCC_BARE.match(text, i)
+    assert bare is not None                      # [^...]* always matches
+    end = bare.end()
+    if text.startswith('"', end):
+        raise CertHeaderError("quote inside an unquoted value")
+    return bare.group().strip(" \t"), end
 
 
 def parse_xfcc(value: str) -> list[XfccElement]:
