@@ -128,6 +128,17 @@ def _split(text: str, separator: str) -> list[str]:
     return parts
 
 
+def _strip_unescaped(value: str) -> str:
+    """Drop surrounding white space, but not an escaped trailing space (``a\\ ``)."""
+    value = value.lstrip()
+    while value.endswith(" "):
+        body = value[:-1]
+        if (len(body) - len(body.rstrip("\\"))) % 2:   # an odd run of backslashes escapes it
+            break
+        value = body
+    return value
+
+
 def _unescape(value: str) -> str:
     """RFC 4514 section 2.4 escapes: ``\\,`` style and ``\\XX`` hex pairs (UTF-8 bytes)."""
     out, i = bytearray(), 0
@@ -182,7 +193,7 @@ def parse_dn(text: str) -> tuple[frozenset[_Ava], ...]:
                 oid = _KEYWORDS[kind.upper()]
             else:
                 raise ValueError(f"unknown attribute type {kind!r} (use its dotted OID)")
-            raw = raw.strip()
+            raw = _strip_unescaped(raw)
             if raw.startswith("#"):
                 raise ValueError(f"hex-encoded value of {kind} is not supported")
             avas.add((oid.dotted_string, _normalise(oid, _unescape(raw))))

@@ -123,6 +123,9 @@ def test_unknown_attribute_types_compare_exactly() -> None:
     subject = name([(x509.ObjectIdentifier("1.2.3.4.5"), "MixedCase")])
     assert dn_matches(parse_dn("1.2.3.4.5=MixedCase"), subject)
     assert not dn_matches(parse_dn("1.2.3.4.5=mixedcase"), subject)
+    spaced = name([(x509.ObjectIdentifier("1.2.3.4.5"), "x ")])
+    assert dn_matches(parse_dn("1.2.3.4.5=x\\ "), spaced)      # escaped trailing space kept
+    assert not dn_matches(parse_dn("1.2.3.4.5=x "), spaced)      # unescaped one is not
 
 
 @pytest.mark.parametrize("bad", ["", "CN", "=x", "XYZ=1", "CN=#0c0161", "CN=a\\"])

@@ -205,3 +205,19 @@ async def test_self_signed_client_through_the_gateway(
     reply = await post(mine, "client-s")
     assert reply.status == 200
     assert client_cert_der(upstream.seen[0].headers["client-cert"][0]) == mine.cert_der
+
+
+async def test_registry_ca_file_narrows_the_listener_trust(
+        make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
+    """The listener trusts the test CA, the registry only another CA: client-a is refused."""
+    other_ca, _ = pki_mod.make_ca("registry-only CA").write(tmp_path, "registry-ca")
+    config = token_config(pki, upstream, [CLIENT_A])
+    config["client_registries"]["partners"]["ca_file"] = str(other_ca)
+    gw = await make_gateway(config)
+    reply = await gw.request("/token", method="POST", data={"client_id": "client-a"})
+    assert (reply.status, reply.json()["reason"]) == (401, "client_cert_untrusted")
+    config["client_registries"]["partners"]["ca_file"] = str(pki.ca_file)
+    gw = await make_gateway(config)
+    reply = await gw.request("/token", method="POST", data={"client_id": "client-a"})
+    assert reply.status == 200
+    assert len(upstream.seen) == 1
