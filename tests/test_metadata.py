@@ -144,6 +144,8 @@ class AuthorizationServer(LoopbackServer):
                 return web.json_response(self.DOC, headers={"Cache-Control": "max-age=60"})
             if request.path == "/.well-known/openid-configuration":
                 return web.Response(text="not json", content_type="text/plain")
+            if request.path == "/.well-known/huge":
+                return web.json_response({"issuer": "x" * 300_000})
             return web.Response(status=404, text="nope")
 
         app = web.Application()
@@ -162,7 +164,9 @@ async def auth_server() -> AsyncIterator[AuthorizationServer]:
 async def test_as_metadata_rewrite(make_gateway: GatewayFactory, pki: Pki, upstream: Upstream,
                                    auth_server: AuthorizationServer) -> None:
     config = meta_config(pki, None, upstream, authorization_server_metadata={
-        "mtls_endpoint_aliases": {"token_endpoint": "https://gateway.test/token"}})
+        "mtls_endpoint_aliases": {"token_endpoint": "https://gateway.test/token"},
+        "paths": ["/.well-known/oauth-authorization-server", "/.well-known/openid-configuration",
+                  "/.well-known/huge", "/.well-known/other"]})
     config["routes"] = [{"name": "as", "path_prefix": "/.well-known", "auth": "none",
                          "upstream": auth_server.url}]
     gw = await make_gateway(config)
@@ -182,8 +186,12 @@ async def test_as_metadata_rewrite(make_gateway: GatewayFactory, pki: Pki, upstr
     assert (reply.status, reply.body) == (200, b"not json")
     reply = await gw.request("/.well-known/other")
     assert (reply.status, reply.body) == (404, b"nope")
+    # a document over the 256 KiB cap is not relayed half-read
+    reply = await gw.request("/.well-known/huge")
+    assert (reply.status, reply.json()["reason"]) == (502, "upstream_unavailable")
     assert auth_server.seen == ["/.well-known/oauth-authorization-server",
-                                "/.well-known/openid-configuration", "/.well-known/other"]
+                                "/.well-known/openid-configuration", "/.well-known/other",
+                                "/.well-known/huge"]
 
 
 def test_rewrite_does_not_touch_the_input() -> None:

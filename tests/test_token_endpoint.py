@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import re
 import ssl
 from pathlib import Path
@@ -99,7 +100,9 @@ def client_cert_der(value: str) -> bytes:
 
 
 async def test_authenticated_client_reaches_the_as_with_its_certificate(
-        token_gateway: RunningGateway, upstream: Upstream, pki: Pki) -> None:
+        token_gateway: RunningGateway, upstream: Upstream, pki: Pki,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "mtls_gateway.access")
     body = urlencode({"grant_type": "client_credentials", "client_id": "client-a",
                       "scope": "accounts:read"}).encode()
     forged = pki_mod.self_signed_client("forged").cert_der
@@ -116,6 +119,10 @@ async def test_authenticated_client_reaches_the_as_with_its_certificate(
     cert = x509.load_der_x509_certificate(client_cert_der(cert_header))
     assert cert == x509.load_pem_x509_certificate(pki.clients["a"].cert.read_bytes())
     assert seen.headers["authorization"] == [basic("client-a", "ignored")]  # for the AS to judge
+    [decision] = [r.decision for r in caplog.records  # type: ignore[attr-defined]
+                  if r.name == "mtls_gateway.access"]
+    assert (decision["decision"], decision["reason"], decision["route"], decision["client_id"]) \
+        == ("allow", "client_authenticated", "token", "client-a")
 
 
 @pytest.mark.parametrize(("cert", "form", "headers", "reason", "challenge"), [
