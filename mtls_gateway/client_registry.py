@@ -49,7 +49,6 @@ import re
 import ssl
 import time
 import unicodedata
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -447,10 +446,6 @@ class ClientRegistry:
                 certs=certificates_from_jwks(reg.jwks) if reg.jwks is not None else None,
                 remote=remote)
         self._remotes = tuple(remotes.values())
-
-    @property
-    def client_ids(self) -> Iterable[str]:
-        return self._clients.keys()
 
     async def start(self) -> None:
         """First fetch of every ``jwks_uri`` (failures are logged, retried, and fail closed)."""
