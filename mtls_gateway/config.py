@@ -18,12 +18,16 @@ from typing import Any, Literal
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "AdminConfig",
+    "AsMetadataRewrite",
+    "AuthMtlsClient",
     "AuthNone",
     "AuthPolicy",
     "Binding",
     "CacheConfig",
     "CertHeaderFormat",
     "ClientAuthMethod",
+    "ClientRegistration",
+    "ClientRegistryConfig",
     "GatewayConfig",
     "HeaderCertificateSource",
     "IdentityHeaders",
@@ -31,9 +35,11 @@ __all__ = [
     "JwtProvider",
     "ListenConfig",
     "LoggingConfig",
+    "MetadataConfig",
     "PathMatch",
     "Provider",
     "Route",
+    "TlsClientAuthMethod",
     "TrustedProxies",
     "UpstreamConfig",
 ]
@@ -71,6 +77,7 @@ class HeaderCertificateSource:
     header: str
     chain_header: str | None            # RFC 9440 Client-Cert-Chain (checked, not used)
     trusted: TrustedProxies
+TlsClientAuthMethod = Literal["tls_client_auth", "self_signed_tls_client_auth"]
 
 
 @dataclass(frozen=True)
@@ -204,11 +211,20 @@ class AuthPolicy:
 
 
 @dataclass(frozen=True)
+class AuthMtlsClient:
+    """A token endpoint: the client authenticates with its certificate (RFC 8705 section 2)."""
+
+    registry: str                            # name in GatewayConfig.client_registries
+    client_header: str | None                # names the authenticated client to the AS
+    max_body_bytes: int                      # token request bodies are read whole, up to this
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     match: PathMatch
     methods: frozenset[str] | None           # None: any method
-    auth: AuthNone | AuthPolicy
+    auth: AuthNone | AuthPolicy | AuthMtlsClient
     upstream_url: str | None                 # None: the global upstream
     forward_client_cert: bool = False        # send the caller's certificate as RFC 9440 Client-Cert
 
@@ -216,6 +232,61 @@ class Route:
 @dataclass(frozen=True)
 class LoggingConfig:
     level: str
+
+
+@dataclass(frozen=True)
+class ClientRegistration:
+    """One OAuth client registered for mutual-TLS client authentication (RFC 8705 section 2).
+
+    ``tls_client_auth`` sets exactly one of ``subject_dn`` / ``san_*`` (section 2.1.2);
+    ``self_signed_tls_client_auth`` exactly one of ``jwks`` / ``jwks_uri`` (section 2.2.2).
+    Values are kept as registered; :mod:`mtls_gateway.client_registry` parses them once.
+    """
+
+    client_id: str
+    method: TlsClientAuthMethod
+    subject_dn: str | None = None
+    san_dns: str | None = None
+    san_uri: str | None = None
+    san_ip: str | None = None
+    san_email: str | None = None
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientRegistryConfig:
+    """A named set of client registrations (inline or from a YAML file)."""
+
+    name: str
+    clients: tuple[ClientRegistration, ...]
+    file: Path | None                  # watched for reloads when set
+    ca_file: Path | None               # tls_client_auth chains must also reach this bundle
+    jwks_ca_file: Path | None          # CA bundle for jwks_uri servers (None: system store)
+    jwks_refresh_interval: float
+    jwks_max_age: float                # older fetched key sets are not used (fail closed)
+    jwks_timeout: float
+    ca_certs: tuple[bytes, ...] = field(default=(), repr=False)   # DER, read from ca_file
+
+
+@dataclass(frozen=True)
+class AsMetadataRewrite:
+    """Authorization-server metadata documents rewritten on their way through (RFC 8705 s5)."""
+
+    paths: tuple[str, ...]
+    mtls_endpoint_aliases: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    """RFC 9728 protected resource metadata served by the gateway."""
+
+    resource: str                      # the resource identifier (absolute https URL)
+    authorization_servers: tuple[str, ...]
+    scopes_supported: tuple[str, ...]
+    resource_name: str | None
+    resource_documentation: str | None
+    as_metadata: AsMetadataRewrite | None
 
 
 @dataclass(frozen=True)
@@ -231,10 +302,13 @@ class GatewayConfig:
     shutdown_grace: float
     shutdown_delay: float
     reload_interval: float
+    client_registries: dict[str, ClientRegistryConfig] = field(default_factory=dict)
+    metadata: MetadataConfig | None = None
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""
         files = [self.source] if self.source else []
         files += [f for f in (self.listen.cert_file, self.listen.key_file,
                               self.listen.client_ca_file) if f is not None]
+        files += [r.file for r in self.client_registries.values() if r.file is not None]
         return tuple(files)
