@@ -261,3 +261,32 @@ async def test_xfcc_named_in_connection_is_never_read(
     assert reply.status == 401
     assert reply.json()["reason"] == "no_client_cert"
     assert upstream.seen == []
+
+
+async def test_token_endpoint_behind_a_front_proxy(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    """auth: mtls_client authenticates the certificate the trusted proxy states; the AS gets it
+    as Client-Cert. A Hash=-only XFCC names no certificate body: invalid_client."""
+    config = header_config(pki, issuer, upstream, fmt="xfcc", tls=False, cidrs=["127.0.0.1/32"])
+    config["client_registries"] = {"partners": {"clients": [{
+        "client_id": "client-a", "token_endpoint_auth_method": "tls_client_auth",
+        "tls_client_auth_subject_dn": "CN=client-a,O=mtls-gateway test"}]}}
+    config["routes"].insert(0, {"name": "token", "path": "/token", "methods": ["POST"],
+                                "auth": {"mtls_client": {"registry": "partners"}}})
+    gw = await make_gateway(config)
+    a, b = pki.clients["a"].der, pki.clients["b"].der
+
+    async def post(xfcc_value: str) -> Reply:
+        async with aiohttp.ClientSession() as s, s.post(
+                f"http://127.0.0.1:{gw.server.port}/token", data={"client_id": "client-a"},
+                headers={"X-Forwarded-Client-Cert": xfcc_value}) as resp:
+            return Reply(resp.status, resp.headers, await resp.read())
+
+    ok = await post(xfcc(a))
+    assert ok.status == 200, ok.body
+    assert upstream.seen[0].headers["client-cert"] == [encode_client_cert(a)]
+    for value in (xfcc(b), f"Hash={hashlib.sha256(a).hexdigest()}"):
+        refused = await post(value)
+        assert refused.status == 401
+        assert refused.json()["error"] == "invalid_client"
+    assert len(upstream.seen) == 1
