@@ -35,6 +35,10 @@ __all__ = ["SERVER", "GatewayServer", "serve_forever"]
 
 log = logging.getLogger("mtls_gateway.app")
 
+# A front proxy's certificate header (XFCC with Cert= and Chain=, URL-encoded PEM) carries a
+# whole chain, so header mode allows at least this much per field (limits.max_header_size).
+_MAX_FIELD_SIZE_CERT_HEADER = 64 * 1024
+
 
 def _fingerprint(paths: tuple[Path, ...]) -> bytes:
     """Digest of the watched files' contents (blocking: run in a thread)."""
@@ -48,7 +52,9 @@ def _fingerprint(paths: tuple[Path, ...]) -> bytes:
     return digest.digest()
 
 
-def _not_after(cert_file: Path) -> float:
+def _not_after(cert_file: Path | None) -> float | None:
+    if cert_file is None:          # plain-HTTP listener behind a front proxy
+        return None
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc.timestamp()
 
 
@@ -79,8 +85,10 @@ class GatewayServer:
 
     def build_app(self) -> web.Application:
         limits = self.config.limits
+        field_size = (max(limits.max_header_size, _MAX_FIELD_SIZE_CERT_HEADER)
+                      if self.config.listen.client_certificate else limits.max_header_size)
         app = web.Application(
-            handler_args={"max_field_size": limits.max_header_size,
+            handler_args={"max_field_size": field_size,
                           "max_line_size": limits.max_header_size,
                           "max_headers": limits.max_headers,
                           "keepalive_timeout": limits.idle_timeout,
@@ -132,14 +140,16 @@ class GatewayServer:
 
     async def start(self) -> None:
         listen = self.config.listen
-        self._tls = TlsContextSwitch(server_ssl_context(listen))
-        self.metrics.server_cert_expiry.set(_not_after(listen.cert_file))
+        if listen.tls:
+            self._tls = TlsContextSwitch(server_ssl_context(listen))
+            self._set_expiry(_not_after(listen.cert_file))
         self._runner = GuardedAppRunner(self.build_app(), access_log=None, handle_signals=False,
                                         shutdown_timeout=self.config.shutdown_grace,
                                         limits=lambda: self.config.limits,
                                         on_refusal=self._count_refusal)
         await self._runner.setup()
-        await web.TCPSite(self._runner, listen.host, listen.port, ssl_context=self._tls.base,
+        await web.TCPSite(self._runner, listen.host, listen.port,
+                          ssl_context=self._tls.base if self._tls else None,
                           reuse_port=self._reuse_port or None).start()
         self.port = self._runner.addresses[0][1]
         if self._serve_admin:
@@ -151,11 +161,18 @@ class GatewayServer:
             await web.TCPSite(self._admin_runner, admin.host, admin.port,
                               reuse_port=self._reuse_port or None).start()
             self.admin_port = self._admin_runner.addresses[0][1]
-        log.info("gateway listening on %s:%d (mutual TLS, client certificate %s)%s",
-                 listen.host, self.port, listen.client_cert,
+        source = listen.client_certificate
+        log.info("gateway listening on %s:%d (%s; client certificate %s)%s",
+                 listen.host, self.port, "mutual TLS" if listen.tls else "plain HTTP",
+                 f"from the {source.header} header of trusted front proxies" if source
+                 else listen.client_cert,
                  f"; admin on {self.config.admin.host}:{self.admin_port}"
                  if self._admin_runner else "")
         self._notify_ready()
+
+    def _set_expiry(self, not_after: float | None) -> None:
+        if not_after is not None:
+            self.metrics.server_cert_expiry.set(not_after)
 
     def readiness(self) -> dict[str, bool]:
         return {"listener": self._runner is not None and self.port != 0,
@@ -210,7 +227,8 @@ class GatewayServer:
             try:
                 config = (await asyncio.to_thread(load_config, self.config.source)
                           if self.config.source else self.config)
-                ctx = await asyncio.to_thread(server_ssl_context, config.listen)
+                ctx = (await asyncio.to_thread(server_ssl_context, config.listen)
+                       if config.listen.tls else None)
                 expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
                 new = Gateway(config, self.metrics) if config != self.config else None
             except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
@@ -225,9 +243,9 @@ class GatewayServer:
                 task = asyncio.create_task(old.retire(config.shutdown_grace))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
-            assert self._tls is not None
-            self._tls.update(ctx)
-            self.metrics.server_cert_expiry.set(expiry)
+            if self._tls is not None and ctx is not None:
+                self._tls.update(ctx)
+            self._set_expiry(expiry)
             self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())
             self.metrics.config_reloads.labels("success").inc()
             log.info("reloaded (%s): %s", trigger,
@@ -241,6 +259,7 @@ class GatewayServer:
         for what, before, after in (
                 ("listen address", (old.listen.host, old.listen.port),
                  (new.listen.host, new.listen.port)),
+                ("listen.tls", old.listen.tls, new.listen.tls),
                 ("listen.client_cert", old.listen.client_cert, new.listen.client_cert),
                 ("admin", old.admin, new.admin)):
             if before != after:

@@ -9,6 +9,7 @@ field and its default.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,21 +18,30 @@ from typing import Any, Literal
 __all__ = [
     "ASYMMETRIC_ALGORITHMS",
     "AdminConfig",
+    "AsMetadataRewrite",
+    "AuthMtlsClient",
     "AuthNone",
     "AuthPolicy",
     "Binding",
     "CacheConfig",
+    "CertHeaderFormat",
     "ClientAuthMethod",
+    "ClientRegistration",
+    "ClientRegistryConfig",
     "GatewayConfig",
+    "HeaderCertificateSource",
     "IdentityHeaders",
     "IntrospectionProvider",
     "JwtProvider",
     "LimitsConfig",
     "ListenConfig",
     "LoggingConfig",
+    "MetadataConfig",
     "PathMatch",
     "Provider",
     "Route",
+    "TlsClientAuthMethod",
+    "TrustedProxies",
     "UpstreamConfig",
 ]
 
@@ -42,18 +52,48 @@ ASYMMETRIC_ALGORITHMS: tuple[str, ...] = (
 
 Binding = Literal["required", "optional", "off"]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "tls_client_auth"]
+CertHeaderFormat = Literal["rfc9440", "xfcc", "pem"]
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class TrustedProxies:
+    """Who may state the client certificate in a header: every configured rule must hold.
+
+    ``cidrs``: the connection's source address; ``subjects`` (RFC 4514, exact DN) and
+    ``sans`` (``dns:``, ``uri:``, ``ip:``, ``email:``): the front proxy's own client
+    certificate on a mutual-TLS connection. Empty tuples are rules not configured.
+    """
+
+    cidrs: tuple[IpNetwork, ...]
+    subjects: tuple[str, ...]
+    sans: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HeaderCertificateSource:
+    """The client certificate comes from a trusted front proxy's header, not our handshake."""
+
+    format: CertHeaderFormat
+    header: str
+    chain_header: str | None            # RFC 9440 Client-Cert-Chain (checked, not used)
+    trusted: TrustedProxies
+TlsClientAuthMethod = Literal["tls_client_auth", "self_signed_tls_client_auth"]
 
 
 @dataclass(frozen=True)
 class ListenConfig:
     host: str
     port: int
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path
+    cert_file: Path | None               # None only when tls is false
+    key_file: Path | None
+    client_ca_file: Path | None
     client_cert: Literal["required", "optional"]
     min_tls_version: Literal["1.2", "1.3"]
     max_tls_version: Literal["1.2", "1.3"]
+    tls: bool = True
+    #: None: the certificate of our own TLS handshake (the default).
+    client_certificate: HeaderCertificateSource | None = None
 
 
 @dataclass(frozen=True)
@@ -172,12 +212,22 @@ class AuthPolicy:
 
 
 @dataclass(frozen=True)
+class AuthMtlsClient:
+    """A token endpoint: the client authenticates with its certificate (RFC 8705 section 2)."""
+
+    registry: str                            # name in GatewayConfig.client_registries
+    client_header: str | None                # names the authenticated client to the AS
+    max_body_bytes: int                      # token request bodies are read whole, up to this
+
+
+@dataclass(frozen=True)
 class Route:
     name: str
     match: PathMatch
     methods: frozenset[str] | None           # None: any method
-    auth: AuthNone | AuthPolicy
+    auth: AuthNone | AuthPolicy | AuthMtlsClient
     upstream_url: str | None                 # None: the global upstream
+    forward_client_cert: bool = False        # send the caller's certificate as RFC 9440 Client-Cert
 
 
 @dataclass(frozen=True)
@@ -200,6 +250,61 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class ClientRegistration:
+    """One OAuth client registered for mutual-TLS client authentication (RFC 8705 section 2).
+
+    ``tls_client_auth`` sets exactly one of ``subject_dn`` / ``san_*`` (section 2.1.2);
+    ``self_signed_tls_client_auth`` exactly one of ``jwks`` / ``jwks_uri`` (section 2.2.2).
+    Values are kept as registered; :mod:`mtls_gateway.client_registry` parses them once.
+    """
+
+    client_id: str
+    method: TlsClientAuthMethod
+    subject_dn: str | None = None
+    san_dns: str | None = None
+    san_uri: str | None = None
+    san_ip: str | None = None
+    san_email: str | None = None
+    jwks: dict[str, Any] | None = None
+    jwks_uri: str | None = None
+
+
+@dataclass(frozen=True)
+class ClientRegistryConfig:
+    """A named set of client registrations (inline or from a YAML file)."""
+
+    name: str
+    clients: tuple[ClientRegistration, ...]
+    file: Path | None                  # watched for reloads when set
+    ca_file: Path | None               # tls_client_auth chains must also reach this bundle
+    jwks_ca_file: Path | None          # CA bundle for jwks_uri servers (None: system store)
+    jwks_refresh_interval: float
+    jwks_max_age: float                # older fetched key sets are not used (fail closed)
+    jwks_timeout: float
+    ca_certs: tuple[bytes, ...] = field(default=(), repr=False)   # DER, read from ca_file
+
+
+@dataclass(frozen=True)
+class AsMetadataRewrite:
+    """Authorization-server metadata documents rewritten on their way through (RFC 8705 s5)."""
+
+    paths: tuple[str, ...]
+    mtls_endpoint_aliases: dict[str, str]
+
+
+@dataclass(frozen=True)
+class MetadataConfig:
+    """RFC 9728 protected resource metadata served by the gateway."""
+
+    resource: str                      # the resource identifier (absolute https URL)
+    authorization_servers: tuple[str, ...]
+    scopes_supported: tuple[str, ...]
+    resource_name: str | None
+    resource_documentation: str | None
+    as_metadata: AsMetadataRewrite | None
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: Path | None
     realm: str
@@ -213,9 +318,13 @@ class GatewayConfig:
     shutdown_delay: float
     reload_interval: float
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    client_registries: dict[str, ClientRegistryConfig] = field(default_factory=dict)
+    metadata: MetadataConfig | None = None
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""
         files = [self.source] if self.source else []
-        files += [self.listen.cert_file, self.listen.key_file, self.listen.client_ca_file]
+        files += [f for f in (self.listen.cert_file, self.listen.key_file,
+                              self.listen.client_ca_file) if f is not None]
+        files += [r.file for r in self.client_registries.values() if r.file is not None]
         return tuple(files)

@@ -9,6 +9,7 @@ them all. Relative file paths are resolved against the config file's folder.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -20,24 +21,33 @@ from urllib.parse import urlsplit
 
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from .client_registry import certificates_from_jwks, load_client_ca, parse_dn
 from .config import (
     ASYMMETRIC_ALGORITHMS,
     AdminConfig,
+    AsMetadataRewrite,
+    AuthMtlsClient,
     AuthNone,
     AuthPolicy,
     CacheConfig,
+    ClientRegistration,
+    ClientRegistryConfig,
     GatewayConfig,
+    HeaderCertificateSource,
     IdentityHeaders,
     IntrospectionProvider,
     JwtProvider,
     LimitsConfig,
     ListenConfig,
     LoggingConfig,
+    MetadataConfig,
     PathMatch,
     Provider,
     Route,
+    TrustedProxies,
     UpstreamConfig,
 )
 from .errors import ConfigError
@@ -243,19 +253,99 @@ def _check_jwks(data: bytes) -> None:
 
 # --- sections --------------------------------------------------------------------------------
 
+_CERT_HEADER_DEFAULTS = {"rfc9440": "Client-Cert", "xfcc": "X-Forwarded-Client-Cert",
+                         "pem": "X-SSL-Client-Cert"}
+_SAN_KINDS = ("dns", "uri", "ip", "email")
+
+
+def _trusted_proxies(sec: _Section | None, path: str, problems: _Problems) -> TrustedProxies:
+    sec = sec or _Section({}, path, problems)
+    cidrs: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for value in sec.strings("cidrs", ()):
+        try:
+            cidrs.append(ipaddress.ip_network(value, strict=True))
+        except ValueError as exc:
+            sec.problem("cidrs", f"{value!r} is not a network in CIDR notation ({exc})")
+    subjects = sec.strings("subjects", ())
+    for value in subjects:
+        try:
+            x509.Name.from_rfc4514_string(value)
+        except ValueError as exc:
+            sec.problem("subjects", f"{value!r} is not an RFC 4514 distinguished name ({exc})")
+    sans = sec.strings("sans", ())
+    for value in sans:
+        kind, sep, rest = value.partition(":")
+        if not sep or kind.lower() not in _SAN_KINDS or not rest:
+            sec.problem("sans", f"{value!r} must be one of dns:, uri:, ip:, email: and a value")
+        elif kind.lower() == "ip":
+            try:
+                ipaddress.ip_address(rest)
+            except ValueError:
+                sec.problem("sans", f"{value!r} is not an IP address")
+    sec.finish()
+    if any(n.prefixlen == 0 for n in cidrs):
+        sec.problem("cidrs", "a /0 network trusts every address; list your front proxies")
+    return TrustedProxies(tuple(cidrs), subjects, sans)
+
+
+def _client_certificate(sec: _Section | None, problems: _Problems,
+                        path: str) -> HeaderCertificateSource | None:
+    """``listen.client_certificate``: None means the certificate of our own handshake."""
+    if sec is None:
+        return None
+    source = sec.string("source", "tls", choices=("tls", "header"))
+    fmt = sec.string("format", "rfc9440", choices=("rfc9440", "xfcc", "pem"))
+    header = sec.string("header", _CERT_HEADER_DEFAULTS.get(fmt or "", "Client-Cert"))
+    chain_header = sec.string("chain_header", "Client-Cert-Chain" if fmt == "rfc9440" else "")
+    for key, name in (("header", header), ("chain_header", chain_header)):
+        if name and not _HEADER_NAME.match(name):
+            sec.problem(key, f"{name!r} is not a valid header name")
+        elif name and name.lower() in ("authorization", "host", "connection", "cookie"):
+            sec.problem(key, f"{name!r} cannot carry a certificate")
+    if chain_header and fmt != "rfc9440":
+        sec.problem("chain_header", "only the rfc9440 format has a separate chain header")
+    trusted = _trusted_proxies(sec.section("trusted_proxies", required=False),
+                               sec.at("trusted_proxies"), problems)
+    sec.finish()
+    if source != "header":
+        for key in ("format", "header", "chain_header", "trusted_proxies"):
+            if key in sec.data:
+                sec.problem(key, "only applies with source: header")
+        return None
+    if not (trusted.cidrs or trusted.subjects or trusted.sans):
+        sec.problem("trusted_proxies", "source: header needs at least one trust rule (cidrs, "
+                    "subjects or sans): a header from anyone is a forgery waiting to happen")
+    return HeaderCertificateSource(format=fmt, header=header, chain_header=chain_header or None,
+                                   trusted=trusted)
+
+
 def _listen(sec: _Section) -> ListenConfig:
+    tls = sec.boolean("tls", True)
+    need = _REQUIRED if tls else None
     listen = ListenConfig(
         host=sec.string("host", "0.0.0.0"),  # noqa: S104 - a sidecar serves the pod IP
         port=sec.integer("port", 8443, low=0, high=65535),
-        cert_file=sec.file("cert_file", check=_check_certs),  # type: ignore[arg-type]
-        key_file=sec.file("key_file", check=_check_key),  # type: ignore[arg-type]
-        client_ca_file=sec.file("client_ca_file", check=_check_certs),  # type: ignore[arg-type]
+        cert_file=sec.file("cert_file", need, check=_check_certs),
+        key_file=sec.file("key_file", need, check=_check_key),
+        client_ca_file=sec.file("client_ca_file", need, check=_check_certs),
         client_cert=sec.string("client_cert", "required", choices=("required", "optional")),
         min_tls_version=sec.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
         max_tls_version=sec.string("max_tls_version", "1.3", choices=("1.2", "1.3")),
+        tls=tls,
+        client_certificate=_client_certificate(
+            sec.section("client_certificate", required=False), sec.problems,
+            sec.at("client_certificate")),
     )
     if listen.min_tls_version == "1.3" and listen.max_tls_version == "1.2":
         sec.problem("min_tls_version", "is higher than max_tls_version")
+    header = listen.client_certificate
+    if not tls:
+        if header is None:
+            sec.problem("tls", "a plain-HTTP listener has no client certificate of its own; it "
+                        "needs client_certificate.source: header")
+        elif header.trusted.subjects or header.trusted.sans:
+            sec.problem("tls", "trusted_proxies subjects/sans need the front proxy's mutual "
+                        "TLS: keep tls: true, or trust by cidrs only")
     if listen.cert_file and listen.key_file and not sec.problems.items:
         try:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -480,14 +570,19 @@ def _match(sec: _Section) -> PathMatch | None:
     return PathMatch("prefix" if key == "path_prefix" else "exact", value)
 
 
-def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPolicy | None:
+def _auth(sec: _Section, providers: Mapping[str, Provider],
+          registries: Mapping[str, ClientRegistryConfig] | None = None,
+          ) -> AuthNone | AuthPolicy | AuthMtlsClient | None:
     present, value = sec._raw("auth", _REQUIRED)
     if not present:
         return None
     if value == "none":
         return AuthNone()
+    if value == "mtls_client" or (isinstance(value, dict) and "mtls_client" in value):
+        return _auth_mtls_client(sec, value, registries or {})
     if not isinstance(value, dict):
-        sec.problem("auth", 'expected "none" or a mapping with provider, binding, scopes')
+        sec.problem("auth", 'expected "none", "mtls_client" or a mapping with provider, '
+                    "binding, scopes")
         return None
     asec = _Section(value, sec.at("auth"), sec.problems)
     names = asec.strings("provider")
@@ -500,6 +595,41 @@ def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPo
         binding=asec.string("binding", "required", choices=("required", "optional", "off")),
         scopes=asec.strings("scopes", ()),
     )
+    asec.finish()
+    return policy
+
+
+def _auth_mtls_client(sec: _Section, value: Any,
+                      registries: Mapping[str, ClientRegistryConfig]) -> AuthMtlsClient | None:
+    """``auth: mtls_client`` (the only registry) or ``auth: {mtls_client: {registry: ...}}``."""
+    KNOWN_FIELDS.add("mtls_client")
+    if value == "mtls_client":
+        if len(registries) != 1:
+            sec.problem("auth", "mtls_client without options needs exactly one entry in "
+                        f"client_registries (found {len(registries)}); name it with "
+                        "mtls_client.registry")
+            return None
+        return AuthMtlsClient(next(iter(registries)), "X-Auth-Client-Id", 65536)
+    asec = _Section(value, sec.at("auth"), sec.problems)
+    msec = asec.section("mtls_client", required=False) or _Section(
+        {}, asec.at("mtls_client"), sec.problems)
+    default_registry = next(iter(registries)) if len(registries) == 1 else _REQUIRED
+    registry = msec.string("registry", default_registry)
+    if isinstance(registry, str) and registry and registry not in registries:
+        msec.problem("registry", f'unknown client registry "{registry}"')
+    header = msec.string("client_header", "X-Auth-Client-Id")
+    if isinstance(header, str) and header:
+        if not _HEADER_NAME.match(header):
+            msec.problem("client_header", f"{header!r} is not a valid header name")
+        elif header.lower() in ("authorization", "host", "cookie", "content-length",
+                                "content-type", "client-cert", "client-cert-chain"):
+            msec.problem("client_header", f"{header!r} cannot name the client")
+    policy = AuthMtlsClient(
+        registry=registry,
+        client_header=header or None,
+        max_body_bytes=msec.integer("max_body_bytes", 65536, low=1024, high=16 * 1024 * 1024),
+    )
+    msec.finish()
     asec.finish()
     return policy
 
@@ -519,7 +649,8 @@ def _check_chain(sec: _Section, chain: list[Provider]) -> None:
             seen_issuers.setdefault(provider.issuer, provider.name)
 
 
-def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ...]:
+def _routes(top: _Section, providers: Mapping[str, Provider],
+            registries: Mapping[str, ClientRegistryConfig] | None = None) -> tuple[Route, ...]:
     present, value = top._raw("routes", _REQUIRED)
     if not present:
         return ()
@@ -540,11 +671,13 @@ def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ..
             methods = frozenset(m.upper() for m in methods)
             for m in sorted(methods - _HTTP_METHODS):
                 sec.problem("methods", f"unknown HTTP method {m!r}")
-        auth = _auth(sec, providers)
+        auth = _auth(sec, providers, registries)
         upstream_url = sec.url("upstream", None, schemes=("http", "https"))
+        forward_cert = sec.boolean("forward_client_cert", False)
         sec.finish()
         if match is not None and auth is not None:
-            routes.append(Route(name, match, methods, auth, upstream_url))
+            routes.append(Route(name, match, methods, auth, upstream_url,
+                                forward_client_cert=forward_cert))
     return tuple(routes)
 
 
@@ -566,6 +699,201 @@ def _limits(sec: _Section | None, problems: _Problems) -> LimitsConfig:
     )
     sec.finish()
     return limits
+
+
+# --- token endpoint client registries and metadata (RFC 8705 section 2, RFC 9728) ---------
+
+_SUBJECT_KEYS = {"tls_client_auth_subject_dn": "subject_dn", "tls_client_auth_san_dns": "san_dns",
+                 "tls_client_auth_san_uri": "san_uri", "tls_client_auth_san_ip": "san_ip",
+                 "tls_client_auth_san_email": "san_email"}
+
+
+def _check_subject_value(sec: _Section, key: str, value: str) -> None:
+    try:
+        if key == "tls_client_auth_subject_dn":
+            parse_dn(value)
+        elif key == "tls_client_auth_san_ip":
+            ipaddress.ip_address(value)
+        elif key == "tls_client_auth_san_uri" and not urlsplit(value).scheme:
+            raise ValueError("must be an absolute URI")
+        elif key == "tls_client_auth_san_email" and "@" not in value:
+            raise ValueError("must be an e-mail address")
+    except ValueError as exc:
+        sec.problem(key, str(exc))
+
+
+def _client(sec: _Section) -> ClientRegistration | None:
+    client_id = sec.string("client_id")
+    method = sec.string("token_endpoint_auth_method",
+                        choices=("tls_client_auth", "self_signed_tls_client_auth"))
+    subjects = {k: sec.string(k, None) for k in _SUBJECT_KEYS}
+    given = [k for k, v in subjects.items() if v]
+    for key in given:
+        _check_subject_value(sec, key, subjects[key])
+    jwks: dict[str, Any] | None = sec.typed("jwks", dict, None)
+    jwks_uri = sec.url("jwks_uri", None)
+    if jwks is not None:
+        try:
+            certificates_from_jwks(jwks)
+        except ValueError as exc:
+            sec.problem("jwks", str(exc))
+    if method == "tls_client_auth":
+        if len(given) != 1:
+            got = f" (got {', '.join(given)})" if given else ""
+            sec.problem("token_endpoint_auth_method",
+                        f"tls_client_auth needs exactly one of {', '.join(_SUBJECT_KEYS)}{got}")
+        if jwks is not None or jwks_uri:
+            sec.problem("jwks", "jwks and jwks_uri are for self_signed_tls_client_auth")
+    elif method == "self_signed_tls_client_auth":
+        if (jwks is not None) == bool(jwks_uri):
+            sec.problem("token_endpoint_auth_method",
+                        "self_signed_tls_client_auth needs exactly one of jwks, jwks_uri")
+        if given:
+            sec.problem(given[0], "tls_client_auth_* values are for tls_client_auth")
+    sec.finish()
+    if not isinstance(client_id, str) or not client_id or method is None:
+        return None
+    return ClientRegistration(client_id=client_id, method=method, jwks=jwks, jwks_uri=jwks_uri,
+                              **{_SUBJECT_KEYS[k]: v for k, v in subjects.items() if v})
+
+
+def _clients(value: Any, path: str, problems: _Problems) -> list[ClientRegistration]:
+    if not isinstance(value, list):
+        problems.add(path, "expected a list of client registrations")
+        return []
+    clients: list[ClientRegistration] = []
+    seen: set[str] = set()
+    for i, body in enumerate(value):
+        at = f"{path}[{i}]"
+        if not isinstance(body, dict):
+            problems.add(at, f"expected a mapping (got {_type_name(body)})")
+            continue
+        client = _client(_Section(body, at, problems))
+        if client is None:
+            continue
+        if client.client_id in seen:
+            problems.add(f"{at}.client_id", f'client "{client.client_id}" is registered twice')
+        seen.add(client.client_id)
+        clients.append(client)
+    return clients
+
+
+def _client_registry(name: str, sec: _Section) -> ClientRegistryConfig:
+    inline = sec.data.get("clients")
+    sec.has("clients")
+    path = sec.file("file", None)
+    clients: list[ClientRegistration] = []
+    if (inline is not None) == (path is not None):
+        sec.problem("clients", "set exactly one of clients (inline) and file")
+    elif inline is not None:
+        clients = _clients(inline, sec.at("clients"), sec.problems)
+    elif path is not None and path.is_file():
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            sec.problem("file", f"{path}: not readable YAML ({exc})")
+            doc = None
+        if doc is not None:
+            if not isinstance(doc, dict) or set(doc) != {"clients"}:
+                sec.problem("file", f'{path}: expected a mapping with one key, "clients"')
+            else:
+                clients = _clients(doc["clients"], f"{path.name}:clients", sec.problems)
+    ca_file = sec.file("ca_file", None, check=_check_certs)
+    ca_certs: tuple[bytes, ...] = ()
+    if ca_file is not None and ca_file.is_file():
+        try:
+            from cryptography.x509 import verification
+
+            verification.ExtensionPolicy  # noqa: B018 - cryptography >= 45
+            ca_certs = tuple(c.public_bytes(serialization.Encoding.DER)
+                             for c in load_client_ca(ca_file.read_bytes()))
+        except (ImportError, AttributeError):
+            sec.problem("ca_file", "needs cryptography >= 45 (x509.verification)")
+        except ValueError:
+            pass  # reported by the file check
+    registry = ClientRegistryConfig(
+        name=name,
+        clients=tuple(clients),
+        file=path,
+        ca_file=ca_file,
+        jwks_ca_file=sec.file("jwks_ca_file", None, check=_check_certs),
+        jwks_refresh_interval=sec.duration("jwks_refresh_interval", 300.0),
+        jwks_max_age=sec.duration("jwks_max_age", 3600.0),
+        jwks_timeout=sec.duration("jwks_timeout", 5.0),
+        ca_certs=ca_certs,
+    )
+    if registry.jwks_max_age < registry.jwks_refresh_interval:
+        sec.problem("jwks_max_age", "must not be shorter than jwks_refresh_interval")
+    sec.finish()
+    return registry
+
+
+def _client_registries(sec: _Section | None) -> dict[str, ClientRegistryConfig]:
+    registries: dict[str, ClientRegistryConfig] = {}
+    if sec is None:
+        return registries
+    for name, body in sec.data.items():
+        sec.seen.add(name)
+        path = sec.at(str(name))
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            sec.problems.add(path, "registry names use letters, digits, _ . -")
+            continue
+        if not isinstance(body, dict):
+            sec.problems.add(path, f"expected a mapping (got {_type_name(body)})")
+            continue
+        registries[name] = _client_registry(name, _Section(body, path, sec.problems))
+    return registries
+
+
+def _as_metadata(sec: _Section | None) -> AsMetadataRewrite | None:
+    if sec is None:
+        return None
+    paths = sec.strings("paths", ("/.well-known/oauth-authorization-server",
+                                  "/.well-known/openid-configuration"))
+    for p in paths:
+        if not p.startswith("/"):
+            sec.problem("paths", f"{p!r} must start with /")
+    aliases: dict[str, str] = {}
+    present, value = sec._raw("mtls_endpoint_aliases", {})
+    if present and not isinstance(value, dict):
+        sec.problem("mtls_endpoint_aliases", "expected a mapping of endpoint name to URL")
+    elif present:
+        asec = _Section(value, sec.at("mtls_endpoint_aliases"), sec.problems)
+        for key in value:
+            url = asec.url(str(key))
+            if isinstance(url, str):
+                aliases[str(key)] = url
+    sec.finish()
+    return AsMetadataRewrite(paths=tuple(paths), mtls_endpoint_aliases=aliases)
+
+
+def _metadata(sec: _Section | None, providers: Mapping[str, Provider],
+              routes: tuple[Route, ...]) -> MetadataConfig | None:
+    if sec is None:
+        return None
+    resource = sec.url("resource")
+    if isinstance(resource, str) and (urlsplit(resource).query or urlsplit(resource).fragment):
+        sec.problem("resource", "must have no query or fragment (RFC 9728 section 1.2)")
+    issuers: list[str] = []
+    for p in providers.values():
+        if p.issuer and p.issuer not in issuers:
+            issuers.append(p.issuer)
+    scopes = sorted({s for r in routes if isinstance(r.auth, AuthPolicy) for s in r.auth.scopes})
+    servers = sec.strings("authorization_servers", tuple(issuers))
+    for i, server in enumerate(servers):
+        parts = urlsplit(server)
+        if parts.scheme != "https" or not parts.hostname:
+            sec.problem(f"authorization_servers[{i}]", f"must be an https URL (got {server!r})")
+    metadata = MetadataConfig(
+        resource=resource,
+        authorization_servers=servers,
+        scopes_supported=sec.strings("scopes_supported", tuple(scopes)),
+        resource_name=sec.string("resource_name", None),
+        resource_documentation=sec.url("resource_documentation", None),
+        as_metadata=_as_metadata(sec.section("authorization_server_metadata", required=False)),
+    )
+    sec.finish()
+    return metadata
 
 
 def _logging(sec: _Section | None, problems: _Problems) -> LoggingConfig:
@@ -592,7 +920,9 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     providers = _providers(top.section("providers", required=False))
     upstream_sec = top.section("upstream")
     upstream = _upstream(upstream_sec) if upstream_sec else None
-    routes = _routes(top, providers)
+    registries = _client_registries(top.section("client_registries", required=False))
+    routes = _routes(top, providers, registries)
+    metadata = _metadata(top.section("metadata", required=False), providers, routes)
     logging_cfg = _logging(top.section("logging", required=False), problems)
     limits = _limits(top.section("limits", required=False), problems)
     realm = top.string("realm", "mtls-gateway")
@@ -607,7 +937,8 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     return GatewayConfig(source=source, realm=realm, listen=listen, admin=admin,
                          providers=providers, upstream=upstream, routes=routes,
                          logging=logging_cfg, shutdown_grace=grace, shutdown_delay=delay,
-                         reload_interval=reload_interval, limits=limits)
+                         reload_interval=reload_interval, client_registries=registries,
+                         metadata=metadata, limits=limits)
 
 
 def load_config(path: Path) -> GatewayConfig:

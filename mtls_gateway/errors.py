@@ -12,6 +12,9 @@
         ├── InvalidToken         401 error="invalid_token"    (bad/expired/unbound token)
         ├── InsufficientScope    403 error="insufficient_scope", scope=
         ├── NoRoute              404                          (no route matches)
+        ├── TokenEndpointRefusal RFC 6749 section 5.2 JSON, no Bearer challenge (auth: mtls_client)
+        │   ├── InvalidTokenRequest  400 error="invalid_request"  (malformed token request)
+        │   └── InvalidClient        401 error="invalid_client"   (client authentication failed)
         ├── DependencyDown       503                          (JWKS/introspection down)
         └── UpstreamFailed       502                          (upstream unreachable or broken)
             └── UpstreamTimeout  504                          (upstream too slow)
@@ -33,12 +36,15 @@ __all__ = [
     "DependencyDown",
     "GatewayError",
     "InsufficientScope",
+    "InvalidClient",
     "InvalidRequest",
     "InvalidToken",
+    "InvalidTokenRequest",
     "NoRoute",
     "NoToken",
     "Refusal",
     "RequestTimeout",
+    "TokenEndpointRefusal",
     "UpstreamFailed",
     "UpstreamTimeout",
 ]
@@ -111,6 +117,31 @@ class InsufficientScope(Refusal):
 
 class NoRoute(Refusal):
     status = 404
+
+
+class TokenEndpointRefusal(Refusal):
+    """Refused at a token endpoint: answered per RFC 6749 section 5.2, not RFC 6750.
+
+    ``basic`` records that the client sent HTTP Basic credentials, which obliges a
+    ``WWW-Authenticate: Basic`` challenge on 401 (RFC 6749 section 5.2).
+    """
+
+    status = 400
+    error = "invalid_request"
+
+    def __init__(self, reason: str, description: str = "", *, basic: bool = False) -> None:
+        super().__init__(reason, description)
+        self.basic = basic
+
+
+class InvalidTokenRequest(TokenEndpointRefusal):
+    status = 400
+    error = "invalid_request"
+
+
+class InvalidClient(TokenEndpointRefusal):
+    status = 401
+    error = "invalid_client"
 
 
 class DependencyDown(Refusal):

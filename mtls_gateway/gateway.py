@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
 
 from aiohttp import HttpVersion10, HttpVersion11, web
 
 from .bearer import bearer_token
 from .binding import check_binding
-from .config import AuthPolicy, GatewayConfig, Provider
+from .cert_headers import encode_client_cert
+from .client_cert import UNTRUSTED_HEADER, build_certificate_source
+from .client_registry import ClientRegistry
+from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Provider
 from .decision_log import log_decision, token_digest, token_hash
 from .errors import (
     BodyTooLarge,
@@ -27,15 +29,18 @@ from .errors import (
     NoToken,
     Refusal,
     RequestTimeout,
+    TokenEndpointRefusal,
 )
 from .framing import check_framing
 from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
+from .metadata import MetadataEndpoint
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
 from .proxy import ABORTED, UPSTREAM_SECONDS, Forwarder
 from .routing import Router
-from .tls import PeerCertificate, peer_certificate
+from .tls import PeerCertificate
+from .token_endpoint import TokenEndpoint, token_refusal_response
 from .tokeninfo import TokenInfo
 
 __all__ = ["Gateway", "build_verifier", "refusal_response"]
@@ -53,8 +58,12 @@ def _quote(value: str) -> str:
     return value.replace("\\", "").replace('"', "'")
 
 
-def refusal_response(exc: Refusal, realm: str) -> web.Response:
-    """The client's answer to a refusal: RFC 6750 challenge for token problems."""
+def refusal_response(exc: Refusal, realm: str,
+                     resource_metadata: str | None = None) -> web.Response:
+    """The client's answer to a refusal: RFC 6750 challenge for token problems (naming the
+    RFC 9728 metadata URL when configured); RFC 6749 s5.2 errors at token endpoints."""
+    if isinstance(exc, TokenEndpointRefusal):
+        return token_refusal_response(exc, _quote(realm))
     headers: dict[str, str] = {"Cache-Control": "no-store"}
     if isinstance(exc, NoToken | InvalidToken | InsufficientScope | InvalidRequest):
         params = [f'realm="{_quote(realm)}"']
@@ -64,6 +73,8 @@ def refusal_response(exc: Refusal, realm: str) -> web.Response:
                 params.append(f'error_description="{_quote(exc.description)}"')
         if isinstance(exc, InsufficientScope):
             params.append(f'scope="{_quote(exc.scope)}"')
+        if resource_metadata:
+            params.append(f'resource_metadata="{_quote(resource_metadata)}"')
         headers["WWW-Authenticate"] = "Bearer " + ", ".join(params)
     body: dict[str, str] = {"error": exc.error or _GENERIC_ERRORS.get(exc.status, "refused"),
                             "reason": exc.reason}
@@ -86,7 +97,19 @@ class Gateway:
         self.router = Router(config.routes)
         self.verifiers: dict[str, Verifier] = {
             name: build_verifier(p, self.metrics) for name, p in config.providers.items()}
-        self.forwarder = Forwarder(config.upstream, config.limits)
+        self.certificates = build_certificate_source(config.listen)
+        # Token endpoints (auth: mtls_client) and RFC 9728 metadata: see token_endpoint.py,
+        # metadata.py.
+        self.registries = {name: ClientRegistry(r) for name, r in config.client_registries.items()}
+        self.token_endpoints = {id(r): TokenEndpoint(r.auth, self.registries[r.auth.registry])
+                                for r in config.routes if isinstance(r.auth, AuthMtlsClient)}
+        self.metadata = MetadataEndpoint(config) if config.metadata is not None else None
+        self._metadata_url = self.metadata.url if self.metadata is not None else None
+        client_headers = frozenset(r.auth.client_header.lower() for r in config.routes
+                                   if isinstance(r.auth, AuthMtlsClient) and r.auth.client_header)
+        self.forwarder = Forwarder(config.upstream,
+                                   also_strip=self.certificates.strip | client_headers,
+                                   limits=config.limits)
         self._identity = config.upstream.identity_headers
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -110,10 +133,14 @@ class Gateway:
         await self.forwarder.start()
         for verifier in self.verifiers.values():
             await verifier.start()
+        for registry in self.registries.values():
+            await registry.start()
 
     async def close(self) -> None:
         for verifier in self.verifiers.values():
             await verifier.close()
+        for registry in self.registries.values():
+            await registry.close()
         await self.forwarder.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -132,13 +159,21 @@ class Gateway:
                                      "remote": request.remote}
         peer: PeerCertificate | None = None
         authorized = False
+        if self.metadata is not None and self.metadata.serves(request):
+            return self._serve_metadata(self.metadata, fields, started)
+        body: bytes | None = None   # set when the gateway read the body (token endpoint)
         try:
             check_framing(request, self.config.limits)
             route = self.router.match(request.method, request.path, request.raw_path)
             fields["route"] = route.name
-            peer = peer_certificate(request.transport)
-            identity: Mapping[str, str] = {}
-            if isinstance(route.auth, AuthPolicy):
+            peer = self.certificates.peer(request)
+            identity: dict[str, str] = {}
+            if isinstance(route.auth, AuthMtlsClient):   # a token endpoint (RFC 8705 s2)
+                client = await self.token_endpoints[id(route)].authenticate(request, peer)
+                fields["client_id"] = client.client_id
+                identity, body = client.upstream_headers, client.body
+                reason = "client_authenticated"
+            elif isinstance(route.auth, AuthPolicy):
                 token = bearer_token(request.headers, request.query)
                 if token is None:
                     raise NoToken()
@@ -153,16 +188,26 @@ class Gateway:
                 self._authorize(route.auth, info)
                 identity = self._identity_headers(info, peer)
                 reason = "allowed"
-            else:
+            elif isinstance(route.auth, AuthNone):
                 reason = "public_route"
+            else:   # an auth type without its branch must fail closed, never become public
+                raise TypeError(f"no request path for {type(route.auth).__name__}")
+            if route.forward_client_cert and peer is not None and peer.der:
+                identity["Client-Cert"] = encode_client_cert(peer.der)
             authorized = True
-            response = await self.forwarder.forward(
-                request, route.upstream_url or self.config.upstream.url, identity)
+            upstream_url = route.upstream_url or self.config.upstream.url
+            response: web.StreamResponse
+            if self.metadata is not None and self.metadata.rewrites(request):
+                response = await self.metadata.rewritten(self.forwarder, request, upstream_url,
+                                                         identity)
+            else:
+                response = await self.forwarder.forward(request, upstream_url, identity,
+                                                        body_bytes=body)
             self.metrics.upstream_seconds.labels(route.name).observe(response[UPSTREAM_SECONDS])
             if response.get(ABORTED):
                 reason = "upstream_aborted"
         except Refusal as exc:
-            response = refusal_response(exc, self.config.realm)
+            response = refusal_response(exc, self.config.realm, self._metadata_url)
             reason = exc.reason
             if isinstance(exc, BodyTooLarge | RequestTimeout):
                 response.force_close()  # the rest of the body is not worth reading
@@ -175,9 +220,19 @@ class Gateway:
             response = web.json_response({"error": "internal_error", "reason": "internal_error"},
                                          status=500, headers={"Cache-Control": "no-store"})
             reason = "internal_error"
+        if request.get(UNTRUSTED_HEADER):
+            fields["untrusted_cert_header"] = True
         if reason.startswith("upstream_"):
             self.metrics.upstream_errors.labels(str(fields.get("route", "-")), reason).inc()
         self._record(fields, authorized, reason, response.status, peer, started)
+        return response
+
+    def _serve_metadata(self, endpoint: MetadataEndpoint, fields: dict[str, object],
+                        started: float) -> web.StreamResponse:
+        """RFC 9728 protected resource metadata: public, answered by the gateway itself."""
+        fields["route"] = "metadata"
+        response = endpoint.document_response()
+        self._record(fields, True, "metadata", response.status, None, started)
         return response
 
     @staticmethod

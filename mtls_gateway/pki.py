@@ -130,9 +130,10 @@ def issue_server(ca: CertKey, hosts: tuple[str, ...] = ("localhost", "127.0.0.1"
 
 
 def issue_client(ca: CertKey, common_name: str, *, days: int = 30,
-                 not_before: dt.datetime | None = None) -> CertKey:
+                 not_before: dt.datetime | None = None,
+                 sans: list[x509.GeneralName] | None = None) -> CertKey:
     """A TLS client certificate; two calls with one name give two distinct certificates."""
-    return _leaf(ca, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, [], days, not_before)
+    return _leaf(ca, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, sans or [], days, not_before)
 
 
 def self_signed_client(common_name: str, *, days: int = 30) -> CertKey:

@@ -58,10 +58,13 @@ def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[st
 class Forwarder:
     """Upstream connection pool and the forwarding of one request."""
 
-    def __init__(self, upstream: UpstreamConfig, limits: LimitsConfig | None = None) -> None:
+    def __init__(self, upstream: UpstreamConfig, *,
+                 also_strip: frozenset[str] = frozenset(),
+                 limits: LimitsConfig | None = None) -> None:
         self.config = upstream
         self.limits = limits or LimitsConfig()
-        self._strip = _ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
+        self._strip = (_ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
+                       | also_strip)
         if not upstream.pass_authorization:
             self._strip |= {"authorization"}
         self._session: aiohttp.ClientSession | None = None
@@ -111,12 +114,41 @@ class Forwarder:
                 raise BodyTooLarge("body_too_large", "request body is too large")
             yield chunk
 
-    async def forward(self, request: web.Request, base_url: str,
-                      identity: Mapping[str, str]) -> web.StreamResponse:
-        """Send the request upstream and stream the answer back; 502/504 on failure."""
+    async def fetch(self, request: web.Request, base_url: str, identity: Mapping[str, str],
+                    *, max_bytes: int) -> tuple[int, CIMultiDict[str], bytes]:
+        """Like :meth:`forward`, but the answer is read whole (at most ``max_bytes``, else
+        502) and returned, uncompressed, for the gateway to change (metadata documents)."""
         assert self._session is not None, "Forwarder.start() was not awaited"
         target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
-        body = self._body(request) if request.body_exists else None
+        headers = self.upstream_headers(request, identity)
+        headers["Accept-Encoding"] = "identity"
+        try:
+            async with self._session.request(request.method, target, headers=headers,
+                                              allow_redirects=False) as upstream:
+                chunks, size = [], 0
+                async for chunk in upstream.content.iter_chunked(_CHUNK):
+                    size += len(chunk)
+                    if size > max_bytes:
+                        raise UpstreamFailed("upstream_unavailable", "upstream answer too large")
+                    chunks.append(chunk)
+                return upstream.status, strip_hop_by_hop(upstream.headers), b"".join(chunks)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout("upstream_timeout", "upstream did not answer in time") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
+
+    async def forward(self, request: web.Request, base_url: str,
+                      identity: Mapping[str, str], *, body_bytes: bytes | None = None,
+                      ) -> web.StreamResponse:
+        """Send the request upstream and stream the answer back; 502/504 on failure.
+
+        ``body_bytes``: the request body, already read by the gateway (token endpoint).
+        """
+        assert self._session is not None, "Forwarder.start() was not awaited"
+        target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
+        body: bytes | AsyncIterator[bytes] | None = (
+            body_bytes if body_bytes is not None
+            else self._body(request) if request.body_exists else None)
         started = time.perf_counter()
         try:
             upstream = await self._session.request(

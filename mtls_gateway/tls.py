@@ -32,6 +32,8 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
     """A server context that asks for (or requires) a client certificate chained to the CA."""
+    if listen.cert_file is None or listen.key_file is None or listen.client_ca_file is None:
+        raise ValueError("the TLS listener needs cert_file, key_file and client_ca_file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = _VERSIONS[listen.min_tls_version]
     ctx.maximum_version = _VERSIONS[listen.max_tls_version]

@@ -6,6 +6,7 @@ started it."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import re
@@ -24,6 +25,8 @@ import jwt
 import pytest
 import yaml
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
@@ -41,6 +44,11 @@ class Client:
     cert: Path
     key: Path
     thumbprint: str
+
+    @property
+    def der(self) -> bytes:
+        return x509.load_pem_x509_certificate(self.cert.read_bytes()).public_bytes(
+            serialization.Encoding.DER)
 
 
 @dataclass
@@ -75,6 +83,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         # same CA, same subject as "a", another key: must not be able to use a's tokens
         "a2": pki_mod.issue_client(ca, "client-a"),
         "b": pki_mod.issue_client(ca, "client-b"),
+        # a front proxy (ingress) that states its clients' certificates in a header
+        "proxy": pki_mod.issue_client(ca, "edge-proxy", sans=[
+            x509.UniformResourceIdentifier("spiffe://cluster.local/ns/edge/sa/ingress")]),
     }
     for name, ck in made.items():
         crt, key = ck.write(d, f"client-{name}")
@@ -83,6 +94,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     crt, key = stranger.write(d, "client-stranger")
     clients["stranger"] = Client(crt, key, x5t_s256(stranger.cert_der))
     return Pki(d, ca_file, server_cert, server_key, clients)
+
+
+def big_certificate_chain(count: int = 4, sans: int = 80) -> list[x509.Certificate]:
+    """Self-signed 4096-bit RSA certificates with many SANs: a worst case for header sizes."""
+    now = dt.datetime.now(dt.UTC)
+    chain = []
+    for i in range(count):
+        key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, f"chain-{i}")])
+        chain.append(
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName(f"service-{n}.example.com") for n in range(sans)]), False)
+            .sign(key, hashes.SHA256()))
+    return chain
 
 
 # --- servers on loopback ----------------------------------------------------------------------

@@ -205,3 +205,205 @@ def test_shipped_gateway_yaml_documents_every_field(pki: Pki, tmp_path: Path) ->
     missing = sorted(f for f in config_load.KNOWN_FIELDS
                      if not re.search(rf"^\s*#?\s*-?\s*{re.escape(f)}:", text, re.MULTILINE))
     assert missing == []
+
+
+_HEADER = {"source": "header", "format": "xfcc", "trusted_proxies": {"cidrs": ["127.0.0.1/32"]}}
+
+
+@pytest.mark.parametrize(("client_certificate", "listen", "expected"), [
+    ({"source": "header"}, {},
+     "listen.client_certificate.trusted_proxies: source: header needs at least one trust rule"),
+    ({"source": "tls", "format": "xfcc"}, {},
+     "listen.client_certificate.format: only applies with source: header"),
+    ({**_HEADER, "format": "der"}, {}, "listen.client_certificate.format: must be one of"),
+    ({**_HEADER, "header": "Bad Header"}, {},
+     "listen.client_certificate.header: 'Bad Header' is not a valid header name"),
+    ({**_HEADER, "header": "Authorization"}, {},
+     "listen.client_certificate.header: 'Authorization' cannot carry a certificate"),
+    ({**_HEADER, "chain_header": "X-Chain"}, {},
+     "listen.client_certificate.chain_header: only the rfc9440 format"),
+    ({**_HEADER, "trusted_proxies": {"cidrs": ["10.0.0.1/8"]}}, {},
+     "listen.client_certificate.trusted_proxies.cidrs: '10.0.0.1/8' is not a network"),
+    ({**_HEADER, "trusted_proxies": {"cidrs": ["0.0.0.0/0"]}}, {},
+     "listen.client_certificate.trusted_proxies.cidrs: a /0 network trusts every address"),
+    ({**_HEADER, "trusted_proxies": {"subjects": ["not a dn"]}}, {},
+     "listen.client_certificate.trusted_proxies.subjects: 'not a dn' is not an RFC 4514"),
+    ({**_HEADER, "trusted_proxies": {"sans": ["spiffe://x"]}}, {},
+     "listen.client_certificate.trusted_proxies.sans: 'spiffe://x' must be one of dns:"),
+    ({**_HEADER, "trusted_proxies": {"sans": ["ip:300.1.1.1"]}}, {},
+     "listen.client_certificate.trusted_proxies.sans: 'ip:300.1.1.1' is not an IP address"),
+    ({**_HEADER, "trusted_proxies": {"cidr": ["10.0.0.0/8"]}}, {},
+     "listen.client_certificate.trusted_proxies.cidr: unknown field"),
+    (None, {"tls": False}, "listen.tls: a plain-HTTP listener has no client certificate"),
+    ({**_HEADER, "trusted_proxies": {"sans": ["dns:edge"]}}, {"tls": False},
+     "listen.tls: trusted_proxies subjects/sans need the front proxy's mutual TLS"),
+])
+def test_client_certificate_problems(pki: Pki, tmp_path: Path, client_certificate: Any,
+                                     listen: dict[str, Any], expected: str) -> None:
+    data = _valid(pki)
+    data["listen"].update(listen)
+    if client_certificate is not None:
+        data["listen"]["client_certificate"] = client_certificate
+    problems = _problems(data, tmp_path)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_header_source_defaults_and_plain_listener(pki: Pki, tmp_path: Path) -> None:
+    data = _valid(pki)
+    data["listen"] = {"tls": False, "client_certificate": {
+        "source": "header", "trusted_proxies": {"cidrs": ["127.0.0.1/32", "::1/128"]}}}
+    config = _load(data, tmp_path)
+    source = config.listen.client_certificate
+    assert (source.format, source.header, source.chain_header) == (
+        "rfc9440", "Client-Cert", "Client-Cert-Chain")
+    assert [str(n) for n in source.trusted.cidrs] == ["127.0.0.1/32", "::1/128"]
+    assert config.listen.cert_file is None and config.watched_files() == ()
+    for fmt, header in (("xfcc", "X-Forwarded-Client-Cert"), ("pem", "X-SSL-Client-Cert")):
+        data["listen"]["client_certificate"]["format"] = fmt
+        source = _load(data, tmp_path).listen.client_certificate
+        assert (source.header, source.chain_header) == (header, None)
+    assert _load(_valid(pki), tmp_path).listen.client_certificate is None   # tls: the default
+# --- token endpoint routes, client registries, metadata (issue 10) -------------------------
+
+_CLIENT_A = {"client_id": "client-a", "token_endpoint_auth_method": "tls_client_auth",
+             "tls_client_auth_subject_dn": "CN=client-a,O=mtls-gateway test"}
+
+
+def _with_token_route(pki: Pki, **registry: Any) -> dict[str, Any]:
+    data = _valid(pki)
+    data["client_registries"] = {"partners": registry or {"clients": [_CLIENT_A]}}
+    data["routes"].insert(0, {"name": "token", "path": "/token", "methods": ["POST"],
+                              "auth": {"mtls_client": {"registry": "partners"}}})
+    data["metadata"] = {"resource": "https://api.test"}
+    return data
+
+
+def test_token_route_registry_and_metadata(pki: Pki, tmp_path: Path) -> None:
+    from mtls_gateway.config import AuthMtlsClient, ClientRegistration
+
+    config = _load(_with_token_route(pki), tmp_path)
+    auth = config.routes[0].auth
+    assert auth == AuthMtlsClient("partners", "X-Auth-Client-Id", 65536)
+    registry = config.client_registries["partners"]
+    assert registry.clients == (ClientRegistration(
+        "client-a", "tls_client_auth", subject_dn="CN=client-a,O=mtls-gateway test"),)
+    assert (registry.jwks_refresh_interval, registry.jwks_max_age) == (300.0, 3600.0)
+    assert config.metadata is not None
+    assert config.metadata.authorization_servers == ("https://i.test",)   # provider issuers
+    assert config.metadata.as_metadata is None
+
+
+def test_auth_mtls_client_shorthand_and_registry_file(pki: Pki, tmp_path: Path) -> None:
+    clients = tmp_path / "clients.yaml"
+    clients.write_text(yaml.safe_dump({"clients": [_CLIENT_A]}))
+    data = _with_token_route(pki, file="clients.yaml")
+    data["routes"][0]["auth"] = "mtls_client"
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    assert config.routes[0].auth.registry == "partners"  # type: ignore[union-attr]
+    assert config.client_registries["partners"].clients[0].client_id == "client-a"
+    assert clients in config.watched_files()   # edits to the registry reload it
+
+
+_SELF = {"client_id": "client-s", "token_endpoint_auth_method": "self_signed_tls_client_auth",
+         "jwks_uri": "https://client-s.test/jwks"}
+
+
+@pytest.mark.parametrize(("path", "value", "expected"), [
+    ("routes[0].auth.mtls_client.registry", "nope",
+     'routes[0].auth.mtls_client.registry: unknown client registry "nope"'),
+    ("routes[0].auth.mtls_client.client_header", "Client-Cert",
+     "routes[0].auth.mtls_client.client_header: 'Client-Cert' cannot name the client"),
+    ("routes[0].auth.mtls_client.client_header", "Bad Header",
+     "routes[0].auth.mtls_client.client_header: 'Bad Header' is not a valid header name"),
+    ("routes[0].auth.mtls_client.max_body_bytes", 10,
+     "routes[0].auth.mtls_client.max_body_bytes: must be between 1024"),
+    ("routes[0].auth.mtls_client.colour", "x", "routes[0].auth.mtls_client.colour: unknown"),
+    ("client_registries.partners.clients[0].tls_client_auth_san_dns", "a.test",
+     "client_registries.partners.clients[0].token_endpoint_auth_method: tls_client_auth needs "
+     "exactly one of"),
+    ("client_registries.partners.clients[0].tls_client_auth_subject_dn", _DELETE,
+     "client_registries.partners.clients[0].token_endpoint_auth_method: tls_client_auth needs"),
+    ("client_registries.partners.clients[0].tls_client_auth_subject_dn", "cn=x,bogus",
+     "client_registries.partners.clients[0].tls_client_auth_subject_dn: 'bogus' is not"),
+    ("client_registries.partners.clients[0]",
+     {**_CLIENT_A, "tls_client_auth_subject_dn": None, "tls_client_auth_san_ip": "300.1.1.1"},
+     "client_registries.partners.clients[0].tls_client_auth_san_ip:"),
+    ("client_registries.partners.clients[0].token_endpoint_auth_method", "client_secret_basic",
+     "client_registries.partners.clients[0].token_endpoint_auth_method: must be one of"),
+    ("client_registries.partners.clients[0].redirect_uris", [],
+     "client_registries.partners.clients[0].redirect_uris: unknown field"),
+    ("client_registries.partners.clients", [_CLIENT_A, _CLIENT_A],
+     'client_registries.partners.clients[1].client_id: client "client-a" is registered twice'),
+    ("client_registries.partners.clients", [{**_SELF, "jwks": {"keys": []}}],
+     "client_registries.partners.clients[0].jwks: no key in the JWK Set"),
+    ("client_registries.partners.clients", [{**_SELF, "jwks_uri": "http://c.test/jwks"}],
+     "client_registries.partners.clients[0].jwks_uri: must be an absolute https URL"),
+    ("client_registries.partners.clients", [{**_SELF, "tls_client_auth_san_dns": "a.test"}],
+     "client_registries.partners.clients[0].tls_client_auth_san_dns: tls_client_auth_* values"),
+    ("client_registries.partners.clients", [{k: v for k, v in _SELF.items() if k != "jwks_uri"}],
+     "client_registries.partners.clients[0].token_endpoint_auth_method: "
+     "self_signed_tls_client_auth needs exactly one of jwks, jwks_uri"),
+    ("client_registries.partners.file", "clients.yaml",
+     "client_registries.partners.clients: set exactly one of clients (inline) and file"),
+    ("client_registries.partners.jwks_max_age", "1m",
+     "client_registries.partners.jwks_max_age: must not be shorter than jwks_refresh_interval"),
+    ("client_registries.partners.ca_file", "/nonexistent.pem",
+     "client_registries.partners.ca_file: cannot read"),
+    ("client_registries.bad name", {"clients": []},
+     "client_registries.bad name: registry names use"),
+    ("metadata.resource", "http://api.test", "metadata.resource: must be an absolute https URL"),
+    ("metadata.resource", "https://api.test/#x", "metadata.resource: must have no query or"),
+    ("metadata.authorization_servers", ["http://as.test"],
+     "metadata.authorization_servers[0]: must be an https URL"),
+    ("metadata.authorization_server_metadata", {"mtls_endpoint_aliases": {"token_endpoint": "x"}},
+     "metadata.authorization_server_metadata.mtls_endpoint_aliases.token_endpoint: must be an"),
+    ("metadata.authorization_server_metadata", {"paths": ["nope"]},
+     "metadata.authorization_server_metadata.paths: 'nope' must start with /"),
+    ("metadata.colour", "x", "metadata.colour: unknown field"),
+])
+def test_token_endpoint_problems_have_their_yaml_path(pki: Pki, tmp_path: Path, path: str,
+                                                      value: Any, expected: str) -> None:
+    problems = _problems(_mutate(_with_token_route(pki), path, value), tmp_path)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_mtls_client_shorthand_needs_one_registry(pki: Pki, tmp_path: Path) -> None:
+    data = _with_token_route(pki)
+    data["client_registries"]["more"] = {"clients": []}
+    data["routes"][0]["auth"] = "mtls_client"
+    assert _problems(data, tmp_path) == [
+        "routes[0].auth: mtls_client without options needs exactly one entry in "
+        "client_registries (found 2); name it with mtls_client.registry"]
+
+
+def test_registry_file_problems(pki: Pki, tmp_path: Path) -> None:
+    (tmp_path / "list.yaml").write_text(yaml.safe_dump([_CLIENT_A]))
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"clients": [{"client_id": "x"}]}))
+    for name, expected in (("list.yaml", 'expected a mapping with one key, "clients"'),
+                           ("bad.yaml", "bad.yaml:clients[0].token_endpoint_auth_method: is "
+                                        "required")):
+        problems = _problems(_with_token_route(pki, file=name), tmp_path)
+        assert any(expected in p for p in problems), problems
+
+
+def test_token_endpoint_fields_are_documented(pki: Pki, tmp_path: Path) -> None:
+    """Every field of the new sections appears in the commented reference gateway.yaml."""
+    data = _with_token_route(pki, clients=[_CLIENT_A, _SELF], ca_file=str(pki.ca_file))
+    data["routes"][0]["auth"]["mtls_client"].update(client_header="X-C", max_body_bytes=2048)
+    data["metadata"].update(authorization_server_metadata={}, resource_name="n")
+    _load(data, tmp_path)
+    text = (REPO / "gateway.yaml").read_text()
+    fields = ["client_registries", "mtls_client", "registry", "client_header", "max_body_bytes",
+              "clients", "file", "ca_file", "jwks_ca_file", "jwks_refresh_interval",
+              "jwks_timeout", "jwks_max_age", "client_id", "token_endpoint_auth_method",
+              "tls_client_auth_subject_dn", "tls_client_auth_san_dns", "tls_client_auth_san_uri",
+              "tls_client_auth_san_ip", "tls_client_auth_san_email", "jwks", "jwks_uri",
+              "metadata", "resource", "authorization_servers", "scopes_supported",
+              "resource_name", "resource_documentation", "authorization_server_metadata",
+              "paths", "mtls_endpoint_aliases"]
+    assert set(fields) <= config_load.KNOWN_FIELDS
+    missing = [f for f in fields
+               if not re.search(rf"^\s*#?\s*-?\s*{re.escape(f)}:", text, re.MULTILINE)]
+    assert missing == []

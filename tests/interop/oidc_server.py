@@ -261,6 +261,8 @@ class ReadyInfo:
     jwks_uri: str
     rotate_url: str
     kids: dict[str, str]  # alg -> kid of the signing keys at start
+    # client_cert_header_listener: plain-HTTP URL where Client-Cert (RFC 9440) is trusted
+    header_listener_url: str | None = None
 
 
 class OidcProvider:
@@ -278,6 +280,7 @@ class OidcProvider:
         extra_clients: Sequence[Mapping[str, Any]] = (),
         port: int = 0,
         startup_timeout: float = 30.0,
+        client_cert_header_listener: bool = False,
     ) -> None:
         self.pki = pki
         self.workdir = workdir
@@ -288,6 +291,7 @@ class OidcProvider:
         self.extra_clients = list(extra_clients)
         self.port_requested = port
         self.startup_timeout = startup_timeout
+        self.client_cert_header_listener = client_cert_header_listener
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
         self._info: ReadyInfo | None = None
@@ -323,6 +327,7 @@ class OidcProvider:
             "resources": self.resources,
             "default_resource": self.default_resource,
             "exit_on_stdin_close": True,
+            "client_cert_header_listener": self.client_cert_header_listener,
         }
 
     # -- lifecycle
@@ -402,7 +407,8 @@ class OidcProvider:
                 )
             if line.startswith("READY "):
                 data = json.loads(line.removeprefix("READY "))
-                return ReadyInfo(**{k: data[k] for k in ReadyInfo.__dataclass_fields__})
+                return ReadyInfo(**{k: data[k] for k in ReadyInfo.__dataclass_fields__
+                                    if k in data})
             seen.append(line)
 
     def stop(self) -> None:

@@ -12,6 +12,9 @@
 //   resources                 { "<resource URI>": { format: "jwt"|"opaque", alg?, scope, ttl? } }
 //   default_resource          used when a token request names no resource
 //   exit_on_stdin_close       exit when stdin closes, so a crashed parent leaves no orphan
+//   client_cert_header_listener  also listen on plain HTTP (loopback) for a gateway in front of
+//                             the token endpoint: there the client certificate is the RFC 9440
+//                             Client-Cert header the gateway sets (see "mutual TLS" below)
 //
 // On start it prints exactly one line to stdout, `READY <json>`; all logging goes to stderr.
 //
@@ -28,6 +31,7 @@
 
 import { readFileSync } from 'node:fs';
 import * as crypto from 'node:crypto';
+import * as http from 'node:http';
 import * as https from 'node:https';
 import Provider, { errors } from 'oidc-provider';
 
@@ -85,24 +89,56 @@ function rfc4514(subject) {
   return subject.split('\n').reverse().join(',');
 }
 
+// Behind a gateway (client_cert_header_listener): requests on the plain-HTTP loopback listener
+// come only from the gateway, which terminated the client's mutual TLS, authenticated it and
+// put the verified certificate in `Client-Cert: :<base64 DER>:` (RFC 9440). The header is
+// read only there; on the TLS listener the certificate of the connection counts, as before.
+const caCerts = [];
+for (const pem of readFileSync(config.ca_bundle, 'utf8').split(/(?<=-----END CERTIFICATE-----)/)) {
+  if (pem.includes('BEGIN CERTIFICATE')) caCerts.push(new crypto.X509Certificate(pem.trim()));
+}
+
+function headerCertificate(ctx) {
+  const match = /^:([A-Za-z0-9+/]+={0,2}):$/.exec((ctx.get('client-cert') || '').trim());
+  if (!match) return undefined;
+  try {
+    return new crypto.X509Certificate(Buffer.from(match[1], 'base64'));
+  } catch {
+    return undefined;
+  }
+}
+
+function peerCertificate(ctx) {
+  if (!ctx.socket.encrypted) {
+    return config.client_cert_header_listener ? headerCertificate(ctx) : undefined;
+  }
+  return ctx.socket.getPeerX509Certificate?.();
+}
+
 const mTLS = {
   enabled: true,
   certificateBoundAccessTokens: true,
   tlsClientAuth: true,
   selfSignedTlsClientAuth: true,
-  // The peer certificate of this very TLS connection (undefined if none was sent). An
-  // X509Certificate is accepted by oidc-provider wherever it computes x5t#S256.
+  // The peer certificate of this very TLS connection (undefined if none was sent), or the
+  // gateway's Client-Cert header on the header listener. An X509Certificate is accepted by
+  // oidc-provider wherever it computes x5t#S256.
   getCertificate(ctx) {
-    return ctx.socket.getPeerX509Certificate?.();
+    return peerCertificate(ctx);
   },
   // rejectUnauthorized is false (self-signed certificates must reach the provider), so the
   // chain verdict against ca_bundle is only recorded here; tls_client_auth relies on it.
+  // A header certificate is checked against ca_bundle here (signature and issuer name).
   certificateAuthorized(ctx) {
+    if (!ctx.socket.encrypted) {
+      const cert = peerCertificate(ctx);
+      return Boolean(cert) && caCerts.some((ca) => cert.checkIssued(ca) && cert.verify(ca.publicKey));
+    }
     return ctx.socket.authorized === true;
   },
   // oidc-provider compares nothing itself: it hands us the registered tls_client_auth_* value.
   certificateSubjectMatches(ctx, property, expected) {
-    const cert = ctx.socket.getPeerX509Certificate?.();
+    const cert = peerCertificate(ctx);
     if (!cert) return false;
     switch (property) {
       case 'tls_client_auth_subject_dn':
@@ -276,12 +312,27 @@ const server = https.createServer({
   return handler(req, res);
 });
 
-server.listen(config.port ?? 0, HOST, () => {
-  const { port } = server.address();
+// The gateway's listener (client_cert_header_listener): plain HTTP on loopback, same provider.
+// GET /__control/seen answers how many other requests it has served (tests assert that a
+// request the gateway refused never got here).
+let headerListenerSeen = 0;
+const headerListener = config.client_cert_header_listener
+  ? http.createServer((req, res) => {
+    if (req.url === '/__control/seen') {
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return res.end(JSON.stringify({ seen: headerListenerSeen }));
+    }
+    headerListenerSeen += 1;
+    return handler(req, res);
+  })
+  : null;
+
+function announce(port, headerPort) {
   issuer = config.issuer || `https://${HOST}:${port}`;
   handler = buildProvider(issuer, keys).callback();
   const url = (path) => `${issuer}${path}`;
   process.stdout.write(`READY ${JSON.stringify({
+    header_listener_url: headerPort ? `http://${HOST}:${headerPort}` : null,
     port,
     issuer,
     token_endpoint: url(ROUTES.token),
@@ -291,6 +342,12 @@ server.listen(config.port ?? 0, HOST, () => {
     rotate_url: url(CONTROL_ROTATE),
     kids: signingKids(keys),
   })}\n`);
+}
+
+server.listen(config.port ?? 0, HOST, () => {
+  const { port } = server.address();
+  if (!headerListener) return announce(port, null);
+  return headerListener.listen(0, HOST, () => announce(port, headerListener.address().port));
 });
 
 if (config.exit_on_stdin_close) {
