@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 import yaml
+from cryptography.x509 import load_der_x509_certificate
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
@@ -41,6 +42,15 @@ from test_jwt_hardening import sign_raw
 from gwtest import AUDIENCE, ISSUER, Issuer, Pki, Upstream, base_config
 from mtls_gateway.app import GatewayServer
 from mtls_gateway.bearer import bearer_token
+from mtls_gateway.cert_headers import (
+    CertHeaderError,
+    encode_client_cert,
+    parse_client_cert,
+    parse_client_cert_chain,
+    parse_pem_header,
+    parse_xfcc,
+    xfcc_client,
+)
 from mtls_gateway.config import CacheConfig, IntrospectionProvider, PathMatch, Route
 from mtls_gateway.config_load import load_config, load_config_text
 from mtls_gateway.errors import DependencyDown, InvalidRequest, InvalidToken, NoRoute
@@ -492,3 +502,164 @@ def test_e2e_paths(live: Any, path: str) -> None:
             or seen.path_qs.startswith("/public?")
     upstream.seen.clear()
 
+
+
+# --- certificate headers from a front proxy (cert_headers.py, header mode end to end) --------
+
+def _cert_der(pki: Pki, name: str = "a") -> bytes:
+    return pki.clients[name].der
+
+
+def _pem(der: bytes) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+    return x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode()
+
+
+def _encodings(der: bytes) -> dict[str, str]:
+    from urllib.parse import quote
+    pem = _pem(der)
+    return {"rfc9440": encode_client_cert(der),
+            "xfcc": (f'By=spiffe://x;Hash={hashlib.sha256(der).hexdigest()};'
+                     f'Cert="{quote(pem, safe="")}";Subject="CN=x"'),
+            "pem": quote(pem, safe="")}
+
+
+def _mutate(data: st.DataObject, value: str) -> str:
+    pos = data.draw(st.integers(0, max(0, len(value) - 1)))
+    op = data.draw(st.sampled_from(["replace", "delete", "insert", "truncate", "duplicate",
+                                    "none"]))
+    char = data.draw(st.sampled_from([*':;,="\\%+/=AZaz09 \t', "%0A", "%00", "\u00e9"]))
+    return {"replace": value[:pos] + char + value[pos + 1:],
+            "delete": value[:pos] + value[pos + 1:],
+            "insert": value[:pos] + char + value[pos:],
+            "truncate": value[:pos],
+            "duplicate": value + "," + value,
+            "none": value}[op]
+
+
+@given(data=st.data(), fmt=st.sampled_from(["rfc9440", "xfcc", "pem"]))
+def test_certificate_header_parsers_return_a_certificate_or_refuse(
+        pki: Pki, data: st.DataObject, fmt: str) -> None:
+    der = _cert_der(pki)
+    value = data.draw(st.just(_encodings(der)[fmt]).map(lambda v: v)
+                      | st.text(max_size=200))
+    value = _mutate(data, value)
+    try:
+        if fmt == "rfc9440":
+            got: bytes | None = parse_client_cert(value)
+        elif fmt == "pem":
+            got = parse_pem_header(value)
+        else:
+            got, digest, _subject = xfcc_client(value)
+            if got is not None:
+                assert digest == hashlib.sha256(got).hexdigest()
+    except CertHeaderError:
+        return
+    if got is not None:
+        load_der_x509_certificate(got)            # a real certificate, in canonical DER
+        if got != der:   # a mutation that still parses must be another whole certificate
+            assert hashlib.sha256(got).digest() != hashlib.sha256(der).digest()
+
+
+def _xfcc_text(elements: list[dict[str, str]]) -> str:
+    def quoted(v: str) -> str:
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return ",".join(";".join(f"{k}={quoted(v)}" for k, v in el.items()) for el in elements)
+
+
+xfcc_texts = st.lists(st.dictionaries(
+    st.sampled_from(["By", "Hash", "Cert", "Chain", "Subject", "URI", "DNS", "by", "X-y"]),
+    st.text(max_size=20), max_size=4), max_size=3).map(_xfcc_text)
+
+
+@given(value=st.text(max_size=150) | xfcc_texts)
+def test_xfcc_parser_parses_or_refuses(value: str) -> None:
+    try:
+        elements = parse_xfcc(value)
+    except CertHeaderError:
+        return
+    for element in elements:
+        for key, values in element.pairs.items():
+            assert key == key.lower() and values
+
+
+@given(value=st.text(max_size=300) | st.lists(st.binary(max_size=60).map(
+    lambda b: ":" + base64.b64encode(b).decode() + ":"), max_size=3).map(", ".join))
+def test_client_cert_chain_parser_parses_or_refuses(value: str) -> None:
+    try:
+        chain = parse_client_cert_chain(value)
+    except CertHeaderError:
+        return
+    for der in chain:
+        load_der_x509_certificate(der)
+
+
+@pytest.fixture(scope="module")
+def live_header(pki: Pki, rsa_keys: Any, tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[Any]:
+    """Gateways in header mode (plain HTTP from a trusted proxy at 127.0.0.1), one per
+    format, sharing one issuer and one upstream."""
+    env = Live()
+    issuer, upstream = Issuer(pki, rsa_keys), Upstream()
+    folder = tmp_path_factory.mktemp("fuzz-header")
+
+    async def start() -> tuple[dict[str, GatewayServer], aiohttp.ClientSession]:
+        await issuer.start()
+        await upstream.start()
+        servers = {}
+        for fmt in ("rfc9440", "xfcc", "pem"):
+            config = base_config(pki, issuer, upstream)
+            config["listen"]["tls"] = False
+            config["listen"]["client_certificate"] = {
+                "source": "header", "format": fmt,
+                "trusted_proxies": {"cidrs": ["127.0.0.1/32"]}}
+            path = folder / f"{fmt}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            servers[fmt] = GatewayServer(load_config(path))
+            await servers[fmt].start()
+        return servers, aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+    servers, session = env.run(start())
+    yield env, servers, issuer, upstream, session
+
+    async def stop() -> None:
+        await session.close()
+        for server in servers.values():
+            await server.stop()
+        await upstream.stop()
+        await issuer.stop()
+
+    env.run(stop())
+    env.stop()
+
+
+_HEADER_NAMES = {"rfc9440": "Client-Cert", "xfcc": "X-Forwarded-Client-Cert",
+                 "pem": "X-SSL-Client-Cert"}
+
+
+@E2E
+@given(data=st.data(), fmt=st.sampled_from(["rfc9440", "xfcc", "pem"]),
+       cert=st.sampled_from(["a", "b"]))
+def test_e2e_header_mode_binds_only_the_stated_certificate(
+        live_header: Any, pki: Pki, data: st.DataObject, fmt: str, cert: str) -> None:
+    env, servers, issuer, upstream, session = live_header
+    value = _mutate(data, _encodings(_cert_der(pki, cert))[fmt])
+    token = issuer.mint(pki.clients["a"].thumbprint)
+
+    async def go() -> int:
+        url = f"http://127.0.0.1:{servers[fmt].port}/x"
+        async with session.get(url, headers=[(_HEADER_NAMES[fmt], value),
+                                             ("Authorization", f"Bearer {token}")]) as r:
+            await r.read()
+            return r.status
+
+    status = env.run(go())
+    assert status < 500 or status in (502, 503, 504)
+    if status == 200:
+        [seen] = upstream.seen
+        # the upstream got the request only for client a's own certificate
+        assert seen.headers["x-client-cert-thumbprint"] == [pki.clients["a"].thumbprint]
+    else:
+        assert upstream.seen == []
+    upstream.seen.clear()
