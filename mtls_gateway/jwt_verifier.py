@@ -31,6 +31,7 @@ from typing import Any
 
 import jwt
 from cachetools import TLRUCache
+from jwt.types import Options
 
 from .config import JwtProvider
 from .errors import InvalidToken
@@ -134,6 +135,11 @@ class JwtVerifier:
         self.cache_hits = 0
         self._jwt = jwt.PyJWT(options={"enforce_minimum_key_length": True})
         self._require = sorted({"exp", "iss", "aud", *provider.required_claims})
+        # Every check PyJWT has, stated rather than left to its version's defaults.
+        self._options: Options = {
+            "verify_signature": True, "verify_exp": True, "verify_nbf": True,
+            "verify_iat": True, "verify_aud": True, "verify_iss": True, "verify_sub": True,
+            "verify_jti": True, "require": self._require}
         self._verified: TLRUCache[bytes, _Verified] | None = None
         if provider.verify_cache_size > 0:
             self._verified = TLRUCache(
@@ -207,7 +213,7 @@ class JwtVerifier:
                 return self._jwt.decode(
                     token, key=key, algorithms=[alg],
                     audience=list(self.provider.audiences), issuer=self.provider.issuer,
-                    leeway=self.provider.leeway, options={"require": self._require},
+                    leeway=self.provider.leeway, options=self._options,
                 )
             except jwt.InvalidSignatureError as exc:
                 last = exc  # a kid-less token: try the next key for this alg
