@@ -99,6 +99,14 @@ def parse_client_cert_chain(value: str) -> list[bytes]:
     return [_certificate_der(_byte_sequence(item)) for item in value.split(",")]
 
 
+def _unquote(text: str) -> str:
+    """URL-decoding where bytes that are not UTF-8 are refused (``%9A`` alone is no text)."""
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError as exc:   # a ValueError, but not ours: it would be a 500
+        raise CertHeaderError("URL-encoded bytes are not UTF-8") from exc
+
+
 def _pem_certificates(text: str) -> list[bytes]:
     """DER of every certificate in PEM text (lines may be indented, as nginx's old variable)."""
     cleaned = text.strip()
@@ -116,7 +124,7 @@ def parse_pem_header(value: str) -> bytes:
 
     A value with several certificates is the leaf followed by its chain: the first counts.
     """
-    text = unquote(value.strip(), errors="strict")
+    text = _unquote(value.strip())
     if "-----BEGIN" in text:
         return _pem_certificates(text)[0]
     first = text.split(",")[0].strip()            # Traefik separates certificates with commas
@@ -199,7 +207,7 @@ def xfcc_client(value: str) -> tuple[bytes | None, str | None, str | None]:
     cert, digest = element.one("cert"), element.one("hash")
     der: bytes | None = None
     if cert is not None:
-        certs = _pem_certificates(unquote(cert, errors="strict"))
+        certs = _pem_certificates(_unquote(cert))
         if len(certs) != 1:
             raise CertHeaderError("Cert= must hold exactly one certificate")
         der = certs[0]
@@ -212,5 +220,5 @@ def xfcc_client(value: str) -> tuple[bytes | None, str | None, str | None]:
     elif der is not None:
         digest = hashlib.sha256(der).hexdigest()
     if element.one("chain") is not None:
-        _pem_certificates(unquote(element.one("chain") or "", errors="strict"))
+        _pem_certificates(_unquote(element.one("chain") or ""))
     return der, digest, element.one("subject")

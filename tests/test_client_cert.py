@@ -290,3 +290,25 @@ async def test_token_endpoint_behind_a_front_proxy(
         assert refused.status == 401
         assert refused.json()["error"] == "invalid_client"
     assert len(upstream.seen) == 1
+
+
+@pytest.mark.parametrize(("fmt", "value"), [
+    # Found by tests/test_fuzz.py: %-escapes that decode to bytes that are not UTF-8 made
+    # urllib's strict unquote raise UnicodeDecodeError, a 500 instead of a 400.
+    ("xfcc", 'Hash=00;Cert="%9A%9A"'),
+    ("xfcc", 'Cert="-----BEGIN%20CERTIFICATE-----%0AMII%FF%0A"'),
+    ("xfcc", 'Chain="%C3%28"'),
+    ("pem", "%9A"),
+    ("pem", "-----BEGIN%20CERTIFICATE-----%0A%E2%82%0A-----END%20CERTIFICATE-----"),
+])
+async def test_url_encoded_bytes_that_are_not_utf8_are_a_400(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        fmt: str, value: str) -> None:
+    gw = await make_gateway(header_config(pki, issuer, upstream, fmt=fmt, tls=False,
+                                          cidrs=["127.0.0.0/8"]))
+    header = FORMATS[fmt][0]
+    reply = await plain_request(gw, "/accounts", token=issuer.mint(pki.clients["a"].thumbprint),
+                                headers=[(header, value)])
+    assert reply.status == 400, reply.body
+    assert reply.json()["reason"] == "invalid_client_cert_header"
+    assert upstream.seen == []
