@@ -142,7 +142,7 @@ class _GuardedHandler(RequestHandler):
         if isinstance(exc, HttpProcessingError) or status == 400:
             status, reason = parse_error_reason(exc)
         else:
-            log.error("internal error on a connection: %s", type(exc).__name__, exc_info=exc)
+            log.error("internal error on a connection: %s", type(exc).__name__)
             status, reason = 500, "internal_error"
         _deny(reason, status, self.transport, self._on_refusal)
         response = web.json_response({"error": _ERRORS.get(status, "internal_error"),
