@@ -64,14 +64,26 @@ def encode_client_cert_chain(ders: list[bytes]) -> str:
     return ", ".join(encode_client_cert(der) for der in ders)
 
 
+def _fields_parse(cert: x509.Certificate) -> None:
+    """cryptography parses names, dates and extensions lazily: read them now, so that a
+    mangled certificate is refused here (400), not where the gateway first looks (500)."""
+    try:
+        cert.subject.rfc4514_string()
+        cert.issuer.rfc4514_string()
+        _ = cert.not_valid_before_utc, cert.not_valid_after_utc, cert.extensions
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        raise CertHeaderError("certificate fields are malformed") from exc
+
+
 def _certificate_der(der: bytes) -> bytes:
     """``der`` if it is one well-formed X.509 certificate, re-encoded exactly as sent."""
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, x509.InvalidVersion) as exc:
         raise CertHeaderError("not a DER X.509 certificate") from exc
     if cert.public_bytes(Encoding.DER) != der:
         raise CertHeaderError("certificate is not in canonical DER")
+    _fields_parse(cert)
     return der
 
 
@@ -114,8 +126,10 @@ def _pem_certificates(text: str) -> list[bytes]:
         cleaned = "\n".join(line.strip() for line in cleaned.splitlines())
     try:
         certs = x509.load_pem_x509_certificates(cleaned.encode("ascii"))
-    except (ValueError, UnicodeEncodeError) as exc:
+    except (ValueError, UnicodeEncodeError, x509.InvalidVersion) as exc:
         raise CertHeaderError("not a PEM certificate") from exc
+    for cert in certs:
+        _fields_parse(cert)
     return [c.public_bytes(Encoding.DER) for c in certs]
 
 

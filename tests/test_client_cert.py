@@ -312,3 +312,67 @@ async def test_url_encoded_bytes_that_are_not_utf8_are_a_400(
     assert reply.status == 400, reply.body
     assert reply.json()["reason"] == "invalid_client_cert_header"
     assert upstream.seen == []
+
+
+def _der_with_a_mangled_subject(der: bytes) -> bytes:
+    """A one-byte change of ``der`` that still loads as canonical DER but whose subject
+    does not parse (cryptography parses names lazily)."""
+    import warnings
+    for pos in range(len(der)):
+        for byte in (0x00, 0x2B, 0x7F, 0xFF):
+            cand = der[:pos] + bytes([byte]) + der[pos + 1:]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    cert = x509.load_der_x509_certificate(cand)
+                    if cert.public_bytes(Encoding.DER) != cand:
+                        continue
+                except (ValueError, x509.InvalidVersion):
+                    continue
+                try:
+                    cert.subject.rfc4514_string()
+                except ValueError:
+                    return cand
+    raise AssertionError("no such mutation found")
+
+
+def _der_with_an_invalid_version(der: bytes) -> bytes:
+    """``der`` with the X.509 version set to 44 (v3 is 2): cryptography raises InvalidVersion,
+    which is not a ValueError."""
+    marker = bytes([0xA0, 0x03, 0x02, 0x01, 0x02])     # [0] EXPLICIT INTEGER 2
+    assert marker in der
+    return der.replace(marker, marker[:-1] + bytes([0x2B]), 1)
+
+
+@pytest.mark.parametrize("mangle", [_der_with_an_invalid_version])
+@pytest.mark.parametrize("fmt", ["rfc9440"])
+async def test_certificate_with_an_invalid_version_is_a_400(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        fmt: str, mangle: Any) -> None:
+    """Found while writing the test below: cryptography's InvalidVersion escaped the header
+    parser (500)."""
+    gw = await make_gateway(header_config(pki, issuer, upstream, fmt=fmt, tls=False,
+                                          cidrs=["127.0.0.0/8"]))
+    header, encode = FORMATS[fmt]
+    reply = await plain_request(gw, "/accounts", token=issuer.mint(pki.clients["a"].thumbprint),
+                                headers=[(header, encode(mangle(pki.clients["a"].der)))])
+    assert reply.status == 400, reply.body
+    assert reply.json()["reason"] == "invalid_client_cert_header"
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+async def test_certificate_with_unparseable_fields_is_a_400(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        fmt: str) -> None:
+    """Found by tests/test_fuzz.py: such a certificate passed the header parser and made
+    describe_certificate raise (500) when the gateway first read its subject."""
+    gw = await make_gateway(header_config(pki, issuer, upstream, fmt=fmt, tls=False,
+                                          cidrs=["127.0.0.0/8"]))
+    header, encode = FORMATS[fmt]
+    mangled = _der_with_a_mangled_subject(pki.clients["a"].der)
+    reply = await plain_request(gw, "/accounts", token=issuer.mint(pki.clients["a"].thumbprint),
+                                headers=[(header, encode(mangled))])
+    assert reply.status == 400, reply.body
+    assert reply.json()["reason"] == "invalid_client_cert_header"
+    assert upstream.seen == []
