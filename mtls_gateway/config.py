@@ -49,10 +49,14 @@ class ListenConfig:
     port: int
     cert_file: Path
     key_file: Path
-    client_ca_file: Path
+    client_ca_file: Path | None              # None only with client_ca "any"
     client_cert: Literal["required", "optional"]
     min_tls_version: Literal["1.2", "1.3"]
     max_tls_version: Literal["1.2", "1.3"]
+    # "pki": client certificates must chain to client_ca_file (CPython ssl).
+    # "any": any issuer, self-signed too (pyOpenSSL, mtls_gateway.tls_any); binding only.
+    client_ca: Literal["pki", "any"] = "pki"
+    client_cert_validity: Literal["enforce", "ignore"] = "enforce"   # "any" only
 
 
 @dataclass(frozen=True)
@@ -201,5 +205,7 @@ class GatewayConfig:
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""
         files = [self.source] if self.source else []
-        files += [self.listen.cert_file, self.listen.key_file, self.listen.client_ca_file]
+        files += [self.listen.cert_file, self.listen.key_file]
+        if self.listen.client_ca_file is not None:
+            files.append(self.listen.client_ca_file)
         return tuple(files)

@@ -243,15 +243,31 @@ def _check_jwks(data: bytes) -> None:
 # --- sections --------------------------------------------------------------------------------
 
 def _listen(sec: _Section) -> ListenConfig:
+    client_ca = sec.string("client_ca", "pki", choices=("pki", "any"))
+    validity = sec.string("client_cert_validity", "enforce", choices=("enforce", "ignore"))
+    if client_ca == "any":
+        if sec.has("client_ca_file"):
+            sec.problem("client_ca_file", "is not used with client_ca: any (every issuer is "
+                        "accepted); remove it, or use client_ca: pki")
+        ca_file = None
+    else:
+        # An unknown client_ca is reported already: do not add "client_ca_file is required".
+        ca_file = sec.file("client_ca_file", _REQUIRED if client_ca else None,
+                           check=_check_certs)
+        if validity == "ignore" and sec.has("client_cert_validity"):
+            sec.problem("client_cert_validity", "ignore needs client_ca: any (with client_ca: "
+                        "pki the TLS library always enforces validity dates)")
     listen = ListenConfig(
         host=sec.string("host", "0.0.0.0"),  # noqa: S104 - a sidecar serves the pod IP
         port=sec.integer("port", 8443, low=0, high=65535),
         cert_file=sec.file("cert_file", check=_check_certs),  # type: ignore[arg-type]
         key_file=sec.file("key_file", check=_check_key),  # type: ignore[arg-type]
-        client_ca_file=sec.file("client_ca_file", check=_check_certs),  # type: ignore[arg-type]
+        client_ca_file=ca_file,
         client_cert=sec.string("client_cert", "required", choices=("required", "optional")),
         min_tls_version=sec.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
         max_tls_version=sec.string("max_tls_version", "1.3", choices=("1.2", "1.3")),
+        client_ca=client_ca or "pki",
+        client_cert_validity=validity or "enforce",
     )
     if listen.min_tls_version == "1.3" and listen.max_tls_version == "1.2":
         sec.problem("min_tls_version", "is higher than max_tls_version")
@@ -479,7 +495,8 @@ def _match(sec: _Section) -> PathMatch | None:
     return PathMatch("prefix" if key == "path_prefix" else "exact", value)
 
 
-def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPolicy | None:
+def _auth(sec: _Section, providers: Mapping[str, Provider],
+          binding_only: bool = False) -> AuthNone | AuthPolicy | None:
     present, value = sec._raw("auth", _REQUIRED)
     if not present:
         return None
@@ -499,6 +516,12 @@ def _auth(sec: _Section, providers: Mapping[str, Provider]) -> AuthNone | AuthPo
         binding=asec.string("binding", "required", choices=("required", "optional", "off")),
         scopes=asec.strings("scopes", ()),
     )
+    if binding_only and policy.binding in ("optional", "off"):
+        # Under client_ca: any a certificate proves key possession, not identity: only a
+        # route that requires the token to be bound to it may rely on it.
+        asec.problem("binding", f"{policy.binding} is refused with listen.client_ca: any "
+                     "(a certificate from any issuer proves nothing without a token bound to "
+                     "it); use binding: required, auth: none, or client_ca: pki")
     asec.finish()
     return policy
 
@@ -518,7 +541,8 @@ def _check_chain(sec: _Section, chain: list[Provider]) -> None:
             seen_issuers.setdefault(provider.issuer, provider.name)
 
 
-def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ...]:
+def _routes(top: _Section, providers: Mapping[str, Provider], *,
+            binding_only: bool = False) -> tuple[Route, ...]:
     present, value = top._raw("routes", _REQUIRED)
     if not present:
         return ()
@@ -539,7 +563,7 @@ def _routes(top: _Section, providers: Mapping[str, Provider]) -> tuple[Route, ..
             methods = frozenset(m.upper() for m in methods)
             for m in sorted(methods - _HTTP_METHODS):
                 sec.problem("methods", f"unknown HTTP method {m!r}")
-        auth = _auth(sec, providers)
+        auth = _auth(sec, providers, binding_only)
         upstream_url = sec.url("upstream", None, schemes=("http", "https"))
         sec.finish()
         if match is not None and auth is not None:
@@ -571,7 +595,8 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     providers = _providers(top.section("providers", required=False))
     upstream_sec = top.section("upstream")
     upstream = _upstream(upstream_sec) if upstream_sec else None
-    routes = _routes(top, providers)
+    routes = _routes(top, providers,
+                     binding_only=listen is not None and listen.client_ca == "any")
     logging_cfg = _logging(top.section("logging", required=False), problems)
     realm = top.string("realm", "mtls-gateway")
     if isinstance(realm, str) and ('"' in realm or "\\" in realm):

@@ -1,0 +1,280 @@
+"""``listen.client_ca: any`` (mtls_gateway/tls_any.py): any issuer at the TLS layer, the
+token's binding decides. Real sockets, real certificates, real handshakes throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gwtest import Client, Issuer, Pki, RunningGateway, Upstream, base_config
+from mtls_gateway import pki as pki_mod
+from mtls_gateway import tls
+from mtls_gateway.thumbprint import x5t_s256
+
+
+@pytest.fixture(scope="module")
+def any_pki(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The test PKI plus self-signed clients: two valid, one expired, one not yet valid."""
+    d = tmp_path_factory.mktemp("self-signed")
+    now = dt.datetime.now(dt.UTC)
+    made = {
+        "ss1": pki_mod.self_signed_client("ss-client"),
+        "ss2": pki_mod.self_signed_client("ss-client"),     # same subject, another key
+        "expired": pki_mod.self_signed_client("old", days=1,
+                                              not_before=now - dt.timedelta(days=3)),
+        "future": pki_mod.self_signed_client("young", not_before=now + dt.timedelta(days=2)),
+    }
+    clients = dict(pki.clients)
+    for name, pair in made.items():
+        crt, key = pair.write(d, name)
+        clients[name] = Client(crt, key, x5t_s256(pair.cert_der))
+    return Pki(pki.dir, pki.ca_file, pki.server_cert, pki.server_key, clients)
+
+
+def any_config(pki: Pki, issuer: Issuer | None, upstream: Upstream,
+               **listen: Any) -> dict[str, Any]:
+    config = base_config(pki, issuer, upstream)
+    del config["listen"]["client_ca_file"]
+    config["listen"].update({"client_ca": "any", "client_cert": "optional", **listen})
+    return config
+
+
+async def start(make_gateway: Any, any_pki: Pki, config: dict[str, Any]) -> RunningGateway:
+    gw = await make_gateway(config)
+    return RunningGateway(gw.server, any_pki, gw.config_path)
+
+
+# --- the binding decides ----------------------------------------------------------------------
+
+@pytest.mark.parametrize(("cert", "bound_to", "path", "status", "reason"), [
+    ("ss1", "ss1", "/api", 200, None),                       # self-signed, its own token
+    ("ss2", "ss1", "/api", 401, "binding_mismatch"),         # same subject, other key
+    (None, "ss1", "/api", 401, "no_client_cert"),
+    ("ss1", None, "/api", 401, "binding_missing"),           # token without cnf
+    ("a", "a", "/api", 200, None),                           # CA-issued certificates still work
+    ("stranger", "stranger", "/api", 200, None),             # so do unknown CAs
+    ("stranger", "a", "/api", 401, "binding_mismatch"),
+    (None, None, "/public/x", 200, None),                    # auth: none needs no certificate
+])
+async def test_binding_decides(make_gateway: Any, any_pki: Pki, issuer: Issuer,
+                               upstream: Upstream, cert: str | None, bound_to: str | None,
+                               path: str, status: int, reason: str | None) -> None:
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    token = issuer.mint(any_pki.clients[bound_to].thumbprint if bound_to else None)
+    reply = await gw.request(path, cert=cert, token=None if path.startswith("/public") else token)
+    assert reply.status == status, reply.body
+    if reason is None:
+        assert len(upstream.seen) == 1
+        seen = upstream.seen[0].headers
+        assert seen["x-forwarded-proto"] == ["https"]
+        if cert is not None:
+            assert seen["x-client-cert-thumbprint"] == [any_pki.clients[cert].thumbprint]
+    else:
+        assert reply.json()["reason"] == reason
+        assert upstream.seen == []
+
+
+async def test_keep_alive_reads_the_certificate_once(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = tls.describe_certificate
+
+    def counting(der: bytes) -> tls.PeerCertificate:
+        calls.append(der)
+        return real(der)
+
+    monkeypatch.setattr("mtls_gateway.tls_any.describe_certificate", counting)
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    token = issuer.mint(any_pki.clients["ss1"].thumbprint)
+    connector = aiohttp.TCPConnector(ssl=any_pki.client_context("ss1"), limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for i in range(5):
+            async with session.get(f"{gw.url}/k{i}",
+                                   headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 200
+    assert len(calls) == 1
+    assert x5t_s256(calls[0]) == any_pki.clients["ss1"].thumbprint
+    assert [s.path_qs for s in upstream.seen] == [f"/k{i}" for i in range(5)]
+
+
+@pytest.mark.parametrize(("upload", "download"), [(8 << 20, 0), (0, 24 << 20)])
+async def test_large_bodies_stream_both_ways(make_gateway: Any, any_pki: Pki, issuer: Issuer,
+                                             upstream: Upstream, upload: int,
+                                             download: int) -> None:
+    """Flow control in both directions: more data than any buffer holds passes intact."""
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    body = hashlib.sha256(b"seed").digest() * (upload // 32)
+    reply = await gw.request(f"/big?n={download}" if download else "/upload", cert="ss1",
+                             token=issuer.mint(any_pki.clients["ss1"].thumbprint),
+                             method="POST", data=body)
+    assert reply.status == 200
+    if upload:
+        assert reply.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+        assert upstream.seen[0].body_len == upload
+    else:
+        assert len(reply.body) == download
+
+
+# --- the TLS layer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("cert", "listen", "handshake_ok"), [
+    ("expired", {}, False),
+    ("future", {}, False),
+    ("expired", {"client_cert_validity": "ignore"}, True),
+    ("future", {"client_cert_validity": "ignore"}, True),
+    ("ss1", {}, True),
+    (None, {"client_cert": "required"}, False),
+    ("ss1", {"client_cert": "required"}, True),
+])
+async def test_handshake(make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+                         cert: str | None, listen: dict[str, str], handshake_ok: bool) -> None:
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream, **listen))
+    token = issuer.mint(any_pki.clients[cert].thumbprint if cert else None)
+    if handshake_ok:
+        assert (await gw.request("/api", cert=cert, token=token)).status == 200
+        assert len(upstream.seen) == 1
+    else:
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            await gw.request("/public/x", cert=cert)
+        assert upstream.seen == []
+
+
+@pytest.mark.parametrize(("cert", "handshake_ok"), [
+    ("ss1", False), ("stranger", False), ("expired", False), ("a", True)])
+async def test_default_pki_mode_still_refuses_unknown_issuers(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream, cert: str,
+        handshake_ok: bool) -> None:
+    gw = await start(make_gateway, any_pki, base_config(any_pki, issuer, upstream))
+    if handshake_ok:
+        assert (await gw.request("/public/x", cert=cert)).status == 200
+        assert len(upstream.seen) == 1
+    else:
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            await gw.request("/public/x", cert=cert)
+        assert upstream.seen == []
+
+
+DECRYPT_ERROR = 51   # RFC 8446 section 6.2: a signature could not be verified
+
+
+@dataclass(frozen=True)
+class RawResult:
+    answer: bytes
+    alert: int | None     # the TLS alert the gateway sent, if any
+    error: str | None
+
+
+def _tlslite_request(port: int, cert: Path, key: Path) -> RawResult:
+    """A TLS 1.2 client (tlslite-ng, pure Python) that presents ``cert`` but signs its
+    CertificateVerify with ``key``: OpenSSL-based clients refuse such a pair before sending."""
+    from tlslite import X509, HandshakeSettings, TLSConnection, X509CertChain, parsePEMKey
+    from tlslite.errors import TLSError, TLSRemoteAlert
+
+    settings = HandshakeSettings()
+    settings.maxVersion = (3, 3)   # tlslite-ng sends TLS 1.3 client certificates only after
+    #                                the handshake (post-handshake auth), which we do not ask for
+    chain = X509CertChain([X509().parse(cert.read_text())])
+    private = parsePEMKey(key.read_text(), private=True)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    conn = TLSConnection(sock)
+    try:
+        conn.handshakeClientCert(chain, private, settings=settings)
+        conn.write(b"GET /public/possession HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := conn.read():
+            data += chunk
+        return RawResult(data, None, None)
+    except TLSRemoteAlert as exc:
+        return RawResult(b"", exc.description, repr(exc))
+    except (TLSError, OSError) as exc:
+        return RawResult(b"", None, repr(exc))
+    finally:
+        sock.close()
+
+
+@pytest.mark.filterwarnings("ignore:The asyncore module:DeprecationWarning")  # tlslite-ng
+@pytest.mark.parametrize(("cert", "key", "ok"), [
+    ("ss1", "ss1", True),     # the control: this client can pass
+    ("ss1", "ss2", False),    # ss1's certificate, ss2's key: no proof of possession
+    ("a", "ss1", False),      # a CA-issued certificate without its key
+])
+async def test_handshake_proves_possession_of_the_key(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream, cert: str,
+        key: str, ok: bool) -> None:
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    result = await asyncio.to_thread(_tlslite_request, gw.server.port,
+                                     any_pki.clients[cert].cert, any_pki.clients[key].key)
+    if ok:
+        assert result.answer.startswith(b"HTTP/1.1 200"), result
+        assert [s.path_qs for s in upstream.seen] == ["/public/possession"]
+    else:
+        assert result.alert == DECRYPT_ERROR, result
+        assert upstream.seen == []
+
+
+async def test_stalled_handshake_is_dropped(make_gateway: Any, any_pki: Pki, issuer: Issuer,
+                                            upstream: Upstream) -> None:
+    """A client that connects and never finishes its handshake is disconnected."""
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    site = gw.server._tls
+    site.handshake_timeout = 0.2   # type: ignore[union-attr]
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port)
+    try:
+        assert await asyncio.wait_for(reader.read(), 30) == b""   # closed by the gateway
+    finally:
+        writer.close()
+    assert site.handshaking == set()   # type: ignore[union-attr]
+
+
+async def test_reload_keeps_any_mode_and_swaps_the_server_certificate(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        tmp_path: Path) -> None:
+    first, key = pki_mod.issue_server(pki_mod.make_ca("reload CA")).write(tmp_path, "srv")
+    config = any_config(any_pki, issuer, upstream, cert_file=str(first), key_file=str(key))
+    gw = await start(make_gateway, any_pki, config)
+
+    async def served_certificate() -> bytes:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.server.port, ssl=ctx)
+        der: bytes = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        return der
+
+    assert await served_certificate() == x509.load_pem_x509_certificate(
+        first.read_bytes()).public_bytes(Encoding.DER)
+    first.write_bytes(any_pki.server_cert.read_bytes())    # rotate to the test CA's server
+    key.write_bytes(any_pki.server_key.read_bytes())
+    assert await gw.server.reload("test") is True
+    assert await served_certificate() == x509.load_pem_x509_certificate(
+        any_pki.server_cert.read_bytes()).public_bytes(Encoding.DER)
+    token = issuer.mint(any_pki.clients["ss1"].thumbprint)
+    assert (await gw.request("/api", cert="ss1", token=token)).status == 200
+
+
+async def test_reload_refuses_to_change_client_ca(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    """A pki config may hold binding: off routes: it must never run on an any listener."""
+    import yaml
+
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    config = base_config(any_pki, issuer, upstream)
+    config["routes"][1]["auth"]["binding"] = "off"
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert await gw.server.reload("test") is False
+    assert gw.server.config.listen.client_ca == "any"
+    reply = await gw.request("/api", cert="ss2", token=issuer.mint(None))
+    assert (reply.status, reply.json()["reason"]) == (401, "binding_missing")
+    assert upstream.seen == []
