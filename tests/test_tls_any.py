@@ -15,7 +15,10 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+from cryptography.x509.oid import NameOID
 
 from gwtest import Client, Issuer, Pki, RunningGateway, Upstream, base_config
 from mtls_gateway import pki as pki_mod
@@ -39,7 +42,28 @@ def any_pki(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Pki:
     for name, pair in made.items():
         crt, key = pair.write(d, name)
         clients[name] = Client(crt, key, x5t_s256(pair.cert_der))
-    return Pki(pki.dir, pki.ca_file, pki.server_cert, pki.server_key, clients)
+    clients["rsa1024"] = _weak_rsa_client(d)
+    result = Pki(pki.dir, pki.ca_file, pki.server_cert, pki.server_key, clients)
+    weak = ssl.create_default_context(cafile=str(pki.ca_file))
+    weak.set_ciphers("DEFAULT:@SECLEVEL=0")   # else the client itself refuses the weak key
+    weak.load_cert_chain(clients["rsa1024"].cert, clients["rsa1024"].key)
+    result._contexts["rsa1024"] = weak
+    return result
+
+
+def _weak_rsa_client(d: Path) -> Client:
+    """A self-signed client with a 1024-bit RSA key: below OpenSSL security level 2."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weak")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (d / "weak.crt").write_bytes(cert.public_bytes(Encoding.PEM))
+    (d / "weak.key").write_bytes(key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8,
+                                                   NoEncryption()))
+    return Client(d / "weak.crt", d / "weak.key", x5t_s256(cert.public_bytes(Encoding.DER)))
 
 
 def any_config(pki: Pki, issuer: Issuer | None, upstream: Upstream,
@@ -48,6 +72,22 @@ def any_config(pki: Pki, issuer: Issuer | None, upstream: Upstream,
     del config["listen"]["client_ca_file"]
     config["listen"].update({"client_ca": "any", "client_cert": "optional", **listen})
     return config
+
+
+async def handshake_alert(gw: RunningGateway, cert: str | None) -> str | None:
+    """None if a request over a new connection presenting ``cert`` got an HTTP answer; else
+    the TLS alert the gateway sent (``ssl.SSLError.reason``, e.g. ...CERTIFICATE_EXPIRED)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.server.port, ssl=gw.pki.client_context(cert),
+        server_hostname="localhost")
+    try:
+        writer.write(b"GET /public/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        line = await reader.readline()
+        return None if line.startswith(b"HTTP/1.1 ") else f"no answer: {line!r}"
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+    finally:
+        writer.close()
 
 
 async def start(make_gateway: Any, any_pki: Pki, config: dict[str, Any]) -> RunningGateway:
@@ -129,41 +169,45 @@ async def test_large_bodies_stream_both_ways(make_gateway: Any, any_pki: Pki, is
 
 # --- the TLS layer ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("cert", "listen", "handshake_ok"), [
-    ("expired", {}, False),
-    ("future", {}, False),
-    ("expired", {"client_cert_validity": "ignore"}, True),
-    ("future", {"client_cert_validity": "ignore"}, True),
-    ("ss1", {}, True),
-    (None, {"client_cert": "required"}, False),
-    ("ss1", {"client_cert": "required"}, True),
+EXPIRED = "SSLV3_ALERT_CERTIFICATE_EXPIRED"
+BAD_CERTIFICATE = "SSLV3_ALERT_BAD_CERTIFICATE"
+CERTIFICATE_REQUIRED = "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+# asyncio's own TLS transport (the pki listener) drops a connection whose TLS 1.3 client
+# certificate fails without flushing the alert OpenSSL queued: the client only sees EOF.
+CLOSED = "no answer: b''"
+
+
+@pytest.mark.parametrize(("cert", "listen", "alert"), [
+    ("expired", {}, EXPIRED),
+    ("future", {}, BAD_CERTIFICATE),   # OpenSSL's alert for "not yet valid"
+    ("expired", {"client_cert_validity": "ignore"}, None),
+    ("future", {"client_cert_validity": "ignore"}, None),
+    ("ss1", {}, None),
+    ("rsa1024", {}, BAD_CERTIFICATE),  # too weak to prove possession (security level 2)
+    ("rsa1024", {"client_cert_validity": "ignore"}, BAD_CERTIFICATE),
+    (None, {"client_cert": "required"}, CERTIFICATE_REQUIRED),
+    ("ss1", {"client_cert": "required"}, None),
 ])
 async def test_handshake(make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
-                         cert: str | None, listen: dict[str, str], handshake_ok: bool) -> None:
+                         cert: str | None, listen: dict[str, str], alert: str | None) -> None:
     gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream, **listen))
-    token = issuer.mint(any_pki.clients[cert].thumbprint if cert else None)
-    if handshake_ok:
+    assert await handshake_alert(gw, cert) == alert
+    if alert is None:
+        token = issuer.mint(any_pki.clients[cert].thumbprint if cert else None)
         assert (await gw.request("/api", cert=cert, token=token)).status == 200
-        assert len(upstream.seen) == 1
+        assert [s.path_qs for s in upstream.seen] == ["/public/x", "/api"]
     else:
-        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
-            await gw.request("/public/x", cert=cert)
         assert upstream.seen == []
 
 
-@pytest.mark.parametrize(("cert", "handshake_ok"), [
-    ("ss1", False), ("stranger", False), ("expired", False), ("a", True)])
+@pytest.mark.parametrize(("cert", "alert"), [
+    ("ss1", CLOSED), ("stranger", CLOSED), ("expired", CLOSED), ("a", None)])
 async def test_default_pki_mode_still_refuses_unknown_issuers(
         make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream, cert: str,
-        handshake_ok: bool) -> None:
+        alert: str | None) -> None:
     gw = await start(make_gateway, any_pki, base_config(any_pki, issuer, upstream))
-    if handshake_ok:
-        assert (await gw.request("/public/x", cert=cert)).status == 200
-        assert len(upstream.seen) == 1
-    else:
-        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
-            await gw.request("/public/x", cert=cert)
-        assert upstream.seen == []
+    assert await handshake_alert(gw, cert) == alert
+    assert [s.path_qs for s in upstream.seen] == ([] if alert else ["/public/x"])
 
 
 DECRYPT_ERROR = 51   # RFC 8446 section 6.2: a signature could not be verified
