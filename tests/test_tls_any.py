@@ -24,6 +24,7 @@ from gwtest import Client, Issuer, Pki, RunningGateway, Upstream, base_config
 from mtls_gateway import pki as pki_mod
 from mtls_gateway import tls
 from mtls_gateway.thumbprint import x5t_s256
+from mtls_gateway.tls_any import TlsAnyConnection
 
 
 @pytest.fixture(scope="module")
@@ -149,11 +150,27 @@ async def test_keep_alive_reads_the_certificate_once(
     assert [s.path_qs for s in upstream.seen] == [f"/k{i}" for i in range(5)]
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
+    """Record every call of TlsAnyConnection's ``names`` (the calls still happen)."""
+    calls: list[str] = []
+    for name in names:
+        real = getattr(TlsAnyConnection, name)
+
+        def counted(self: TlsAnyConnection, _real: Any = real, _name: str = name) -> None:
+            calls.append(_name)
+            _real(self)
+
+        monkeypatch.setattr(TlsAnyConnection, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize(("upload", "download"), [(8 << 20, 0), (0, 24 << 20)])
 async def test_large_bodies_stream_both_ways(make_gateway: Any, any_pki: Pki, issuer: Issuer,
-                                             upstream: Upstream, upload: int,
-                                             download: int) -> None:
-    """Flow control in both directions: more data than any buffer holds passes intact."""
+                                             upstream: Upstream, upload: int, download: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """More data than any buffer holds passes intact; a fast upload makes the gateway pause
+    reading from the client while it sends on to the upstream."""
+    calls = count_calls(monkeypatch, "pause_reading", "resume_reading")
     gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
     body = hashlib.sha256(b"seed").digest() * (upload // 32)
     reply = await gw.request(f"/big?n={download}" if download else "/upload", cert="ss1",
@@ -163,9 +180,38 @@ async def test_large_bodies_stream_both_ways(make_gateway: Any, any_pki: Pki, is
     if upload:
         assert reply.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
         assert upstream.seen[0].body_len == upload
+        assert {"pause_reading", "resume_reading"} <= set(calls), calls
     else:
         assert len(reply.body) == download
 
+
+async def test_slow_reader_pauses_the_gateway_writes(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that does not read: the gateway's writes pause (nothing piles up in memory)
+    and resume once it reads; the whole body then arrives."""
+    calls = count_calls(monkeypatch, "pause_writing", "resume_writing")
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    size = 32 << 20
+    token = issuer.mint(any_pki.clients["ss1"].thumbprint)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.server.port, ssl=any_pki.client_context("ss1"),
+        server_hostname="localhost")
+    try:
+        writer.write(f"GET /big?n={size} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     f"Authorization: Bearer {token}\r\n\r\n".encode())
+        for _ in range(3000):           # bounded wait (up to 30 s) for the buffers to fill
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == ["pause_writing"]
+        data = await asyncio.wait_for(reader.read(), 60)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
+    assert body.endswith(b"\r\n0\r\n\r\n") and body.count(b"x") == size   # all chunks
+    assert "resume_writing" in calls
 
 # --- the TLS layer ----------------------------------------------------------------------------
 
