@@ -265,7 +265,7 @@ class TlsAnyConnection(asyncio.Protocol):
             "tls_version": tls.get_protocol_version_name(),
         }
 
-    def _timed_out(self) -> None:
+    def _timed_out(self) -> None:  # the handshake's timer
         self._timer = None
         if self._app is None and self.raw is not None:
             log.debug("TLS handshake timed out from %s", self.raw.get_extra_info("peername"))
@@ -339,7 +339,11 @@ class TlsAnyConnection(asyncio.Protocol):
     # --- closing ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Send close_notify, let the TCP transport flush, then close (connection_lost follows)."""
+        """Send close_notify, let the TCP transport flush, then close (connection_lost follows).
+
+        A peer that stops reading would keep the socket open while the TCP transport waits
+        to flush; like asyncio's ``ssl_shutdown_timeout`` it is aborted after a while.
+        """
         if self.closing:
             return
         self.closing = True
@@ -348,8 +352,13 @@ class TlsAnyConnection(asyncio.Protocol):
             with contextlib.suppress(SSL.Error):
                 tls.shutdown()
             self._flush()
+        self._close_raw()
+
+    def _close_raw(self) -> None:
         if self.raw is not None:
             self.raw.close()
+            self._cancel_timer()
+            self._timer = self._loop.call_later(self._site.shutdown_timeout, self.abort)
 
     def abort(self) -> None:
         self.closing = True
@@ -361,8 +370,7 @@ class TlsAnyConnection(asyncio.Protocol):
         log.debug("%s from %s: %s", what, peer, exc)
         self._flush()    # the alert OpenSSL queued tells the client why
         self.closing = True
-        if self.raw is not None:
-            self.raw.close()
+        self._close_raw()
 
 
 class AnyCertSite(web.BaseSite):
@@ -375,13 +383,14 @@ class AnyCertSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, context: SSL.Context,
                  reuse_port: bool | None = None, backlog: int = 128,
-                 handshake_timeout: float = 60.0) -> None:
+                 handshake_timeout: float = 60.0, shutdown_timeout: float = 30.0) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
         self.context = context
-        self.handshake_timeout = handshake_timeout
+        self.handshake_timeout = handshake_timeout     # asyncio's defaults for TLS
+        self.shutdown_timeout = shutdown_timeout
         self.handshaking: set[TlsAnyConnection] = set()
 
     @property

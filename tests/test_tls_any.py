@@ -156,9 +156,10 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
     for name in names:
         real = getattr(TlsAnyConnection, name)
 
-        def counted(self: TlsAnyConnection, _real: Any = real, _name: str = name) -> None:
+        def counted(self: TlsAnyConnection, *args: Any, _real: Any = real,
+                    _name: str = name) -> None:
             calls.append(_name)
-            _real(self)
+            _real(self, *args)
 
         monkeypatch.setattr(TlsAnyConnection, name, counted)
     return calls
@@ -212,6 +213,38 @@ async def test_slow_reader_pauses_the_gateway_writes(
     assert head.startswith(b"HTTP/1.1 200") and b"chunked" in head.lower()
     assert body.endswith(b"\r\n0\r\n\r\n") and body.count(b"x") == size   # all chunks
     assert "resume_writing" in calls
+
+async def test_closing_on_a_client_that_never_reads_ends_in_an_abort(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopping the gateway under a client that never reads: close() cannot flush, so the
+    socket is aborted after shutdown_timeout instead of staying open for ever."""
+    calls = count_calls(monkeypatch, "pause_writing", "connection_lost")
+    config = any_config(any_pki, issuer, upstream)
+    config["shutdown_grace"] = "0.2s"
+    gw = await start(make_gateway, any_pki, config)
+    gw.server._tls.shutdown_timeout = 0.2   # type: ignore[union-attr]
+    token = issuer.mint(any_pki.clients["ss1"].thumbprint)
+    _reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.server.port, ssl=any_pki.client_context("ss1"),
+        server_hostname="localhost")
+    try:
+        writer.write(f"GET /big?n={64 << 20} HTTP/1.1\r\nHost: x\r\n"
+                     f"Authorization: Bearer {token}\r\n\r\n".encode())
+        for _ in range(3000):           # bounded waits (up to 30 s each), no timing asserted
+            if calls:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == ["pause_writing"]
+        await gw.server.stop()
+        for _ in range(3000):
+            if "connection_lost" in calls:
+                break
+            await asyncio.sleep(0.01)
+        assert calls == ["pause_writing", "connection_lost"]   # while the client still waits
+    finally:
+        writer.close()
+
 
 # --- the TLS layer ----------------------------------------------------------------------------
 
