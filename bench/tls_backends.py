@@ -11,6 +11,11 @@ The server under test runs in its own process, pinned to one core (``taskset``),
 generator (``shared/tools/mtlsload``, built by bench/run.py's helper) on the other. Rows run
 interleaved, ``--rounds`` times; the table shows medians and the ratio any/pki of each pair,
 measured in the same run. Everything listens on 127.0.0.1; every process stops by itself.
+
+A second table separates the TLS library from the transport: the server side of full
+handshakes driven in-process over memory BIOs (no sockets, no asyncio), timed with the
+thread's CPU clock, for CPython ``ssl``, pyOpenSSL verifying the client against the CA like
+``ssl`` does, and pyOpenSSL as ``client_ca: any`` configures it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import statistics
 import subprocess
 import sys
@@ -79,6 +85,104 @@ async def _serve(backend: str, d: Path) -> None:
     await runner.cleanup()
 
 
+# --- in-process handshakes: the TLS libraries without sockets or event loop --------------------
+
+class _StdlibServer:
+    def __init__(self, ctx: ssl.SSLContext) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    def step(self, data: bytes) -> tuple[bool, bytes]:
+        self.incoming.write(data)
+        try:
+            self.obj.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        return done, self.outgoing.read()
+
+
+class _PyOpenSSLServer:
+    def __init__(self, ctx: Any) -> None:
+        from OpenSSL import SSL
+
+        self.want_read = SSL.WantReadError
+        self.conn = SSL.Connection(ctx, None)
+        self.conn.set_accept_state()
+
+    def step(self, data: bytes) -> tuple[bool, bytes]:
+        if data:
+            self.conn.bio_write(data)
+        try:
+            self.conn.do_handshake()
+            done = True
+        except self.want_read:
+            done = False
+        chunks = []
+        while True:
+            try:
+                chunks.append(self.conn.bio_read(65536))
+            except self.want_read:
+                return done, b"".join(chunks)
+
+
+def _server_handshake_us(make: Any, client_ctx: ssl.SSLContext) -> float:
+    """Server-side CPU (thread clock) of one full mutual-TLS handshake over memory BIOs."""
+    c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    started = time.thread_time()
+    server = make()
+    spent = time.thread_time() - started
+    client_done = server_done = False
+    for _ in range(20):
+        if not client_done:
+            try:
+                client.do_handshake()
+                client_done = True
+            except ssl.SSLWantReadError:
+                pass
+        data = c_out.read()
+        started = time.thread_time()
+        server_done, out = server.step(data)
+        spent += time.thread_time() - started
+        c_in.write(out)
+        if client_done and server_done:
+            return spent * 1e6
+    raise RuntimeError("handshake did not complete")
+
+
+def inprocess_handshakes(d: Path, rounds: int, count: int = 200) -> None:
+    from OpenSSL import SSL
+
+    from mtls_gateway.tls import server_ssl_context
+    from mtls_gateway.tls_any import any_cert_context
+
+    client_ctx = ssl.create_default_context(cafile=str(d / "ca.crt"))
+    client_ctx.load_cert_chain(d / "alice.crt", d / "alice.key")
+    verified = any_cert_context(_listen(d, "any"))
+    verified.load_verify_locations(str(d / "ca.crt"))
+    verified.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
+    stdlib_ctx, any_ctx = server_ssl_context(_listen(d, "pki")), any_cert_context(_listen(d, "any"))
+    makers = {
+        f"CPython ssl ({ssl.OPENSSL_VERSION}), client_ca: pki": lambda: _StdlibServer(stdlib_ctx),
+        f"pyOpenSSL ({SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()}), chain verified "
+        "against the CA": lambda: _PyOpenSSLServer(verified),
+        "pyOpenSSL, client_ca: any": lambda: _PyOpenSSLServer(any_ctx),
+    }
+    figures: dict[str, list[float]] = {name: [] for name in makers}
+    for _ in range(rounds):
+        for name, make in makers.items():
+            _server_handshake_us(make, client_ctx)   # warm
+            figures[name].append(statistics.fmean(
+                _server_handshake_us(make, client_ctx) for _ in range(count)))
+    print(f"\nin-process full handshakes, server side only (TLS 1.3, P-256, client certificate; "
+          f"{rounds} rounds of {count}, medians):\n")
+    print("| server | CPU us per handshake |")
+    print("|---|---:|")
+    for name, values in figures.items():
+        print(f"| {name} | {statistics.median(values):.0f} |")
+
+
 @dataclass
 class Row:
     backend: str
@@ -117,9 +221,11 @@ def main() -> int:
         pki.self_signed_client("selfie").write(d, "selfie")
         procs = gwbench.Procs(d)
         try:
-            return _run(args, gwbench, procs, pin, binary, d, how)
+            status = _run(args, gwbench, procs, pin, binary, d, how)
         finally:
             procs.stop_all()
+        inprocess_handshakes(d, args.rounds)
+        return status
 
 
 def _measure(argv: list[str], proc: Any, duration: float) -> tuple[dict[str, Any] | None, str]:
