@@ -236,10 +236,13 @@ class GatewayServer:
 
     def _warn_restart_only(self, new: GatewayConfig) -> None:
         old = self.config
+        # client_ca: any rebuilds its whole TLS context on reload, so client_cert applies there
+        client_cert = new.listen.client_cert if new.listen.client_ca == "pki" else None
         for what, before, after in (
                 ("listen address", (old.listen.host, old.listen.port),
                  (new.listen.host, new.listen.port)),
-                ("listen.client_cert", old.listen.client_cert, new.listen.client_cert),
+                ("listen.client_cert", old.listen.client_cert,
+                 client_cert or old.listen.client_cert),
                 ("admin", old.admin, new.admin)):
             if before != after:
                 log.warning("%s changed in the config; it takes effect after a restart", what)

@@ -432,6 +432,24 @@ async def test_reload_keeps_any_mode_and_swaps_the_server_certificate(
     assert (await gw.request("/api", cert="ss1", token=token)).status == 200
 
 
+async def test_reload_applies_client_cert_and_validity_to_new_handshakes(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Unlike the pki listener, the any listener rebuilds its whole context on reload."""
+    import yaml
+
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    assert await handshake_alert(gw, None) is None
+    assert await handshake_alert(gw, "expired") == EXPIRED
+    config = any_config(any_pki, issuer, upstream, client_cert="required",
+                        client_cert_validity="ignore")
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert await gw.server.reload("test") is True
+    assert await handshake_alert(gw, None) == CERTIFICATE_REQUIRED
+    assert await handshake_alert(gw, "expired") is None
+    assert "takes effect after a restart" not in caplog.text
+
+
 async def test_reload_refuses_to_change_client_ca(
         make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
     """A pki config may hold binding: off routes: it must never run on an any listener."""
