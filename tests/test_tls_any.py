@@ -280,6 +280,37 @@ async def test_handshake(make_gateway: Any, any_pki: Pki, issuer: Issuer, upstre
         assert upstream.seen == []
 
 
+@pytest.mark.parametrize(("versions", "client_max", "expected"), [
+    (("1.2", "1.3"), ssl.TLSVersion.TLSv1_3, "TLSv1.3"),
+    (("1.2", "1.3"), ssl.TLSVersion.TLSv1_2, "TLSv1.2"),
+    (("1.2", "1.2"), ssl.TLSVersion.TLSv1_3, "TLSv1.2"),   # negotiates down
+    (("1.3", "1.3"), ssl.TLSVersion.TLSv1_2, None),        # refused
+])
+async def test_tls_versions(make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+                            versions: tuple[str, str], client_max: ssl.TLSVersion,
+                            expected: str | None) -> None:
+    config = any_config(any_pki, issuer, upstream, min_tls_version=versions[0],
+                        max_tls_version=versions[1])
+    gw = await start(make_gateway, any_pki, config)
+    ctx = ssl.create_default_context(cafile=str(any_pki.ca_file))
+    ctx.load_cert_chain(any_pki.clients["ss1"].cert, any_pki.clients["ss1"].key)
+    ctx.maximum_version = client_max
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.server.port, ssl=ctx,
+                                                       server_hostname="localhost")
+    except (ssl.SSLError, ConnectionError):
+        assert expected is None
+        assert upstream.seen == []
+        return
+    try:
+        assert writer.get_extra_info("ssl_object").version() == expected
+        writer.write(b"GET /public/v HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert [s.path_qs for s in upstream.seen] == ["/public/v"]
+
+
 @pytest.mark.parametrize(("cert", "alert"), [
     ("ss1", CLOSED), ("stranger", CLOSED), ("expired", CLOSED), ("a", None)])
 async def test_default_pki_mode_still_refuses_unknown_issuers(
