@@ -23,13 +23,14 @@ from aiohttp import web
 from cryptography import x509
 
 from .admin import build_admin_app
-from .config import GatewayConfig
+from .config import GatewayConfig, ListenConfig
 from .config_load import load_config
 from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
 from .metrics import Metrics
 from .tls import TlsContextSwitch, server_ssl_context
+from .tls_any import AnyCertSite, any_cert_context
 
 __all__ = ["SERVER", "GatewayServer", "serve_forever"]
 
@@ -73,7 +74,7 @@ class GatewayServer:
         self._reuse_port = reuse_port
         self._serve_admin = serve_admin and config.admin.enabled
         self._on_ready_change = on_ready_change
-        self._tls: TlsContextSwitch | None = None
+        self._tls: TlsContextSwitch | AnyCertSite | None = None
         self._runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
@@ -141,16 +142,25 @@ class GatewayServer:
     async def start(self) -> None:
         listen = self.config.listen
         if listen.tls:
-            self._tls = TlsContextSwitch(server_ssl_context(listen))
             self._set_expiry(_not_after(listen.cert_file))
         self._runner = GuardedAppRunner(self.build_app(), access_log=None, handle_signals=False,
                                         shutdown_timeout=self.config.shutdown_grace,
                                         limits=lambda: self.config.limits,
                                         on_refusal=self._count_refusal)
         await self._runner.setup()
-        await web.TCPSite(self._runner, listen.host, listen.port,
-                          ssl_context=self._tls.base if self._tls else None,
-                          reuse_port=self._reuse_port or None).start()
+        reuse_port = self._reuse_port or None
+        site: web.BaseSite
+        if not listen.tls:      # behind a front proxy: certificates come in a header
+            site = web.TCPSite(self._runner, listen.host, listen.port, reuse_port=reuse_port)
+        elif listen.client_ca == "any":     # any issuer: pyOpenSSL, see tls_any.py
+            site = self._tls = AnyCertSite(self._runner, listen.host, listen.port,
+                                           context=any_cert_context(listen),
+                                           reuse_port=reuse_port)
+        else:
+            self._tls = TlsContextSwitch(server_ssl_context(listen))
+            site = web.TCPSite(self._runner, listen.host, listen.port,
+                               ssl_context=self._tls.base, reuse_port=reuse_port)
+        await site.start()
         self.port = self._runner.addresses[0][1]
         if self._serve_admin:
             admin = self.config.admin
@@ -165,7 +175,8 @@ class GatewayServer:
         log.info("gateway listening on %s:%d (%s; client certificate %s)%s",
                  listen.host, self.port, "mutual TLS" if listen.tls else "plain HTTP",
                  f"from the {source.header} header of trusted front proxies" if source
-                 else listen.client_cert,
+                 else f"{listen.client_cert}, "
+                 + ("any issuer" if listen.client_ca == "any" else "issued by client_ca_file"),
                  f"; admin on {self.config.admin.host}:{self.admin_port}"
                  if self._admin_runner else "")
         self._notify_ready()
@@ -227,8 +238,14 @@ class GatewayServer:
             try:
                 config = (await asyncio.to_thread(load_config, self.config.source)
                           if self.config.source else self.config)
-                ctx = (await asyncio.to_thread(server_ssl_context, config.listen)
-                       if config.listen.tls else None)
+                if config.listen.client_ca != self.config.listen.client_ca:
+                    # The listener's TLS stack is chosen at start. Refused rather than
+                    # deferred: routes valid under pki (binding off) must never run on an
+                    # "any" listener.
+                    raise ConfigError(["listen.client_ca: changed from "
+                                       f"{self.config.listen.client_ca} to "
+                                       f"{config.listen.client_ca}; this needs a restart"])
+                install_tls = await asyncio.to_thread(self._prepare_tls, config.listen)
                 expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
                 new = Gateway(config, self.metrics) if config != self.config else None
             except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
@@ -243,8 +260,7 @@ class GatewayServer:
                 task = asyncio.create_task(old.retire(config.shutdown_grace))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
-            if self._tls is not None and ctx is not None:
-                self._tls.update(ctx)
+            install_tls()
             self._set_expiry(expiry)
             self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())
             self.metrics.config_reloads.labels("success").inc()
@@ -254,13 +270,29 @@ class GatewayServer:
             self._notify_ready()
             return True
 
+    def _prepare_tls(self, listen: ListenConfig) -> Callable[[], None]:
+        """Build new TLS material for the running listener (blocking: run in a thread); the
+        returned call makes new handshakes use it."""
+        tls = self._tls
+        if tls is None or not listen.tls:   # plain HTTP (a tls change needs a restart)
+            return lambda: None
+        if isinstance(tls, AnyCertSite):
+            context = any_cert_context(listen)
+            return lambda: tls.update(context)
+        assert tls is not None
+        ssl_context = server_ssl_context(listen)
+        return lambda: tls.update(ssl_context)
+
     def _warn_restart_only(self, new: GatewayConfig) -> None:
         old = self.config
+        # client_ca: any rebuilds its whole TLS context on reload, so client_cert applies there
+        client_cert = new.listen.client_cert if new.listen.client_ca == "pki" else None
         for what, before, after in (
                 ("listen address", (old.listen.host, old.listen.port),
                  (new.listen.host, new.listen.port)),
                 ("listen.tls", old.listen.tls, new.listen.tls),
-                ("listen.client_cert", old.listen.client_cert, new.listen.client_cert),
+                ("listen.client_cert", old.listen.client_cert,
+                 client_cert or old.listen.client_cert),
                 ("admin", old.admin, new.admin)):
             if before != after:
                 log.warning("%s changed in the config; it takes effect after a restart", what)

@@ -87,13 +87,17 @@ class ListenConfig:
     port: int
     cert_file: Path | None               # None only when tls is false
     key_file: Path | None
-    client_ca_file: Path | None
+    client_ca_file: Path | None          # None with client_ca "any", or when tls is false
     client_cert: Literal["required", "optional"]
     min_tls_version: Literal["1.2", "1.3"]
     max_tls_version: Literal["1.2", "1.3"]
     tls: bool = True
     #: None: the certificate of our own TLS handshake (the default).
     client_certificate: HeaderCertificateSource | None = None
+    # "pki": client certificates must chain to client_ca_file (CPython ssl).
+    # "any": any issuer, self-signed too (pyOpenSSL, mtls_gateway.tls_any); binding only.
+    client_ca: Literal["pki", "any"] = "pki"
+    client_cert_validity: Literal["enforce", "ignore"] = "enforce"   # "any" only
 
 
 @dataclass(frozen=True)

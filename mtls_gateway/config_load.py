@@ -322,12 +322,28 @@ def _client_certificate(sec: _Section | None, problems: _Problems,
 def _listen(sec: _Section) -> ListenConfig:
     tls = sec.boolean("tls", True)
     need = _REQUIRED if tls else None
+    client_ca = sec.string("client_ca", "pki", choices=("pki", "any"))
+    validity = sec.string("client_cert_validity", "enforce", choices=("enforce", "ignore"))
+    if client_ca == "any":
+        if sec.has("client_ca_file"):
+            sec.problem("client_ca_file", "is not used with client_ca: any (every issuer is "
+                        "accepted); remove it, or use client_ca: pki")
+        if not tls:
+            sec.problem("client_ca", "any needs tls: true (a plain-HTTP listener performs no "
+                        "TLS handshake of its own)")
+        ca_file = None
+    else:
+        # An unknown client_ca is reported already: do not add "client_ca_file is required".
+        ca_file = sec.file("client_ca_file", need if client_ca else None, check=_check_certs)
+        if validity == "ignore" and sec.has("client_cert_validity"):
+            sec.problem("client_cert_validity", "ignore needs client_ca: any (with client_ca: "
+                        "pki the TLS library always enforces validity dates)")
     listen = ListenConfig(
         host=sec.string("host", "0.0.0.0"),  # noqa: S104 - a sidecar serves the pod IP
         port=sec.integer("port", 8443, low=0, high=65535),
         cert_file=sec.file("cert_file", need, check=_check_certs),
         key_file=sec.file("key_file", need, check=_check_key),
-        client_ca_file=sec.file("client_ca_file", need, check=_check_certs),
+        client_ca_file=ca_file,
         client_cert=sec.string("client_cert", "required", choices=("required", "optional")),
         min_tls_version=sec.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
         max_tls_version=sec.string("max_tls_version", "1.3", choices=("1.2", "1.3")),
@@ -335,6 +351,8 @@ def _listen(sec: _Section) -> ListenConfig:
         client_certificate=_client_certificate(
             sec.section("client_certificate", required=False), sec.problems,
             sec.at("client_certificate")),
+        client_ca=client_ca or "pki",
+        client_cert_validity=validity or "enforce",
     )
     if listen.min_tls_version == "1.3" and listen.max_tls_version == "1.2":
         sec.problem("min_tls_version", "is higher than max_tls_version")
@@ -346,6 +364,12 @@ def _listen(sec: _Section) -> ListenConfig:
         elif header.trusted.subjects or header.trusted.sans:
             sec.problem("tls", "trusted_proxies subjects/sans need the front proxy's mutual "
                         "TLS: keep tls: true, or trust by cidrs only")
+    elif header is not None and listen.client_ca == "any" and (
+            header.trusted.subjects or header.trusted.sans):
+        # Under client_ca: any nobody vouches for a subject: anyone can self-sign "CN=proxy".
+        sec.problem("client_ca", "any cannot identify a front proxy by subject or SAN (a "
+                    "self-signed certificate can claim any name); use client_ca: pki with the "
+                    "proxy's CA, or trust by cidrs only")
     if listen.cert_file and listen.key_file and not sec.problems.items:
         try:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -571,8 +595,8 @@ def _match(sec: _Section) -> PathMatch | None:
 
 
 def _auth(sec: _Section, providers: Mapping[str, Provider],
-          registries: Mapping[str, ClientRegistryConfig] | None = None,
-          ) -> AuthNone | AuthPolicy | AuthMtlsClient | None:
+          registries: Mapping[str, ClientRegistryConfig] | None = None, *,
+          binding_only: bool = False) -> AuthNone | AuthPolicy | AuthMtlsClient | None:
     present, value = sec._raw("auth", _REQUIRED)
     if not present:
         return None
@@ -595,6 +619,12 @@ def _auth(sec: _Section, providers: Mapping[str, Provider],
         binding=asec.string("binding", "required", choices=("required", "optional", "off")),
         scopes=asec.strings("scopes", ()),
     )
+    if binding_only and policy.binding in ("optional", "off"):
+        # Under client_ca: any a certificate proves key possession, not identity: only a
+        # route that requires the token to be bound to it may rely on it.
+        asec.problem("binding", f"{policy.binding} is refused with listen.client_ca: any "
+                     "(a certificate from any issuer proves nothing without a token bound to "
+                     "it); use binding: required, auth: none, or client_ca: pki")
     asec.finish()
     return policy
 
@@ -634,6 +664,31 @@ def _auth_mtls_client(sec: _Section, value: Any,
     return policy
 
 
+def _check_registries_under_any_ca(routes: tuple[Route, ...],
+                                   registries: Mapping[str, ClientRegistryConfig],
+                                   problems: _Problems) -> None:
+    """Under ``client_ca: any`` the handshake vouches for no subject or SAN.
+
+    ``tls_client_auth`` matches a registered subject DN or SAN (RFC 8705 section 2.1), which
+    means something only if a trusted CA issued the certificate; without a registry
+    ``ca_file`` anyone could self-sign the registered name. Self-signed clients are fine:
+    they are matched by their exact certificate.
+    """
+    used = {r.auth.registry for r in routes if isinstance(r.auth, AuthMtlsClient)}
+    for name in sorted(used):
+        registry = registries.get(name)
+        if registry is None or registry.ca_file is not None:
+            continue
+        pki = [c.client_id for c in registry.clients if c.method == "tls_client_auth"]
+        if pki:
+            problems.add(f"client_registries.{name}.ca_file",
+                         "is required with listen.client_ca: any when the registry has "
+                         f"tls_client_auth clients ({', '.join(pki[:3])}"
+                         f"{', ...' if len(pki) > 3 else ''}): the handshake checks no "
+                         "issuer, so the registered subject/SAN must be checked against "
+                         "this CA bundle")
+
+
 def _check_chain(sec: _Section, chain: list[Provider]) -> None:
     """Refuse provider lists with members that could never be asked (see providers.py)."""
     seen_issuers: dict[str, str] = {}
@@ -650,7 +705,8 @@ def _check_chain(sec: _Section, chain: list[Provider]) -> None:
 
 
 def _routes(top: _Section, providers: Mapping[str, Provider],
-            registries: Mapping[str, ClientRegistryConfig] | None = None) -> tuple[Route, ...]:
+            registries: Mapping[str, ClientRegistryConfig] | None = None, *,
+            binding_only: bool = False) -> tuple[Route, ...]:
     present, value = top._raw("routes", _REQUIRED)
     if not present:
         return ()
@@ -671,7 +727,7 @@ def _routes(top: _Section, providers: Mapping[str, Provider],
             methods = frozenset(m.upper() for m in methods)
             for m in sorted(methods - _HTTP_METHODS):
                 sec.problem("methods", f"unknown HTTP method {m!r}")
-        auth = _auth(sec, providers, registries)
+        auth = _auth(sec, providers, registries, binding_only=binding_only)
         upstream_url = sec.url("upstream", None, schemes=("http", "https"))
         forward_cert = sec.boolean("forward_client_cert", False)
         sec.finish()
@@ -921,7 +977,10 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     upstream_sec = top.section("upstream")
     upstream = _upstream(upstream_sec) if upstream_sec else None
     registries = _client_registries(top.section("client_registries", required=False))
-    routes = _routes(top, providers, registries)
+    any_ca = listen is not None and listen.client_ca == "any"
+    routes = _routes(top, providers, registries, binding_only=any_ca)
+    if any_ca:
+        _check_registries_under_any_ca(routes, registries, problems)
     metadata = _metadata(top.section("metadata", required=False), providers, routes)
     logging_cfg = _logging(top.section("logging", required=False), problems)
     limits = _limits(top.section("limits", required=False), problems)

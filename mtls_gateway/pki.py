@@ -136,12 +136,13 @@ def issue_client(ca: CertKey, common_name: str, *, days: int = 30,
     return _leaf(ca, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, sans or [], days, not_before)
 
 
-def self_signed_client(common_name: str, *, days: int = 30) -> CertKey:
+def self_signed_client(common_name: str, *, days: int = 30,
+                       not_before: dt.datetime | None = None) -> CertKey:
     """A client certificate that chains nowhere (``self_signed_tls_client_auth``)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name(common_name)
     cert = (
-        _builder(name, name, key.public_key(), days, None)
+        _builder(name, name, key.public_key(), days, not_before)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(key, hashes.SHA256())

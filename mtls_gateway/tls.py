@@ -20,6 +20,7 @@ from .config import ListenConfig
 from .thumbprint import x5t_s256
 
 __all__ = [
+    "PEER_CERTIFICATE",
     "PeerCertificate",
     "TlsContextSwitch",
     "describe_certificate",
@@ -38,6 +39,7 @@ def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
     ctx.minimum_version = _VERSIONS[listen.min_tls_version]
     ctx.maximum_version = _VERSIONS[listen.max_tls_version]
     ctx.load_cert_chain(listen.cert_file, listen.key_file)
+    assert listen.client_ca_file is not None   # config_load requires it for client_ca: pki
     ctx.load_verify_locations(cafile=str(listen.client_ca_file))
     ctx.verify_mode = ssl.CERT_REQUIRED if listen.client_cert == "required" else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
@@ -80,6 +82,11 @@ class PeerCertificate:
     der: bytes = field(default=b"", repr=False, compare=False)   # for Client-Cert forwarding
 
 
+#: ``get_extra_info`` name under which a transport that is not CPython's ``ssl`` (the
+#: ``client_ca: any`` listener, :mod:`mtls_gateway.tls_any`) gives its connection's
+#: PeerCertificate, computed once after the handshake.
+PEER_CERTIFICATE = "mtls_gateway.peer_certificate"
+
 _BY_CONNECTION: weakref.WeakKeyDictionary[ssl.SSLObject, PeerCertificate | None] = (
     weakref.WeakKeyDictionary()
 )
@@ -101,7 +108,8 @@ def peer_certificate(transport: asyncio.BaseTransport | Any | None) -> PeerCerti
         return None
     ssl_object = transport.get_extra_info("ssl_object")
     if ssl_object is None:
-        return None
+        peer = transport.get_extra_info(PEER_CERTIFICATE)
+        return peer if isinstance(peer, PeerCertificate) else None
     try:
         return _BY_CONNECTION[ssl_object]
     except KeyError:

@@ -263,6 +263,8 @@ def test_header_source_defaults_and_plain_listener(pki: Pki, tmp_path: Path) -> 
         source = _load(data, tmp_path).listen.client_certificate
         assert (source.header, source.chain_header) == (header, None)
     assert _load(_valid(pki), tmp_path).listen.client_certificate is None   # tls: the default
+
+
 # --- token endpoint routes, client registries, metadata (issue 10) -------------------------
 
 _CLIENT_A = {"client_id": "client-a", "token_endpoint_auth_method": "tls_client_auth",
@@ -407,3 +409,119 @@ def test_token_endpoint_fields_are_documented(pki: Pki, tmp_path: Path) -> None:
     missing = [f for f in fields
                if not re.search(rf"^\s*#?\s*-?\s*{re.escape(f)}:", text, re.MULTILINE)]
     assert missing == []
+
+
+# --- listen.client_ca: any (issue 7) --------------------------------------------------------
+
+def _any(pki: Pki, **listen: Any) -> dict[str, Any]:
+    data = _valid(pki)
+    del data["listen"]["client_ca_file"]
+    data["listen"].update({"client_ca": "any", **listen})
+    return data
+
+
+def test_client_ca_defaults_to_pki_and_any_needs_no_ca_file(pki: Pki, tmp_path: Path) -> None:
+    config = _load(_valid(pki), tmp_path)
+    assert (config.listen.client_ca, config.listen.client_cert_validity) == ("pki", "enforce")
+    config = _load(_any(pki), tmp_path)
+    assert (config.listen.client_ca, config.listen.client_ca_file) == ("any", None)
+    assert config.listen.client_cert_validity == "enforce"
+    assert config.listen.client_ca_file not in config.watched_files()
+    ignore = _load(_any(pki, client_cert_validity="ignore"), tmp_path)
+    assert ignore.listen.client_cert_validity == "ignore"
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda d: d["listen"].update(client_ca="all"),
+     "listen.client_ca: must be one of pki, any (got 'all')"),
+    (lambda d: d["listen"].update(client_cert_validity="lenient"),
+     "listen.client_cert_validity: must be one of enforce, ignore (got 'lenient')"),
+    (lambda d: d["listen"].update(client_ca_file="ca.crt"),
+     "listen.client_ca_file: is not used with client_ca: any"),
+    (lambda d: d["routes"][1]["auth"].update(binding="optional"),
+     "routes[1].auth.binding: optional is refused with listen.client_ca: any"),
+    (lambda d: d["routes"][1]["auth"].update(binding="off"),
+     "routes[1].auth.binding: off is refused with listen.client_ca: any"),
+])
+def test_client_ca_any_problems(pki: Pki, tmp_path: Path, change: Any, expected: str) -> None:
+    data = _any(pki)
+    change(data)
+    problems = _problems(data, tmp_path)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+@pytest.mark.parametrize(("listen", "expected"), [
+    ({"client_cert_validity": "ignore"},
+     "listen.client_cert_validity: ignore needs client_ca: any"),
+    ({"client_ca_file": None}, "listen.client_ca_file: is required"),
+])
+def test_client_ca_pki_problems(pki: Pki, tmp_path: Path, listen: dict[str, Any],
+                                expected: str) -> None:
+    data = _valid(pki)
+    data["listen"].update(listen)
+    problems = _problems(data, tmp_path)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
+def test_client_ca_any_allows_public_and_bound_routes_only(pki: Pki, tmp_path: Path) -> None:
+    data = _any(pki)
+    data["routes"] = [{"path_prefix": "/public", "auth": "none"},
+                      {"path_prefix": "/a", "auth": {"provider": "corp", "binding": "required"}},
+                      {"path_prefix": "/b", "auth": {"provider": "corp", "binding": "off"}},
+                      {"path_prefix": "/c", "auth": {"provider": "corp", "binding": "optional"}}]
+    problems = _problems(data, tmp_path)
+    assert [p.split(":")[0] for p in problems] == ["routes[2].auth.binding",
+                                                   "routes[3].auth.binding"]
+    data["routes"] = data["routes"][:2]
+    assert len(_load(data, tmp_path).routes) == 2
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda d: d["listen"].update(tls=False, client_certificate=_HEADER),
+     "listen.client_ca: any needs tls: true"),
+    (lambda d: d["listen"].update(client_certificate={
+        **_HEADER, "trusted_proxies": {"subjects": ["CN=edge"]}}),
+     "listen.client_ca: any cannot identify a front proxy by subject or SAN"),
+    (lambda d: d["listen"].update(client_certificate={
+        **_HEADER, "trusted_proxies": {"sans": ["dns:edge"]}}),
+     "listen.client_ca: any cannot identify a front proxy by subject or SAN"),
+])
+def test_client_ca_any_with_header_source(pki: Pki, tmp_path: Path, change: Any,
+                                          expected: str) -> None:
+    data = _any(pki)
+    change(data)
+    problems = _problems(data, tmp_path)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_client_ca_any_header_source_by_cidr_loads(pki: Pki, tmp_path: Path) -> None:
+    data = _any(pki)
+    data["listen"]["client_certificate"] = _HEADER
+    assert _load(data, tmp_path).listen.client_certificate is not None
+
+
+_SELF_SIGNED = {"client_id": "self", "token_endpoint_auth_method": "self_signed_tls_client_auth",
+                "jwks_uri": "https://client.test/jwks.json"}
+
+
+@pytest.mark.parametrize(("clients", "ca_file", "expected"), [
+    ([_CLIENT_A], False, ["client_registries.partners.ca_file: is required with "
+                          "listen.client_ca: any when the registry has tls_client_auth clients "
+                          "(client-a)"]),
+    ([_CLIENT_A], True, []),
+    ([_SELF_SIGNED], False, []),
+])
+def test_tls_client_auth_under_any_ca_needs_registry_ca(
+        pki: Pki, tmp_path: Path, clients: list[dict[str, Any]], ca_file: bool,
+        expected: list[str]) -> None:
+    registry: dict[str, Any] = {"clients": clients}
+    if ca_file:
+        registry["ca_file"] = str(pki.ca_file)
+    data = _with_token_route(pki, **registry)
+    del data["listen"]["client_ca_file"]
+    data["listen"]["client_ca"] = "any"
+    try:
+        problems = _load(data, tmp_path) and []
+    except ConfigError as exc:
+        problems = exc.problems
+    assert [p.split(": the handshake")[0] for p in problems] == expected

@@ -228,3 +228,35 @@ async def test_registry_ca_file_narrows_the_listener_trust(
     reply = await gw.request("/token", method="POST", data={"client_id": "client-a"})
     assert reply.status == 200
     assert len(upstream.seen) == 1
+
+
+async def test_token_endpoint_on_a_client_ca_any_listener(
+        make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
+    """Under ``client_ca: any`` the handshake vouches for no name: a self-signed client is
+    matched by its exact certificate, a tls_client_auth client by the registry ``ca_file``
+    (required there), so a self-signed certificate claiming client-a's DN is refused."""
+    mine, other = pki_mod.self_signed_client("self-1"), pki_mod.self_signed_client("self-2")
+    impostor = pki_mod.self_signed_client("client-a")
+    client = {"client_id": "client-s", "token_endpoint_auth_method": "self_signed_tls_client_auth",
+              "jwks": {"keys": [{"kty": "EC", "x5c": [base64.b64encode(mine.cert_der).decode()]}]}}
+    config = token_config(pki, upstream, [client, CLIENT_A])
+    del config["listen"]["client_ca_file"]
+    config["listen"]["client_ca"] = "any"
+    config["client_registries"]["partners"]["ca_file"] = str(pki.ca_file)
+    gw = await make_gateway(config)
+
+    async def post(ck: pki_mod.CertKey, client_id: str) -> Reply:
+        crt, key = ck.write(tmp_path, f"c-{ck.cert.serial_number}")
+        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+        ctx.load_cert_chain(crt, key)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
+                s.post(gw.url + "/token", data={"client_id": client_id}) as resp:
+            return Reply(resp.status, resp.headers, await resp.read())
+
+    assert (await post(other, "client-s")).json()["reason"] == "client_cert_mismatch"
+    assert (await post(impostor, "client-a")).json()["reason"] == "client_cert_untrusted"
+    assert upstream.seen == []
+    assert (await post(mine, "client-s")).status == 200
+    assert client_cert_der(upstream.seen[0].headers["client-cert"][0]) == mine.cert_der
+    reply = await gw.request("/token", method="POST", data={"client_id": "client-a"})
+    assert reply.status == 200 and len(upstream.seen) == 2

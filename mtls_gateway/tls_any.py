@@ -1,0 +1,419 @@
+"""``listen.client_ca: any``: mutual TLS that accepts a client certificate from any issuer.
+
+RFC 8705 section 3 only needs the resource server to know *which* certificate the client
+proved possession of in the handshake; the token's ``cnf`` thumbprint says which one it must
+be. Python's ``ssl`` module cannot accept a certificate that does not chain to a loaded CA
+(no verify callback), so this listener terminates TLS with pyOpenSSL on memory BIOs behind an
+asyncio transport, and hands aiohttp the decrypted stream exactly as ``TCPSite`` would.
+
+What still holds in this mode: the client signs the handshake transcript with the private key
+of the certificate it sent (TLS 1.3 and 1.2 ``CertificateVerify``; OpenSSL checks it whatever
+the verify callback says), so the thumbprint names a key the client holds. Validity dates
+are still enforced unless ``listen.client_cert_validity: ignore``; keys too small for the
+security level are refused. What no longer holds: the certificate says nothing about *who*
+the client is, so config_load refuses routes that would trust it (binding optional or off).
+
+The state machine follows asyncio's ``sslproto``: handshake -> data -> shutdown, with the
+application protocol created only once the handshake has succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL, crypto
+
+from .config import ListenConfig
+from .tls import PEER_CERTIFICATE, PeerCertificate, describe_certificate
+
+__all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context"]
+
+log = logging.getLogger("mtls_gateway.tls_any")
+
+_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+# The cipher string CPython's ssl module uses, so both modes offer the same suites.
+_CIPHERS = (b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:"
+            b"!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM")
+_READ_SIZE = 65536
+_BIO_READ_SIZE = 65536
+
+# X509_V_ERR_* codes still refused for the client's own certificate (depth 0).
+_DATE_ERRORS = frozenset({
+    9,    # CERT_NOT_YET_VALID
+    10,   # CERT_HAS_EXPIRED
+    13,   # ERROR_IN_CERT_NOT_BEFORE_FIELD
+    14,   # ERROR_IN_CERT_NOT_AFTER_FIELD
+})
+_KEY_ERRORS = frozenset({66})   # EE_KEY_TOO_SMALL: too weak to prove possession
+
+
+def _refused_errors(validity: str) -> frozenset[int]:
+    return _KEY_ERRORS | (_DATE_ERRORS if validity == "enforce" else frozenset())
+
+
+def _verify_callback(refused: frozenset[int]) -> Callable[..., bool]:
+    """Accept any issuer (unknown CA, self-signed, chain errors) but not ``refused`` at the leaf."""
+
+    def verify(_conn: SSL.Connection, _cert: crypto.X509, errnum: int, depth: int,
+               ok: int) -> bool:
+        return bool(ok) or not (depth == 0 and errnum in refused)
+
+    return verify
+
+
+def any_cert_context(listen: ListenConfig) -> SSL.Context:
+    """The pyOpenSSL server context for ``client_ca: any`` (blocking file reads: build once).
+
+    Raises ValueError when the certificate or key cannot be used.
+    """
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        ctx.set_min_proto_version(_VERSIONS[listen.min_tls_version])
+        ctx.set_max_proto_version(_VERSIONS[listen.max_tls_version])
+        ctx.set_options(SSL.OP_ALL | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
+                        | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_cipher_list(_CIPHERS)
+        ctx.use_certificate_chain_file(str(listen.cert_file))
+        ctx.use_privatekey_file(str(listen.key_file))
+        ctx.check_privatekey()
+    except SSL.Error as exc:
+        raise ValueError(f"cannot use {listen.cert_file} / {listen.key_file}: {exc}") from exc
+    # A server that asks for client certificates must name its session context, else OpenSSL
+    # fails every resumption attempt (CPython's ssl sets one for the same reason).
+    ctx.set_session_id(b"mtls-gateway")
+    mode = SSL.VERIFY_PEER
+    if listen.client_cert == "required":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode, _verify_callback(_refused_errors(listen.client_cert_validity)))
+    return ctx
+
+
+class TlsAnyTransport(asyncio.Transport):
+    """What aiohttp's request handler writes to and reads from: the decrypted stream."""
+
+    def __init__(self, connection: TlsAnyConnection, extra: dict[str, Any]) -> None:
+        super().__init__(extra)
+        self._info = extra
+        self._connection = connection
+        self._protocol: asyncio.BaseProtocol | None = None
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in self._info:
+            return self._info[name]
+        raw = self._connection.raw
+        return raw.get_extra_info(name, default) if raw is not None else default
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self._protocol is not None
+        return self._protocol
+
+    def is_closing(self) -> bool:
+        return self._connection.closing
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def abort(self) -> None:
+        self._connection.abort()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._connection.write(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self._connection.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False   # TLS has no half-close that HTTP/1.1 clients rely on
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS transports cannot half-close")
+
+    def is_reading(self) -> bool:
+        return not self._connection.reading_paused
+
+    def pause_reading(self) -> None:
+        self._connection.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._connection.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        raw = self._connection.raw
+        return raw.get_write_buffer_size() if raw is not None else 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        raw = self._connection.raw
+        return raw.get_write_buffer_limits() if raw is not None else (0, 0)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._connection.raw is not None:
+            self._connection.raw.set_write_buffer_limits(high, low)
+
+
+class TlsAnyConnection(asyncio.Protocol):
+    """One accepted TCP connection: TLS handshake on memory BIOs, then the app protocol.
+
+    The application protocol (aiohttp's request handler) is created only after a successful
+    handshake, so it never sees a connection whose client failed the handshake. Write-side
+    flow control is the TCP transport's (its pause/resume is passed on); read-side pausing
+    stops both the socket and the delivery of already decrypted records.
+    """
+
+    def __init__(self, site: AnyCertSite, app_factory: Callable[[], asyncio.Protocol]) -> None:
+        self._site = site
+        self._app_factory = app_factory
+        self._loop = asyncio.get_running_loop()
+        self.raw: asyncio.Transport | None = None
+        self._tls: SSL.Connection | None = None
+        self._app: asyncio.Protocol | None = None
+        self._transport: TlsAnyTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.closing = False
+        self.reading_paused = False
+
+    # --- the TCP side --------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.raw = transport
+        self._tls = SSL.Connection(self._site.context, None)
+        self._tls.set_accept_state()
+        self._site.handshaking.add(self)
+        self._timer = self._loop.call_later(self._site.handshake_timeout, self._timed_out)
+
+    def data_received(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is None or self.closing:
+            return
+        tls.bio_write(data)
+        if self._app is None and not self._handshake(tls):
+            return
+        self._read()
+
+    def eof_received(self) -> bool:
+        # TCP FIN without close_notify: end of requests (a truncation attack cannot matter to
+        # HTTP/1.1 framing, which aiohttp checks itself). Returning False closes the socket.
+        if self._app is not None:
+            self._app.eof_received()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._site.handshaking.discard(self)
+        self.closing = True
+        app, self._app = self._app, None
+        self._tls = None
+        if app is not None:
+            app.connection_lost(exc)
+        self.raw = None
+
+    def pause_writing(self) -> None:
+        if self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._app is not None:
+            self._app.resume_writing()
+
+    # --- handshake -----------------------------------------------------------------------------
+
+    def _handshake(self, tls: SSL.Connection) -> bool:
+        try:
+            tls.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return False
+        except SSL.Error as exc:
+            self._fail("TLS handshake failed", exc)
+            return False
+        self._flush()
+        self._cancel_timer()
+        self._site.handshaking.discard(self)
+        cert = tls.get_peer_certificate(as_cryptography=True)
+        peer = describe_certificate(cert.public_bytes(Encoding.DER)) if cert is not None else None
+        assert self.raw is not None
+        self._transport = TlsAnyTransport(self, self._extra(tls, peer))
+        app = self._app_factory()
+        self._transport.set_protocol(app)
+        self._app = app
+        app.connection_made(self._transport)
+        return True
+
+    def _extra(self, tls: SSL.Connection, peer: PeerCertificate | None) -> dict[str, Any]:
+        raw = self.raw
+        assert raw is not None
+        return {
+            PEER_CERTIFICATE: peer,
+            "peername": raw.get_extra_info("peername"),
+            "sockname": raw.get_extra_info("sockname"),
+            "socket": raw.get_extra_info("socket"),
+            "sslcontext": self._site.context,   # aiohttp: request.scheme == "https"
+            "ssl_object": None,                 # not a CPython SSLObject; see PEER_CERTIFICATE
+            "peercert": None,                   # like ssl: no dict for an unverified certificate
+            "cipher": (tls.get_cipher_name(), tls.get_protocol_version_name(),
+                       tls.get_cipher_bits()),
+            "tls_version": tls.get_protocol_version_name(),
+        }
+
+    def _timed_out(self) -> None:  # the handshake's timer
+        self._timer = None
+        if self._app is None and self.raw is not None:
+            log.debug("TLS handshake timed out from %s", self.raw.get_extra_info("peername"))
+            self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # --- data ------------------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        """Deliver decrypted data until the BIO is empty, reading is paused or the peer closed."""
+        tls = self._tls
+        while tls is not None and self._app is not None and not self.reading_paused \
+                and not self.closing:
+            try:
+                data = tls.recv(_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:       # close_notify: the client is done
+                self._app.eof_received()
+                self.close()
+                return
+            except SSL.Error as exc:
+                self._fail("TLS error", exc)
+                return
+            self._app.data_received(data)
+        self._flush()   # TLS 1.3 key updates and alerts the reads produced
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        tls = self._tls
+        if tls is None or self.closing or not data:
+            return
+        try:
+            tls.sendall(data)
+        except SSL.Error as exc:
+            self._fail("TLS write failed", exc)
+            return
+        self._flush()
+
+    def _flush(self) -> None:
+        """Move the ciphertext OpenSSL produced into the TCP transport."""
+        tls, raw = self._tls, self.raw
+        if tls is None or raw is None:
+            return
+        chunks: list[bytes] = []
+        while True:
+            try:
+                chunk = tls.bio_read(_BIO_READ_SIZE)
+            except SSL.WantReadError:
+                break
+            chunks.append(chunk)
+            if len(chunk) < _BIO_READ_SIZE:
+                break
+        if chunks:
+            raw.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.raw is not None:
+            self.reading_paused = True
+            self.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.raw is not None:
+            self.reading_paused = False
+            self.raw.resume_reading()
+            self._loop.call_soon(self._read)   # records decrypted before the pause
+
+    # --- closing ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Send close_notify, let the TCP transport flush, then close (connection_lost follows).
+
+        A peer that stops reading would keep the socket open while the TCP transport waits
+        to flush; like asyncio's ``ssl_shutdown_timeout`` it is aborted after a while.
+        """
+        if self.closing:
+            return
+        self.closing = True
+        tls = self._tls
+        if tls is not None:
+            with contextlib.suppress(SSL.Error):
+                tls.shutdown()
+            self._flush()
+        self._close_raw()
+
+    def _close_raw(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+            self._cancel_timer()
+            self._timer = self._loop.call_later(self._site.shutdown_timeout, self.abort)
+
+    def abort(self) -> None:
+        self.closing = True
+        if self.raw is not None:
+            self.raw.abort()
+
+    def _fail(self, what: str, exc: SSL.Error) -> None:
+        peer = self.raw.get_extra_info("peername") if self.raw is not None else None
+        log.debug("%s from %s: %s", what, peer, exc)
+        self._flush()    # the alert OpenSSL queued tells the client why
+        self.closing = True
+        self._close_raw()
+
+
+class AnyCertSite(web.BaseSite):
+    """Like aiohttp's ``TCPSite`` with TLS, but terminating TLS in :class:`TlsAnyConnection`.
+
+    :meth:`update` swaps the context for new handshakes (reload); established connections
+    keep theirs. :meth:`stop` also drops connections still in their handshake (aiohttp does
+    not know them yet, so it cannot close them).
+    """
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, context: SSL.Context,
+                 reuse_port: bool | None = None, backlog: int = 128,
+                 handshake_timeout: float = 60.0, shutdown_timeout: float = 30.0) -> None:
+        super().__init__(runner, backlog=backlog)
+        self._host = host
+        self._port = port
+        self._reuse_port = reuse_port
+        self.context = context
+        self.handshake_timeout = handshake_timeout     # asyncio's defaults for TLS
+        self.shutdown_timeout = shutdown_timeout
+        self.handshaking: set[TlsAnyConnection] = set()
+
+    @property
+    def name(self) -> str:
+        return f"https://{self._host}:{self._port}"
+
+    def update(self, context: SSL.Context) -> None:
+        self.context = context
+
+    async def start(self) -> None:
+        await super().start()
+        factory = self._runner.server
+        assert factory is not None
+        loop = asyncio.get_running_loop()
+
+        def connection() -> TlsAnyConnection:
+            return TlsAnyConnection(self, factory)
+
+        self._server = await loop.create_server(
+            connection, self._host, self._port, backlog=self._backlog,
+            reuse_port=self._reuse_port, family=socket.AF_UNSPEC)
+
+    async def stop(self) -> None:
+        await super().stop()
+        for conn in list(self.handshaking):
+            conn.abort()
