@@ -821,16 +821,15 @@ def print_targets(rounds: dict[str, list[Outcome]], outcomes: list[Outcome]) -> 
     for what, row, ref, how, target in TARGETS:
         if row not in ok or ref not in ok:
             continue
-        values = []
+        values, cpu = [], []
         for a, b in zip(rounds[row], rounds[ref], strict=True):
             if how == "ratio":
                 values.append(a.rps / b.rps if b.rps else float("nan"))
+                cpu.append(b.cpu_us_per_request / a.cpu_us_per_request)
             else:
                 key = f"{how}_ms"
                 values.append(float(a.result.get(key, 0)) - float(b.result.get(key, 0)))
-        ordered = sorted(values)
-        median = ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else \
-            (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+        median = _median(values)
         if how == "ratio":
             met = median >= target
             shown, goal = f"{median:.2f}x", f">= {target:.1f}x"
@@ -838,11 +837,23 @@ def print_targets(rounds: dict[str, list[Outcome]], outcomes: list[Outcome]) -> 
             met = median <= target
             shown, goal = f"{median:+.2f} ms", f"<= {target:.1f} ms"
         each = "/".join(f"{v:.2f}" for v in values)
+        by_cpu = (f"{_median(cpu):.2f}x" if cpu and not row.startswith("w2") else "-")
         lines.append(f"  {what:<35} {row:>12} vs {ref:<11} {shown:>9}  target {goal:<9} "
-                     f"{'met' if met else 'NOT MET':<8} rounds {each}")
+                     f"{'met' if met else 'NOT MET':<8} {by_cpu:>6}  {each}")
     if lines:
         print("\ntargets of issue 8 (medians of the per-round values; same run, same machine):")
+        print(f"  {'':<35} {'row':>12} vs {'reference':<11} {'value':>9}  {'':<16} "
+              f"{'':<8} {'by cpu':>6}  rounds")
         print("\n".join(lines))
+        print("  by cpu: the reference's CPU per request over the row's (each server's own "
+              "core time,\n  from /proc): the throughput ratio one saturated core would give, "
+              "less sensitive\n  to other work on a shared machine than req/s.")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def decision_counts(log: Path) -> collections.Counter[tuple[str, str, int]]:
