@@ -254,11 +254,12 @@ class Procs:
         self.logs = logs
         self.started: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str]) -> Proc:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
         log = self.logs / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
-                                     stdin=subprocess.DEVNULL, cwd=REPO)
+                                     stdin=subprocess.DEVNULL, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
         proc = Proc(name, popen, log)
         self.started.append(proc)
         return proc
@@ -340,11 +341,13 @@ def start_helper(procs: Procs, prefix: list[str], name: str, *args: str) -> tupl
 
 
 def start_gateway(procs: Procs, prefix: list[str], name: str,
-                  config: dict[str, Any], path: Path, *extra: str) -> tuple[Proc, int]:
+                  config: dict[str, Any], path: Path, *extra: str,
+                  env: dict[str, str] | None = None) -> tuple[Proc, int]:
     """``mtls-gateway run --config`` as a user would; returns once /readyz says ready."""
     config["listen"]["port"], config["admin"]["port"] = free_port(), free_port()
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    proc = procs.start(name, [*prefix, str(GATEWAY_BIN), "run", "--config", str(path), *extra])
+    proc = procs.start(name, [*prefix, str(GATEWAY_BIN), "run", "--config", str(path), *extra],
+                       env)
     port, admin = config["listen"]["port"], config["admin"]["port"]
     deadline = time.monotonic() + START_TIMEOUT
     while True:  # readiness: keys loaded
@@ -487,6 +490,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              "/none/x", None, extra=True),
     Scenario("nolog-es256", "bound JWT ES256, logging.level WARNING", "gateway-nolog",
              "/jwt/x", "es256", ref="gw-es256", extra=True),
+    Scenario("asyncio-none", "auth: none, gateway on asyncio's loop (MTLS_GATEWAY_UVLOOP=0)",
+             "gateway-asyncio", "/none/x", None, extra=True),
+    Scenario("asyncio-es256", "bound JWT ES256, gateway on asyncio's loop", "gateway-asyncio",
+             "/jwt/x", "es256", ref="gw-es256", extra=True),
     Scenario("gw-none-2", "gateway, auth: none again (drift check)", "gateway", "/none/x", None,
              ref="gw-none"),
 )
@@ -498,15 +505,14 @@ def select(only: set[str], extra: bool, resume: bool, skip: set[str] = frozenset
     (targets in ``skip`` left out, with the rows compared against them)."""
     by_key = {s.key: s for s in SCENARIOS}
     wanted = set(only) if only else {s.key for s in SCENARIOS if extra or not s.extra}
-    wanted = {k for k in wanted if by_key[k].target not in skip
-              and by_key[by_key[k].ref].target not in skip}
+    wanted = {k for k in wanted if by_key[k].target not in skip}
     wanted.add("gw-none")
     for key in list(wanted):
         ref = by_key[key].ref
         while ref not in wanted:
             wanted.add(ref)
             ref = by_key[ref].ref
-    return [s for s in SCENARIOS if s.key in wanted
+    return [s for s in SCENARIOS if s.key in wanted and s.target not in skip
             and (resume or s.mode not in ("resume", "rate"))]
 
 
@@ -775,7 +781,8 @@ def print_costs(outcomes: list[Outcome]) -> None:
         value = us(key)
         if value is not None and base is not None:
             lines.append(f"  {key:<15} {value - base:+7.0f} us/req  {what}")
-    for key, ref, what in (("nolog-rs256", "gw-rs256", "JWT RS256 without the decision log"),
+    for key, ref, what in (("nolog-es256", "gw-es256", "JWT ES256 without the decision log"),
+                           ("asyncio-es256", "gw-es256", "JWT ES256 on asyncio's loop, not uvloop"),
                            ("new-none", None, "full mTLS handshake + request, auth: none"),
                            ("new-rs256", "new-none", "JWT RS256 on a fresh connection"),
                            ("resume-rs256", "new-rs256", "resumed instead of full handshake")):
@@ -1021,6 +1028,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if any(s.target == "haproxy" for s in scenarios):
                 sut["haproxy"], ports["haproxy"] = start_haproxy(procs, pin.sut, m, up_port,
                                                                  work / "haproxy.cfg")
+            if any(s.target == "gateway-asyncio" for s in scenarios):
+                sut["gateway-asyncio"], ports["gateway-asyncio"] = start_gateway(
+                    procs, pin.sut, "gateway-asyncio", json.loads(json.dumps(config)),
+                    work / "gateway-asyncio.yaml", env={"MTLS_GATEWAY_UVLOOP": "0"})
             if any(s.target == "gateway-w2" for s in scenarios):
                 sut["gateway-w2"], ports["gateway-w2"] = start_gateway(
                     procs, pin.both, "gateway-w2", json.loads(json.dumps(config)),
@@ -1043,8 +1054,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes = [median_outcome(rounds[s.key]) for s in scenarios]
             rss_after = gateway.rss_mb()
             decisions = decision_counts(gateway.log)
-            if "gateway-w2" in sut:
-                decisions.update(decision_counts(sut["gateway-w2"].log))
+            for other in ("gateway-w2", "gateway-asyncio"):
+                if other in sut:
+                    decisions.update(decision_counts(sut[other].log))
         finally:
             procs.stop_all()
 
