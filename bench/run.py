@@ -1,16 +1,20 @@
-"""Throughput and latency of mtls-gateway, as ratios against a baseline measured in the same run.
+"""Throughput and latency of mtls-gateway against HAProxy 2.6 doing the same job, as ratios
+measured in the same run.
 
-    .venv/bin/python bench/run.py [--duration 5] [--connections 32] [--quick]
+    .venv/bin/python bench/run.py --repeat 3 [--extra] [--duration 5] [--connections 32]
 
 Everything runs on this machine, on 127.0.0.1 only: a throwaway PKI, static JWKS (RS256 and
-ES256 keys), an RFC 7662 introspection server, a minimal upstream, and the gateway under test
-started as a user would (``mtls-gateway run --config ...``), each in its own process. Load
-comes from the project's Go load generator (``shared/tools/mtlsload``, built into
-``bench/.build/``), or from ``bench/pyload.py`` when Go is missing (labelled as such).
+ES256 keys), an RFC 7662 introspection server, a raw keep-alive upstream, HAProxy with
+``bench/haproxy.cfg.template`` (mTLS, jwt_verify ES256, claims, x5t#S256 binding, upstream
+reuse), and the gateway under test started as a user would (``mtls-gateway run --config``),
+each in its own process. Load comes from ``bench/mtlsload`` (Go, built into ``bench/.build/``:
+keep-alive, new connection per request, resumed sessions, paced rate), or from
+``bench/pyload.py`` when Go is missing (labelled as such).
 
 On a machine with 2 or more cores the server under test is pinned to one core and the load
-generator, upstream and introspection server to another (``taskset``), so each gateway row is
-one saturated gateway process: its figure is what that one core can do.
+generator, upstream and introspection server to another (``taskset``), so each row is one
+server process on one core: its figure is what that one core can do. The issue-8 targets
+are printed at the end, each the median of per-round values.
 
 Every loop is bounded (per-scenario duration, subprocess timeouts, servers that stop by
 themselves); the exit status is non-zero if any request got an unexpected status or failed.
@@ -990,6 +994,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     skip = {"haproxy"} if args.no_haproxy else set()
     if len(os.sched_getaffinity(0)) < 2:
         skip.add("gateway-w2")
+    if loadgen.kind != "go":
+        skip.add("direct")     # plain http:// and -rate are in bench/mtlsload only
     scenarios = select(wanted, args.extra, loadgen.resume, skip)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # inherited by every server
