@@ -1,6 +1,6 @@
 """Memory of the gateway: idle mutual-TLS connections, and many distinct tokens.
 
-    .venv/bin/python bench/memory.py connections [--count 10000]
+    .venv/bin/python bench/memory.py connections [--count 10000] [--haproxy]
     .venv/bin/python bench/memory.py tokens [--count 1000000]
 
 ``connections``: the gateway started as a user would (``mtls-gateway run``, pinned to one core
@@ -9,6 +9,8 @@ keep-alive mutual-TLS connections, each sends one request with alice's bound ES2
 (so the connection's thumbprint is computed and the token verified), then stays idle. The
 gateway's resident memory (VmRSS) is read before and once all connections are up; the
 result is MiB per 1,000 connections. RLIMIT_NOFILE is raised to its hard limit first.
+``--haproxy``: the same against HAProxy with bench/haproxy.cfg.template (maxconn raised to
+the count), for comparison.
 
 ``tokens``: in one process, the gateway's own ``JwtVerifier`` (built from a config by
 ``Gateway``, default ``verify_cache_size``) verifies ``--count`` distinct valid ES256 tokens
@@ -22,7 +24,9 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,12 +45,15 @@ from run import (
     ISSUER,
     SCOPE,
     Procs,
+    free_port,
     gateway_config,
+    haproxy_config,
     make_material,
     pick_loadgen,
     pinning,
     start_gateway,
     start_helper,
+    wait_for,
 )
 
 from mtls_gateway.config_load import load_config
@@ -70,7 +77,7 @@ def tree_rss_mib(pid: int) -> float:
 
 # --- idle connections ---------------------------------------------------------------------
 
-def connections(count: int, timeout: float) -> int:
+def connections(count: int, timeout: float, haproxy: bool = False) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < count + 200:
@@ -88,7 +95,25 @@ def connections(count: int, timeout: float) -> int:
             del config["providers"]["opaque"]
             config["routes"] = [r for r in config["routes"] if r["name"] != "opaque"]
             config["logging"]["level"] = "WARNING"
-            gateway, port = start_gateway(procs, pin.sut, "gateway", config, work / "gw.yaml")
+            if haproxy:
+                port = free_port()
+                text = haproxy_config(m, port, up_port).replace("maxconn 4000",
+                                                                f"maxconn {count + 100}")
+                (work / "haproxy.cfg").write_text(text)
+                exe = shutil.which("haproxy")
+                if exe is None:
+                    print("haproxy is not installed")
+                    return 2
+                gateway = procs.start("haproxy", [*pin.sut, exe, "-db", "-f",
+                                                  str(work / "haproxy.cfg")])
+                wait_for("haproxy", gateway, r"", 2)
+                time.sleep(1)
+                if not gateway.alive():
+                    print(gateway.log.read_text()[-2000:])
+                    return 2
+            else:
+                gateway, port = start_gateway(procs, pin.sut, "gateway", config,
+                                              work / "gw.yaml")
             time.sleep(1)
             before = rss_mib(gateway.pid)
             cert, key = m.certs["alice"]
@@ -100,10 +125,13 @@ def connections(count: int, timeout: float) -> int:
                                    text=True)
             assert gen.stdout is not None
             ready = ""
-            for line in gen.stdout:
-                if line.startswith("IDLE READY") or time.monotonic() - started > timeout:
+            os.set_blocking(gen.stdout.fileno(), False)
+            while time.monotonic() - started < timeout and gen.poll() is None:
+                line = gen.stdout.readline()
+                if line.startswith("IDLE READY"):
                     ready = line.strip()
                     break
+                time.sleep(0.2)
             took = time.monotonic() - started
             time.sleep(2)
             after = rss_mib(gateway.pid)
@@ -111,10 +139,11 @@ def connections(count: int, timeout: float) -> int:
             gen.terminate()
             gen.wait(30)
             ok = ready.startswith("IDLE READY")
-            print(f"gateway pid {gateway.pid}: {count} idle keep-alive mTLS connections "
+            what = "haproxy" if haproxy else "gateway"
+            print(f"{what} pid {gateway.pid}: {count} idle keep-alive mTLS connections "
                   f"{'established' if ok else 'NOT all established'} in {took:.1f}s "
-                  f"(one ES256 request each); gateway fds open: {open_fds}")
-            print(f"gateway RSS: {before:.1f} MiB before, {after:.1f} MiB with the connections "
+                  f"(one ES256 request each); {what} fds open: {open_fds}")
+            print(f"{what} RSS: {before:.1f} MiB before, {after:.1f} MiB with the connections "
                   f"open: +{after - before:.1f} MiB = "
                   f"{(after - before) / count * 1000:.2f} MiB per 1,000 connections")
             return 0 if ok else 1
@@ -176,11 +205,13 @@ def main() -> int:
     p.add_argument("what", choices=("connections", "tokens"))
     p.add_argument("--count", type=int, default=None,
                    help="connections (default 10000) or distinct tokens (default 1000000)")
+    p.add_argument("--haproxy", action="store_true",
+                   help="connections: measure HAProxy (bench/haproxy.cfg.template) instead")
     p.add_argument("--timeout", type=float, default=240,
                    help="connections: seconds allowed to open them all (default 240)")
     args = p.parse_args()
     if args.what == "connections":
-        return connections(args.count or 10_000, args.timeout)
+        return connections(args.count or 10_000, args.timeout, args.haproxy)
     return tokens(args.count or 1_000_000)
 
 
