@@ -20,9 +20,10 @@ COPY pyproject.toml README.md ./
 COPY mtls_gateway/ ./mtls_gateway/
 
 # Network is used here (build time) only: the build backend and the dependencies' wheels.
+# The "fast" extra adds uvloop, the faster event loop the gateway uses when it is installed.
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist . \
     && python -m venv --without-pip /opt/venv \
-    && python -m pip --python /opt/venv/bin/python install --no-cache-dir /dist/*.whl \
+    && python -m pip --python /opt/venv/bin/python install --no-cache-dir "$(echo /dist/*.whl)[fast]" \
     && /opt/venv/bin/mtls-gateway --help > /dev/null
 
 

@@ -1,16 +1,20 @@
-"""Throughput and latency of mtls-gateway, as ratios against a baseline measured in the same run.
+"""Throughput and latency of mtls-gateway against HAProxy 2.6 doing the same job, as ratios
+measured in the same run.
 
-    .venv/bin/python bench/run.py [--duration 5] [--connections 32] [--quick]
+    .venv/bin/python bench/run.py --repeat 3 [--extra] [--duration 5] [--connections 32]
 
 Everything runs on this machine, on 127.0.0.1 only: a throwaway PKI, static JWKS (RS256 and
-ES256 keys), an RFC 7662 introspection server, a minimal upstream, and the gateway under test
-started as a user would (``mtls-gateway run --config ...``), each in its own process. Load
-comes from the project's Go load generator (``shared/tools/mtlsload``, built into
-``bench/.build/``), or from ``bench/pyload.py`` when Go is missing (labelled as such).
+ES256 keys), an RFC 7662 introspection server, a raw keep-alive upstream, HAProxy with
+``bench/haproxy.cfg.template`` (mTLS, jwt_verify ES256, claims, x5t#S256 binding, upstream
+reuse), and the gateway under test started as a user would (``mtls-gateway run --config``),
+each in its own process. Load comes from ``bench/mtlsload`` (Go, built into ``bench/.build/``:
+keep-alive, new connection per request, resumed sessions, paced rate), or from
+``bench/pyload.py`` when Go is missing (labelled as such).
 
 On a machine with 2 or more cores the server under test is pinned to one core and the load
-generator, upstream and introspection server to another (``taskset``), so each gateway row is
-one saturated gateway process: its figure is what that one core can do.
+generator, upstream and introspection server to another (``taskset``), so each row is one
+server process on one core: its figure is what that one core can do. The issue-8 targets
+are printed at the end, each the median of per-round values.
 
 Every loop is bounded (per-scenario duration, subprocess timeouts, servers that stop by
 themselves); the exit status is non-zero if any request got an unexpected status or failed.
@@ -44,6 +48,7 @@ from typing import Any
 
 import jwt
 import yaml
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
@@ -53,7 +58,8 @@ from mtls_gateway.thumbprint import x5t_s256
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 BUILD = BENCH / ".build"
-MTLSLOAD_SRC = REPO.parent / "shared" / "tools" / "mtlsload"
+#: bench's copy of shared/tools/mtlsload, with -rate, -idle and http:// added.
+MTLSLOAD_SRC = BENCH / "mtlsload"
 PYTHON = sys.executable
 GATEWAY_BIN = Path(PYTHON).parent / "mtls-gateway"
 
@@ -77,6 +83,8 @@ class Material:
     jwks: dict[str, Any]
     introspection_tokens: Path            # JSON {opaque token: introspection answer}
     secret_file: Path
+    es256_public_pem: Path                # the issuer's ES256 key, for HAProxy's jwt_verify
+    server_pem: Path                      # server certificate + key in one file (HAProxy)
 
 
 def make_material(directory: Path) -> Material:
@@ -120,8 +128,26 @@ def make_material(directory: Path) -> Material:
     secret_file = directory / "introspection-secret"
     secret_file.touch(mode=0o600)
     secret_file.write_text(secrets.token_urlsafe(24) + "\n")
+    es256_pem = directory / "issuer-es256.pub.pem"
+    es256_pem.write_bytes(ec_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    server_pem = directory / "server.pem"
+    server_pem.write_bytes(server_cert.read_bytes() + server_key.read_bytes())
     return Material(directory, ca_file, server_cert, server_key, certs, tokens,
-                    {"keys": [rsa_jwk, ec_jwk]}, introspection_tokens, secret_file)
+                    {"keys": [rsa_jwk, ec_jwk]}, introspection_tokens, secret_file,
+                    es256_pem, server_pem)
+
+
+def haproxy_config(m: Material, port: int, upstream_port: int) -> str:
+    """bench/haproxy.cfg.template with this run's files, ports and claims filled in."""
+    text = (BENCH / "haproxy.cfg.template").read_text()
+    for name, value in (("PORT", port), ("SERVER_PEM", m.server_pem), ("CA", m.ca),
+                        ("PUBKEY", m.es256_public_pem), ("ISSUER", ISSUER),
+                        ("AUDIENCE", AUDIENCE), ("SCOPE", SCOPE), ("LEEWAY", 0),
+                        ("UPSTREAM_PORT", upstream_port)):
+        text = text.replace(f"@@{name}@@", str(value))
+    assert "@@" not in text, "unfilled field in haproxy.cfg.template"
+    return text
 
 
 def gateway_config(m: Material, upstream_url: str, introspection_url: str) -> dict[str, Any]:
@@ -137,7 +163,7 @@ def gateway_config(m: Material, upstream_url: str, introspection_url: str) -> di
         "providers": {
             "jwt": {"type": "jwt", "issuer": ISSUER, "audiences": [AUDIENCE],
                     "algorithms": ["RS256", "ES256"], "jwks": m.jwks,
-                    "require_typ_at_jwt": True},
+                    "require_typ_at_jwt": True, "leeway": "0s"},
             "opaque": {"type": "introspection", "endpoint": introspection_url,
                        "client_id": CLIENT_ID, "auth_method": "client_secret_basic",
                        "client_secret_file": str(m.secret_file), "ca_file": str(m.ca),
@@ -161,6 +187,7 @@ class Pinning:
     load: list[str]    # prefix for the load generator, upstream and introspection server
     sut: list[str]     # prefix for the server under test
     note: str
+    both: list[str] = field(default_factory=list)   # prefix for --workers 2: both cores
 
 
 def pinning(enabled: bool) -> Pinning:
@@ -174,7 +201,7 @@ def pinning(enabled: bool) -> Pinning:
     load, sut = str(cpus[0]), str(cpus[-1])
     return Pinning([taskset, "-c", load], [taskset, "-c", sut],
                    f"server under test on core {sut}; load generator, upstream and "
-                   f"introspection server on core {load}")
+                   f"introspection server on core {load}", [taskset, "-c", f"{load},{sut}"])
 
 
 @dataclass
@@ -199,13 +226,29 @@ class Proc:
         return 0.0
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far (from /proc)."""
-        try:
-            stat = Path(f"/proc/{self.pid}/stat").read_text()
-        except OSError:
-            return 0.0
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """User + system CPU time of the process and its live descendants (``--workers``)
+        so far, from /proc."""
+        total = 0.0
+        for pid in _tree(self.pid):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (from /proc/PID/task/*/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for children in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError, ValueError):
+                todo.extend(int(c) for c in children.read_text().split())
+    return out
 
 
 class Procs:
@@ -215,11 +258,12 @@ class Procs:
         self.logs = logs
         self.started: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str]) -> Proc:
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
         log = self.logs / f"{name}.log"
         with log.open("wb") as out:
             popen = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,  # noqa: S603
-                                     stdin=subprocess.DEVNULL, cwd=REPO)
+                                     stdin=subprocess.DEVNULL, cwd=REPO,
+                                     env={**os.environ, **(env or {})})
         proc = Proc(name, popen, log)
         self.started.append(proc)
         return proc
@@ -260,6 +304,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def start_haproxy(procs: Procs, prefix: list[str], m: Material, upstream_port: int,
+                  path: Path) -> tuple[Proc, int]:
+    """HAProxy with bench/haproxy.cfg.template, once it accepts TCP connections."""
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        raise RuntimeError("haproxy not found (apt-get install -y --no-install-recommends "
+                           "haproxy), or leave out the hap-* rows with --no-haproxy")
+    port = free_port()
+    path.write_text(haproxy_config(m, port, upstream_port))
+    check = subprocess.run([haproxy, "-c", "-q", "-f", str(path)],  # noqa: S603
+                           capture_output=True, text=True, timeout=30, check=False)
+    if check.returncode != 0:
+        raise RuntimeError(f"haproxy -c rejected {path}:\n{check.stdout}{check.stderr}")
+    proc = procs.start("haproxy", [*prefix, haproxy, "-db", "-f", str(path)])
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return proc, port
+        if not proc.alive():
+            raise RuntimeError(f"haproxy exited:\n{proc.log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+    raise RuntimeError("haproxy did not start listening")
+
+
+def haproxy_version() -> str:
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        return "haproxy not installed"
+    out = subprocess.run([haproxy, "-v"], capture_output=True, text=True,  # noqa: S603
+                         timeout=10, check=False).stdout
+    return out.splitlines()[0] if out else "haproxy ?"
+
+
 def start_helper(procs: Procs, prefix: list[str], name: str, *args: str) -> tuple[Proc, int]:
     proc = procs.start(name, [*prefix, PYTHON, str(BENCH / "servers.py"), *args,
                               "--max-seconds", "1800"])
@@ -268,11 +345,13 @@ def start_helper(procs: Procs, prefix: list[str], name: str, *args: str) -> tupl
 
 
 def start_gateway(procs: Procs, prefix: list[str], name: str,
-                  config: dict[str, Any], path: Path) -> tuple[Proc, int]:
+                  config: dict[str, Any], path: Path, *extra: str,
+                  env: dict[str, str] | None = None) -> tuple[Proc, int]:
     """``mtls-gateway run --config`` as a user would; returns once /readyz says ready."""
     config["listen"]["port"], config["admin"]["port"] = free_port(), free_port()
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    proc = procs.start(name, [*prefix, str(GATEWAY_BIN), "run", "--config", str(path)])
+    proc = procs.start(name, [*prefix, str(GATEWAY_BIN), "run", "--config", str(path), *extra],
+                       env)
     port, admin = config["listen"]["port"], config["admin"]["port"]
     deadline = time.monotonic() + START_TIMEOUT
     while True:  # readiness: keys loaded
@@ -342,7 +421,7 @@ def pick_loadgen(choice: str, prefix: list[str]) -> LoadGen:
         if choice == "go":
             raise RuntimeError(f"cannot build mtlsload: {how}")
         return LoadGen(python_gen.argv, "python", f"{python_gen.note}; Go unavailable: {how}")
-    return LoadGen([*prefix, str(binary)], "go", f"mtlsload (Go, shared/tools/mtlsload; {how})")
+    return LoadGen([*prefix, str(binary)], "go", f"mtlsload (Go, bench/mtlsload; {how})")
 
 
 # --- scenarios ------------------------------------------------------------------------------------
@@ -351,54 +430,94 @@ def pick_loadgen(choice: str, prefix: list[str]) -> LoadGen:
 class Scenario:
     key: str
     title: str
-    target: str               # "gateway", "plain-proxy" or "upstream-tls"
+    target: str               # "gateway", "haproxy", "direct", "gateway-w2", ...
     path: str
     token: str | None         # "rs256", "es256", "opaque" or None
     cert: str = "alice"
-    mode: str = "keepalive"   # "keepalive", "newconn" or "resume"
+    mode: str = "keepalive"   # "keepalive", "newconn", "resume" or "rate"
     expect: int = 200
     ref: str = "gw-none"      # the row its ratio is taken against
     extra: bool = False       # diagnostic row, run with --extra or --only
+    rate: float = 0.0         # mode "rate": requests/s in total (paced, not saturating)
 
+
+RATE = 1000.0   # requests/s of the latency rows (the issue's "moderate fixed load")
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario("gw-none", "gateway, auth: none route (BASELINE)", "gateway", "/none/x", None),
-    Scenario("upstream-tls", "upstream alone over mTLS, no proxy", "upstream-tls", "/x", None),
-    Scenario("plain-proxy", "plain aiohttp mTLS proxy, no auth", "plain-proxy", "/x", None),
-    Scenario("gw-rs256", "gateway, bound JWT RS256", "gateway", "/jwt/x", "rs256"),
-    Scenario("gw-es256", "gateway, bound JWT ES256", "gateway", "/jwt/x", "es256"),
+    # --- the issue's comparison: the same job natively in HAProxy 2.6, one core each
+    Scenario("hap-es256", "HAProxy 2.6: mTLS + jwt_verify ES256 + claims + x5t binding",
+             "haproxy", "/jwt/x", "es256", ref="hap-es256"),
+    Scenario("gw-es256", "gateway, bound JWT ES256 (verified-token cache hit)", "gateway",
+             "/jwt/x", "es256", ref="hap-es256"),
+    Scenario("hap-refuse", "HAProxy: ES256 token, wrong cert -> 401", "haproxy", "/jwt/x",
+             "es256", cert="bob", expect=401, ref="hap-es256"),
+    Scenario("refuse-es256", "gateway: ES256 token, wrong cert -> 401", "gateway", "/jwt/x",
+             "es256", cert="bob", expect=401, ref="hap-refuse"),
+    Scenario("hap-new", "HAProxy: new conn + full mTLS handshake per request, ES256",
+             "haproxy", "/jwt/x", "es256", mode="newconn", ref="hap-new"),
+    Scenario("new-es256", "gateway: new conn + full mTLS handshake per request, ES256",
+             "gateway", "/jwt/x", "es256", mode="newconn", ref="hap-new"),
+    Scenario("hap-resume", "HAProxy: new conn, TLS session resumed, ES256", "haproxy",
+             "/jwt/x", "es256", mode="resume", ref="hap-resume"),
+    Scenario("resume-es256", "gateway: new conn, TLS session resumed, ES256", "gateway",
+             "/jwt/x", "es256", mode="resume", ref="hap-resume"),
+    Scenario("lat-direct", f"{RATE:.0f} req/s straight to the upstream (plain HTTP)", "direct",
+             "/x", None, mode="rate", rate=RATE, ref="lat-direct"),
+    Scenario("lat-gw", f"{RATE:.0f} req/s through the gateway, ES256 keep-alive", "gateway",
+             "/jwt/x", "es256", mode="rate", rate=RATE, ref="lat-direct"),
+    Scenario("lat-hap", f"{RATE:.0f} req/s through HAProxy, ES256 keep-alive", "haproxy",
+             "/jwt/x", "es256", mode="rate", rate=RATE, ref="lat-direct"),
+    Scenario("w2-es256", "gateway --workers 2 on both cores (shared with the load side)",
+             "gateway-w2", "/jwt/x", "es256", ref="gw-es256"),
+    Scenario("direct", "upstream alone, plain HTTP keep-alive (the ceiling)", "direct", "/x",
+             None, ref="hap-es256"),
+    # --- the gateway against itself (--extra)
+    Scenario("upstream-tls", "upstream alone over mTLS, no proxy", "upstream-tls", "/x", None,
+             extra=True),
+    Scenario("plain-proxy", "plain aiohttp mTLS proxy, no auth", "plain-proxy", "/x", None,
+             extra=True),
+    Scenario("gw-rs256", "gateway, bound JWT RS256", "gateway", "/jwt/x", "rs256", extra=True),
     Scenario("gw-opaque", "gateway, opaque token, introspection cache warm", "gateway",
-             "/opaque/x", "opaque"),
+             "/opaque/x", "opaque", extra=True),
     Scenario("refuse-cert", "refusal: RS256 token, wrong cert -> 401", "gateway", "/jwt/x",
-             "rs256", cert="bob", expect=401),
+             "rs256", cert="bob", expect=401, extra=True),
     Scenario("refuse-notoken", "refusal: no token -> 401", "gateway", "/jwt/x", None,
              expect=401),
     Scenario("new-none", "new TLS conn per request, auth: none", "gateway", "/none/x", None,
-             mode="newconn", ref="new-none"),
+             mode="newconn", ref="new-none", extra=True),
     Scenario("new-rs256", "new TLS conn per request, bound JWT RS256", "gateway", "/jwt/x",
-             "rs256", mode="newconn", ref="new-none"),
+             "rs256", mode="newconn", ref="new-none", extra=True),
     Scenario("resume-rs256", "new conn, TLS session resumed, JWT RS256", "gateway", "/jwt/x",
-             "rs256", mode="resume", ref="new-none"),
+             "rs256", mode="resume", ref="new-none", extra=True),
     Scenario("nolog-none", "auth: none, gateway with logging.level WARNING", "gateway-nolog",
              "/none/x", None, extra=True),
-    Scenario("nolog-rs256", "bound JWT RS256, logging.level WARNING", "gateway-nolog",
-             "/jwt/x", "rs256", ref="gw-rs256", extra=True),
+    Scenario("nolog-es256", "bound JWT ES256, logging.level WARNING", "gateway-nolog",
+             "/jwt/x", "es256", ref="gw-es256", extra=True),
+    Scenario("asyncio-none", "auth: none, gateway on asyncio's loop (MTLS_GATEWAY_UVLOOP=0)",
+             "gateway-asyncio", "/none/x", None, extra=True),
+    Scenario("asyncio-es256", "bound JWT ES256, gateway on asyncio's loop", "gateway-asyncio",
+             "/jwt/x", "es256", ref="gw-es256", extra=True),
     Scenario("gw-none-2", "gateway, auth: none again (drift check)", "gateway", "/none/x", None,
              ref="gw-none"),
 )
 
 
-def select(only: set[str], extra: bool, resume: bool) -> list[Scenario]:
-    """The rows to run, in table order, each with the row its ratio is taken against."""
+def select(only: set[str], extra: bool, resume: bool, skip: set[str] = frozenset()
+           ) -> list[Scenario]:
+    """The rows to run, in table order, each with the row its ratio is taken against
+    (targets in ``skip`` left out, with the rows compared against them)."""
     by_key = {s.key: s for s in SCENARIOS}
     wanted = set(only) if only else {s.key for s in SCENARIOS if extra or not s.extra}
+    wanted = {k for k in wanted if by_key[k].target not in skip}
     wanted.add("gw-none")
     for key in list(wanted):
         ref = by_key[key].ref
         while ref not in wanted:
             wanted.add(ref)
             ref = by_key[ref].ref
-    return [s for s in SCENARIOS if s.key in wanted and (resume or s.mode != "resume")]
+    return [s for s in SCENARIOS if s.key in wanted and s.target not in skip
+            and (resume or s.mode not in ("resume", "rate"))]
 
 
 @dataclass
@@ -426,9 +545,14 @@ class Outcome:
 
 def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, int],
                  sut: dict[str, Proc], aux: list[Proc], connections: int, duration: float,
-                 warmup: float, profiler: Profiler | None = None) -> Outcome:
+                 warmup: float, profiler: Profiler | None = None,
+                 both_cores: Sequence[str] = ()) -> Outcome:
     cert, key = m.certs[s.cert]
-    argv = [*loadgen.argv, "-url", f"https://127.0.0.1:{ports[s.target]}{s.path}",
+    scheme = "http" if s.target == "direct" else "https"
+    gen_argv = loadgen.argv
+    if s.target == "gateway-w2" and gen_argv[0].endswith("taskset"):
+        gen_argv = [*both_cores, *gen_argv[3:]]   # the load side shares both cores too
+    argv = [*gen_argv, "-url", f"{scheme}://127.0.0.1:{ports[s.target]}{s.path}",
             "-cert", str(cert), "-key", str(key), "-ca", str(m.ca), "-c", str(connections),
             "-d", f"{duration}s", "-warmup", f"{warmup}s", "-expect", str(s.expect)]
     if s.token:
@@ -437,6 +561,8 @@ def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, in
         argv.append("-newconn")
     if s.mode == "resume":
         argv.append("-resume")
+    if s.mode == "rate":
+        argv += ["-rate", str(s.rate)]
     target = sut[s.target]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     spy: subprocess.Popen[bytes] | None = None
@@ -446,7 +572,7 @@ def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, in
                                stdin=subprocess.DEVNULL)
         try:
             time.sleep(warmup)
-            if profiler and s.target.startswith("gateway"):
+            if profiler and s.target.startswith("gateway") and s.target != "gateway-w2":
                 spy = profiler.start(s.key, target.pid, duration)
             t0, c0, a0 = time.monotonic(), target.cpu_seconds(), _cpu(aux)
             time.sleep(duration)
@@ -613,6 +739,8 @@ def print_table(outcomes: list[Outcome]) -> None:
         else:
             base = ref.rps if ref else 0.0
         ratio = "base" if s.key == s.ref else (f"{o.rps / base:.2f}" if base else "-")
+        if s.mode == "rate":
+            ratio = "-"     # paced: compare latencies (targets block), not req/s
         r = o.result
         cpu_pct = 100 * o.sut_cpu / o.window if o.window else 0.0
         other_pct = 100 * (o.load_cpu + (o.aux_cpu / o.window if o.window else 0.0))
@@ -657,7 +785,8 @@ def print_costs(outcomes: list[Outcome]) -> None:
         value = us(key)
         if value is not None and base is not None:
             lines.append(f"  {key:<15} {value - base:+7.0f} us/req  {what}")
-    for key, ref, what in (("nolog-rs256", "gw-rs256", "JWT RS256 without the decision log"),
+    for key, ref, what in (("nolog-es256", "gw-es256", "JWT ES256 without the decision log"),
+                           ("asyncio-es256", "gw-es256", "JWT ES256 on asyncio's loop, not uvloop"),
                            ("new-none", None, "full mTLS handshake + request, auth: none"),
                            ("new-rs256", "new-none", "JWT RS256 on a fresh connection"),
                            ("resume-rs256", "new-rs256", "resumed instead of full handshake")):
@@ -679,6 +808,63 @@ def print_costs(outcomes: list[Outcome]) -> None:
             print("WARNING: the baseline moved by more than 15% during the run: the machine "
                   "was busy\n(other work on the shared cores), so this run's ratios are "
                   "rough; use --repeat 3 for medians.")
+
+
+#: The issue's targets: (what, row, reference row, how, target). "ratio": req/s of row over
+#: reference, the median of the per-round ratios (side by side in each round); "p50"/"p99":
+#: latency of row minus reference at the fixed rate, in ms, the median over rounds.
+TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("keep-alive, 1 worker, same token", "gw-es256", "hap-es256", "ratio", 1.0),
+    ("new conn, full mTLS handshake", "new-es256", "hap-new", "ratio", 0.9),
+    ("new conn, TLS session resumed", "resume-es256", "hap-resume", "ratio", 0.9),
+    ("latency added at 1000 req/s, p50", "lat-gw", "lat-direct", "p50", 0.5),
+    ("latency added at 1000 req/s, p99", "lat-gw", "lat-direct", "p99", 2.0),
+    ("  (HAProxy's, for reference) p50", "lat-hap", "lat-direct", "p50", 0.5),
+    ("  (HAProxy's, for reference) p99", "lat-hap", "lat-direct", "p99", 2.0),
+    ("--workers 2 vs 1 worker", "w2-es256", "gw-es256", "ratio", 1.7),
+)
+
+
+def print_targets(rounds: dict[str, list[Outcome]], outcomes: list[Outcome]) -> None:
+    """The issue's ratios, each the median of per-round values, with MET / NOT MET."""
+    ok = {o.scenario.key for o in outcomes if o.ok}
+    lines = []
+    for what, row, ref, how, target in TARGETS:
+        if row not in ok or ref not in ok:
+            continue
+        values, cpu = [], []
+        for a, b in zip(rounds[row], rounds[ref], strict=True):
+            if how == "ratio":
+                values.append(a.rps / b.rps if b.rps else float("nan"))
+                cpu.append(b.cpu_us_per_request / a.cpu_us_per_request)
+            else:
+                key = f"{how}_ms"
+                values.append(float(a.result.get(key, 0)) - float(b.result.get(key, 0)))
+        median = _median(values)
+        if how == "ratio":
+            met = median >= target
+            shown, goal = f"{median:.2f}x", f">= {target:.1f}x"
+        else:
+            met = median <= target
+            shown, goal = f"{median:+.2f} ms", f"<= {target:.1f} ms"
+        each = "/".join(f"{v:.2f}" for v in values)
+        by_cpu = (f"{_median(cpu):.2f}x" if cpu and not row.startswith("w2") else "-")
+        lines.append(f"  {what:<35} {row:>12} vs {ref:<11} {shown:>9}  target {goal:<9} "
+                     f"{'met' if met else 'NOT MET':<8} {by_cpu:>6}  {each}")
+    if lines:
+        print("\ntargets of issue 8 (medians of the per-round values; same run, same machine):")
+        print(f"  {'':<35} {'row':>12} vs {'reference':<11} {'value':>9}  {'':<16} "
+              f"{'':<8} {'by cpu':>6}  rounds")
+        print("\n".join(lines))
+        print("  by cpu: the reference's CPU per request over the row's (each server's own "
+              "core time,\n  from /proc): the throughput ratio one saturated core would give, "
+              "less sensitive\n  to other work on a shared machine than req/s.")
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def decision_counts(log: Path) -> collections.Counter[tuple[str, str, int]]:
@@ -713,12 +899,22 @@ def environment(loadgen: LoadGen, pin: Pinning, args: argparse.Namespace) -> lis
         f"machine: {os.cpu_count()} cores ({cpu}), {platform.system()} "
         f"{platform.release()}; load average before the run {load[0]:.2f}",
         f"python {platform.python_version()}, aiohttp {aiohttp.__version__}, "
-        f"{ssl_version()}",
+        f"{ssl_version()}, event loop {event_loop()}; {haproxy_version()}",
         f"load generator: {loadgen.note}",
         f"pinning: {pin.note}",
         f"per row: {args.connections} connections, {args.warmup}s warm-up + {args.duration}s "
         f"measured",
     ]
+
+
+def event_loop() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return "asyncio (uvloop not installed)"
+    off = os.environ.get("MTLS_GATEWAY_UVLOOP", "1").strip().lower() in ("0", "false", "no", "off")
+    return f"asyncio (MTLS_GATEWAY_UVLOOP={os.environ['MTLS_GATEWAY_UVLOOP']})" if off else \
+        f"uvloop {uvloop.__version__}"
 
 
 def ssl_version() -> str:
@@ -767,6 +963,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "raw profiles go to bench/.build/profiles/)")
     p.add_argument("--native", action="store_true", help="with --profile: include C frames")
     p.add_argument("--py-spy", default="py-spy", help="py-spy executable (default: on PATH)")
+    p.add_argument("--no-haproxy", action="store_true",
+                   help="leave out the HAProxy rows (and the ratios against them)")
     p.add_argument("--keep", action="store_true",
                    help="keep the work folder (PKI, config, logs) and print its path")
     args = p.parse_args(argv)
@@ -793,7 +991,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     pin = pinning(not args.no_pin)
     loadgen = pick_loadgen(args.loadgen, pin.load)
-    scenarios = select(wanted, args.extra, loadgen.resume)
+    skip = {"haproxy"} if args.no_haproxy else set()
+    if len(os.sched_getaffinity(0)) < 2:
+        skip.add("gateway-w2")
+    if loadgen.kind != "go":
+        skip.add("direct")     # plain http:// and -rate are in bench/mtlsload only
+    scenarios = select(wanted, args.extra, loadgen.resume, skip)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))   # inherited by every server
     profiler: Profiler | None = None
     if args.profile:
         py_spy = shutil.which(args.py_spy)
@@ -822,8 +1027,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              work / "gateway.yaml")
             print(f"gateway pid {gateway.pid} on 127.0.0.1:{gw_port}; upstream pid "
                   f"{upstream.pid}; work folder {work}", flush=True)
-            ports = {"gateway": gw_port, "plain-proxy": proxy_port, "upstream-tls": up_tls_port}
-            sut = {"gateway": gateway, "plain-proxy": proxy, "upstream-tls": up_tls}
+            ports = {"gateway": gw_port, "plain-proxy": proxy_port, "upstream-tls": up_tls_port,
+                     "direct": up_port}
+            sut = {"gateway": gateway, "plain-proxy": proxy, "upstream-tls": up_tls,
+                   "direct": upstream}
+            if any(s.target == "haproxy" for s in scenarios):
+                sut["haproxy"], ports["haproxy"] = start_haproxy(procs, pin.sut, m, up_port,
+                                                                 work / "haproxy.cfg")
+            if any(s.target == "gateway-asyncio" for s in scenarios):
+                sut["gateway-asyncio"], ports["gateway-asyncio"] = start_gateway(
+                    procs, pin.sut, "gateway-asyncio", json.loads(json.dumps(config)),
+                    work / "gateway-asyncio.yaml", env={"MTLS_GATEWAY_UVLOOP": "0"})
+            if any(s.target == "gateway-w2" for s in scenarios):
+                sut["gateway-w2"], ports["gateway-w2"] = start_gateway(
+                    procs, pin.both, "gateway-w2", json.loads(json.dumps(config)),
+                    work / "gateway-w2.yaml", "--workers", "2")
             if any(s.target == "gateway-nolog" for s in scenarios):
                 config["logging"]["level"] = "WARNING"  # no decision lines at all
                 sut["gateway-nolog"], ports["gateway-nolog"] = start_gateway(
@@ -833,7 +1051,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in range(args.repeat):
                 for s in scenarios:
                     o = run_scenario(s, loadgen, m, ports, sut, [upstream, intro],
-                                     args.connections, args.duration, args.warmup, profiler)
+                                     args.connections, args.duration, args.warmup, profiler,
+                                     pin.both)
                     rounds[s.key].append(o)
                     print(f"  {f'[{n + 1}] ' if args.repeat > 1 else ''}{s.key:<15} "
                           f"{o.rps:>7.0f} req/s  {_fmt_status(o.result)}"
@@ -841,6 +1060,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes = [median_outcome(rounds[s.key]) for s in scenarios]
             rss_after = gateway.rss_mb()
             decisions = decision_counts(gateway.log)
+            for other in ("gateway-w2", "gateway-asyncio"):
+                if other in sut:
+                    decisions.update(decision_counts(sut[other].log))
         finally:
             procs.stop_all()
 
@@ -849,6 +1071,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print_table(outcomes)
     print_costs(outcomes)
+    print_targets(rounds, outcomes)
     print(f"\ngateway resident memory: {rss_before:.0f} MiB after start, {rss_after:.0f} MiB "
           f"after {sum(decisions.values())} requests")
     print("\ngateway decisions (from its log, warm-up included):")

@@ -4,8 +4,11 @@
     python bench/servers.py introspection --tls CERT KEY CA --tokens FILE --secret-file FILE
     python bench/servers.py plain-proxy   --tls CERT KEY CA --upstream URL
 
-* ``upstream``: answers every request with a small fixed JSON body (plain HTTP, or mutual
-  TLS with ``--tls`` for the "upstream alone over mTLS" reference row).
+* ``upstream``: answers every request with a small fixed JSON body. Plain HTTP: a raw
+  asyncio protocol (HTTP/1.1 keep-alive, no framework), so that one core of it answers far
+  more than any proxy in front of it sends, and the rows measure the proxy, not the upstream
+  (HAProxy included). With ``--tls``: aiohttp over mutual TLS, the "upstream alone over mTLS"
+  reference row.
 * ``introspection``: an RFC 7662 endpoint over HTTPS that checks the gateway's
   client_secret_basic credentials and answers the claims stored for the token (``active: true``
   with ``cnf``), or ``{"active": false}``.
@@ -13,7 +16,8 @@
   no binding, no decision log, no metrics): what TLS + proxying alone costs in aiohttp.
 
 Each binds 127.0.0.1 on a free port, prints ``LISTENING <port>`` once ready, and stops on
-SIGTERM/SIGINT or by itself after ``--max-seconds``.
+SIGTERM/SIGINT or by itself after ``--max-seconds``. All run on uvloop when it is installed,
+like the gateway.
 """
 
 from __future__ import annotations
@@ -65,6 +69,49 @@ def upstream_app() -> web.Application:
     app = web.Application()
     app.router.add_route("*", "/{path:.*}", _upstream)
     return app
+
+
+class RawUpstream(asyncio.Protocol):
+    """The plain-HTTP upstream without a framework: every complete request head (and its
+    Content-Length body, skipped) gets the fixed answer; keep-alive, pipelining tolerated."""
+
+    _ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+               + str(len(_BODY)).encode() + b"\r\n\r\n" + _BODY)
+    _BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.skip = 0
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        buf = self.buf + data
+        out = []
+        while True:
+            if self.skip:
+                n = min(self.skip, len(buf))
+                buf, self.skip = buf[n:], self.skip - n
+                if self.skip:
+                    break
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head, buf = buf[:end].lower(), buf[end + 4:]
+            if b"transfer-encoding:" in head:
+                self.transport.write(b"".join(out) + self._BAD)
+                self.transport.close()
+                return
+            at = head.find(b"content-length:")
+            if at >= 0:
+                self.skip = int(head[at + 15:].split(b"\r\n", 1)[0])
+            out.append(self._ANSWER)
+        self.buf = buf
+        if out:
+            self.transport.write(b"".join(out))
 
 
 # --- introspection endpoint ---------------------------------------------------------------------
@@ -126,6 +173,28 @@ def plain_proxy_app(upstream: str) -> web.Application:
 
 # --- process ------------------------------------------------------------------------------------
 
+async def serve_raw_upstream(max_seconds: float) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(RawUpstream, "127.0.0.1", 0, backlog=1024)
+    print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max_seconds)
+    server.close()
+
+
+def run(main: Any) -> None:
+    """On uvloop when installed (as the gateway runs), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
+
+
 async def serve(app: web.Application, ctx: ssl.SSLContext | None, max_seconds: float) -> None:
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -156,6 +225,9 @@ def main() -> None:
     ctx = (_server_context(*args.tls, mutual=args.role != "introspection")
            if args.tls else None)
     app: web.Application
+    if args.role == "upstream" and ctx is None:
+        run(serve_raw_upstream(args.max_seconds))
+        return
     if args.role == "upstream":
         app = upstream_app()
     elif args.role == "introspection":
@@ -167,7 +239,7 @@ def main() -> None:
         if ctx is None or not args.upstream:
             parser.error("plain-proxy needs --tls and --upstream")
         app = plain_proxy_app(args.upstream)
-    asyncio.run(serve(app, ctx, args.max_seconds))
+    run(serve(app, ctx, args.max_seconds))
 
 
 if __name__ == "__main__":

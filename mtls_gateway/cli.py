@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -89,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1:
         print("mtls-gateway: --workers must be at least 1", file=sys.stderr)
         return 2
-    asyncio.run(serve_forever(config))
+    from .eventloop import run
+
+    run(serve_forever(config))
     return 0
 
 

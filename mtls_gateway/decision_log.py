@@ -61,6 +61,18 @@ class JsonFormatter(logging.Formatter):
 _listener: logging.handlers.QueueListener | None = None
 
 
+class _QueueHandler(logging.handlers.QueueHandler):
+    """Decision records go onto the queue as they are: the writer thread's JsonFormatter
+    reads only their fields, so formatting their message and copying them on the event
+    loop (what QueueHandler.prepare does for any record) would be work thrown away."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        if isinstance(getattr(record, "decision", None), dict) and not record.exc_info:
+            return record
+        prepared: logging.LogRecord = super().prepare(record)
+        return prepared
+
+
 def configure_logging(level: str) -> None:
     """JSON lines on stdout at ``level``, written by a thread off the event loop."""
     global _listener
@@ -71,8 +83,14 @@ def configure_logging(level: str) -> None:
     _listener = logging.handlers.QueueListener(records, stream, respect_handler_level=False)
     _listener.start()
     atexit.register(stop_logging)
+    # No record needs the caller's file/line or the thread/multiprocessing names (the JSON
+    # line has none of them): skip looking them up on every call (logging HOWTO,
+    # "Optimization"). The pid stays: every line carries it.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [logging.handlers.QueueHandler(records)]
+    root.handlers[:] = [_QueueHandler(records)]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").disabled = True
 

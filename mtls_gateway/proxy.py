@@ -43,6 +43,14 @@ _ALWAYS_STRIPPED = frozenset({
 _CHUNK = 64 * 1024
 
 
+class _HeadersWithBody(web.StreamResponse):
+    """A streamed response whose headers leave with the first body bytes (or at the end):
+    one TLS record and one write instead of two for a small answer. Used only when the
+    upstream announced a Content-Length of at most one chunk, so nothing waits on it."""
+
+    _send_headers_immediately = False
+
+
 def strip_hop_by_hop(headers: Mapping[str, str] | CIMultiDict[str],
                      extra: frozenset[str] = frozenset()) -> CIMultiDict[str]:
     """Copy ``headers`` without hop-by-hop headers, those named in Connection, and ``extra``."""
@@ -165,7 +173,9 @@ class Forwarder:
                 raise exc.__cause__ from exc
             raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
         async with upstream:
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            small = upstream.content_length is not None and upstream.content_length <= _CHUNK
+            response = (_HeadersWithBody if small else web.StreamResponse)(
+                status=upstream.status, reason=upstream.reason)
             response[UPSTREAM_SECONDS] = time.perf_counter() - started
             response.headers.extend(strip_hop_by_hop(upstream.headers))
             await response.prepare(request)

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -184,8 +184,8 @@ class TlsAnyConnection(asyncio.Protocol):
     # --- the TCP side --------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.raw = transport
+        # A TCP transport; uvloop's does not inherit from asyncio.Transport, so no isinstance.
+        self.raw = cast(asyncio.Transport, transport)
         self._tls = SSL.Connection(self._site.context, None)
         self._tls.set_accept_state()
         self._site.handshaking.add(self)

@@ -39,6 +39,7 @@ def _worker_main(config_path: str, ready: Synchronized[int], level: str) -> None
     from .app import serve_forever
     from .config_load import load_config
     from .decision_log import configure_logging
+    from .eventloop import run
 
     configure_logging(level)
     config = load_config(Path(config_path))
@@ -46,8 +47,7 @@ def _worker_main(config_path: str, ready: Synchronized[int], level: str) -> None
     def on_ready(value: bool) -> None:
         ready.value = int(value)
 
-    asyncio.run(serve_forever(config, reuse_port=True, serve_admin=False,
-                              on_ready_change=on_ready))
+    run(serve_forever(config, reuse_port=True, serve_admin=False, on_ready_change=on_ready))
 
 
 def run_workers(config: GatewayConfig, workers: int) -> int:

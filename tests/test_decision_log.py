@@ -33,6 +33,9 @@ def test_lines_are_json_none_fields_dropped_and_flushed_at_exit() -> None:
     decision, error = lines
     assert decision["reason"] == "binding_mismatch" and decision["status"] == 401
     assert "provider" not in decision and decision["level"] == "info" and decision["pid"] > 0
+    assert set(decision) == {"time", "level", "logger", "pid", "decision", "reason", "status",
+                             "route", "token_hash"}
+    assert decision["logger"] == "mtls_gateway.access" and decision["decision"] == "deny"
     assert error["level"] == "error" and "ValueError: boom" in error["message"]
 
 

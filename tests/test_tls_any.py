@@ -532,7 +532,8 @@ async def test_workers_share_the_any_listener(any_pki: Pki, issuer: Issuer, upst
                 raise AssertionError("workers never became ready")
         for i in range(requests):   # a new connection each time: the kernel picks a worker
             connector = aiohttp.TCPConnector(ssl=any_pki.client_context("ss1"), force_close=True)
-            async with aiohttp.ClientSession(connector=connector) as s, \
+            async with aiohttp.ClientSession(connector=connector,
+                                             timeout=aiohttp.ClientTimeout(total=15)) as s, \
                     s.get(f"https://127.0.0.1:{ports[0]}/w{i}",
                           headers={"Authorization": f"Bearer {token}"}) as resp:
                 assert resp.status == 200

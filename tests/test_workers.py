@@ -55,10 +55,17 @@ async def test_two_workers_share_one_port(pki: Pki, upstream: Upstream, tmp_path
                 connector = aiohttp.TCPConnector(ssl=pki.client_context("a"), force_close=True)
                 async with aiohttp.ClientSession(connector=connector) as s, s.get(url) as resp:
                     assert resp.status == 200
-            async with plain.get(admin + "/metrics") as resp:
-                metrics = await resp.text()
-        total = sum(float(m) for m in re.findall(
-            r'^mtls_gateway_requests_total\{[^}]*route="all"[^}]*\} (\S+)$', metrics, re.M))
+            # A request is counted just after its answer is written, so the last one may not
+            # be counted yet when its answer arrives: read until it is (bounded).
+            for _ in range(50):
+                async with plain.get(admin + "/metrics") as resp:
+                    metrics = await resp.text()
+                total = sum(float(m) for m in re.findall(
+                    r'^mtls_gateway_requests_total\{[^}]*route="all"[^}]*\} (\S+)$', metrics,
+                    re.M))
+                if total >= requests:
+                    break
+                await asyncio.sleep(0.1)
         assert total == requests          # the parent sums both workers' counters
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0

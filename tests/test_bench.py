@@ -1,0 +1,65 @@
+"""bench/ stays runnable: the HAProxy peer's config renders and HAProxy accepts it, and the
+bench's raw upstream answers keep-alive and pipelined requests correctly. (Speed itself is
+measured in bench/, never asserted here.)"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import run as bench_run  # noqa: E402
+import servers as bench_servers  # noqa: E402
+
+
+def test_haproxy_config_renders_and_haproxy_accepts_it(tmp_path: Path) -> None:
+    m = bench_run.make_material(tmp_path)
+    text = bench_run.haproxy_config(m, 18443, 18080)
+    for needle in ("verify required", "ssl_c_der,sha2(256),ub64enc", "jwt_verify(txn.alg",
+                   str(m.es256_public_pem), "$.cnf.x5t#S256", "strcmp(sess.x5t)",
+                   "http-reuse always", "server up 127.0.0.1:18080"):
+        assert needle in text
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed: bench/haproxy.cfg.template was rendered but not "
+                    "checked by HAProxy (apt-get install -y --no-install-recommends haproxy)")
+    cfg = tmp_path / "haproxy.cfg"
+    cfg.write_text(text)
+    done = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+async def test_raw_upstream_answers_keep_alive_pipelined_and_bodies() -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(bench_servers.RawUpstream, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhel")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"lo" + b"GET /c HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        answers = []
+        for _ in range(3):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            answers.append((head.split(b" ")[1], await reader.readexactly(length)))
+        assert answers == [(b"200", bench_servers._BODY)] * 3
+        writer.write(b"POST /d HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 400")
+        assert await reader.read() == b""      # and the connection is closed
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -1,0 +1,105 @@
+"""TLS session resumption keeps the binding right.
+
+A resumed session carries no new client certificate: the server takes the one verified in
+the session's original full handshake (RFC 8446 section 2.2, RFC 5077 section 4). The
+gateway's thumbprint on a resumed connection must therefore be that certificate's, so a
+token bound to another certificate is still refused, and never reaches the upstream.
+Both TLS 1.3 (tickets, ``num_tickets = 1``) and TLS 1.2 (session tickets) are exercised
+with real sockets; ``session_reused`` proves the second connection really resumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+
+import pytest
+
+from gwtest import GatewayFactory, Issuer, Pki, Upstream, base_config
+
+VERSIONS = {"1.3": ssl.TLSVersion.TLSv1_3, "1.2": ssl.TLSVersion.TLSv1_2}
+
+
+def _client_context(pki: Pki, cert: str, version: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(pki.ca_file))
+    c = pki.clients[cert]
+    ctx.load_cert_chain(c.cert, c.key)
+    ctx.minimum_version = ctx.maximum_version = VERSIONS[version]
+    return ctx
+
+
+def _get(ctx: ssl.SSLContext, port: int, path: str, token: str,
+         session: ssl.SSLSession | None) -> tuple[int, dict[str, str], bytes, ssl.SSLSession,
+                                                   bool]:
+    """One request on a new connection (resuming ``session`` if given): status, headers,
+    body, the session to resume next time, and whether this connection was resumed."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+        tls.sendall((f"GET {path} HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n").encode())
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        assert tls.session is not None
+        return int(lines[0].split()[1]), headers, body, tls.session, tls.session_reused
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_resumed_session_keeps_the_original_certificate(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        version: str) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["listen"]["min_tls_version"] = "1.2"
+    gw = await make_gateway(config)
+    port = gw.server.port
+    a, b = pki.clients["a"], pki.clients["b"]
+    token_a, token_b = issuer.mint(a.thumbprint), issuer.mint(b.thumbprint)
+    ctx = _client_context(pki, "a", version)
+
+    status, _, _, session, reused = await asyncio.to_thread(_get, ctx, port, "/first",
+                                                            token_a, None)
+    assert (status, reused) == (200, False)
+
+    # Resumed with a's session: a's token passes, and the thumbprint the upstream is told
+    # is a's (computed on the resumed connection, from the session's certificate).
+    status, _, _, session, reused = await asyncio.to_thread(_get, ctx, port, "/resumed-a",
+                                                            token_a, session)
+    assert (status, reused) == (200, True)
+    assert upstream.seen[-1].path_qs == "/resumed-a"
+    assert upstream.seen[-1].headers["x-client-cert-thumbprint"] == [a.thumbprint]
+
+    # Resumed with a's session, b's token: refused, and the upstream saw nothing of it.
+    seen_before = len(upstream.seen)
+    status, headers, body, _, reused = await asyncio.to_thread(_get, ctx, port, "/resumed-b",
+                                                               token_b, session)
+    assert reused is True
+    assert (status, json.loads(body)["reason"]) == (401, "binding_mismatch")
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+    assert len(upstream.seen) == seen_before
+    assert [s.path_qs for s in upstream.seen] == ["/first", "/resumed-a"]
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_b_cannot_resume_into_a_session_of_its_own_with_a_s_token(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        version: str) -> None:
+    """b's own resumed session is b's: a's token stays refused on it, resumed or not."""
+    config = base_config(pki, issuer, upstream)
+    config["listen"]["min_tls_version"] = "1.2"
+    gw = await make_gateway(config)
+    token_a = issuer.mint(pki.clients["a"].thumbprint)
+    ctx = _client_context(pki, "b", version)
+    session = None
+    results = []
+    for _ in range(3):
+        status, _, body, session, reused = await asyncio.to_thread(
+            _get, ctx, gw.server.port, "/x", token_a, session)
+        results.append((status, json.loads(body)["reason"], reused))
+    assert results == [(401, "binding_mismatch", False), (401, "binding_mismatch", True),
+                       (401, "binding_mismatch", True)]
+    assert upstream.seen == []
