@@ -43,7 +43,6 @@ import base64
 import binascii
 import contextlib
 import ipaddress
-import json
 import logging
 import re
 import ssl
@@ -56,8 +55,10 @@ import aiohttp
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .bodies import read_capped
 from .config import ClientRegistration, ClientRegistryConfig
 from .errors import DependencyDown, InvalidClient
+from .strict_json import loads_object
 from .tls import PeerCertificate
 
 __all__ = [
@@ -332,13 +333,10 @@ class RemoteCertificates:
             async with session.get(self.uri, allow_redirects=False) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                chunks, size = [], 0
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    size += len(chunk)
-                    if size > _MAX_JWKS_BYTES:
-                        raise ValueError("JWK Set too large")
-                    chunks.append(chunk)
-            certs = certificates_from_jwks(json.loads(b"".join(chunks)))
+                body = await read_capped(resp.content, _MAX_JWKS_BYTES)
+                if len(body) > _MAX_JWKS_BYTES:
+                    raise ValueError("JWK Set too large")
+            certs = certificates_from_jwks(loads_object(body))
         except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
             log.warning("client JWK Set %s could not be loaded (%s): %s", self.uri,
                         "keeping the last one" if self._certs else "none yet",

@@ -33,6 +33,7 @@ from urllib.parse import quote
 import aiohttp
 from cachetools import TLRUCache
 
+from .bodies import read_capped
 from .config import IntrospectionProvider
 from .errors import DependencyDown, InvalidToken
 from .metrics import Metrics
@@ -194,7 +195,7 @@ class IntrospectionVerifier:
                                           allow_redirects=False) as resp:
                 status = resp.status
                 content_type = resp.content_type
-                body = await resp.content.read(_MAX_RESPONSE_BYTES + 1)
+                body = await read_capped(resp.content, _MAX_RESPONSE_BYTES)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.warning("introspection call of provider %s failed: %s", self.name,
                         type(exc).__name__)

@@ -32,6 +32,7 @@ from typing import Any
 import aiohttp
 import jwt
 
+from .bodies import read_capped
 from .config import JwtProvider
 from .errors import DependencyDown, InvalidToken
 from .metrics import Metrics
@@ -240,7 +241,7 @@ class JwksSource:
                     raise ValueError(f"HTTP {resp.status}")  # a redirect too: never followed
                 if not _is_json(resp.content_type):
                     raise ValueError(f"content type {resp.content_type[:60]!r} is not JSON")
-                body = await resp.content.read(_MAX_JWKS_BYTES + 1)
+                body = await read_capped(resp.content, _MAX_JWKS_BYTES)
                 if len(body) > _MAX_JWKS_BYTES:
                     raise ValueError("JWKS document too large")
             keys = KeySet.from_document(loads_object(body), self.provider.algorithms)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import ssl
 import time
@@ -36,6 +37,7 @@ class AuthServer(LoopbackServer):
         self.status = 200
         self.hold: asyncio.Event | None = None
         self.delay = 0.0
+        self.in_pieces = False                       # send the answer in three writes
         self.url = ""
 
     def issue(self, thumbprint: str | None, **claims: Any) -> str:
@@ -80,6 +82,16 @@ class AuthServer(LoopbackServer):
                                 content_type="text/html" if self.body.startswith(b"<")
                                 else "application/json")
         answer = self.tokens.get(str(form.get("token")), {"active": False})
+        if self.in_pieces:
+            body = json.dumps(answer).encode()
+            response = web.StreamResponse(status=self.status,
+                                          headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for i in range(3):
+                await response.write(body[i * len(body) // 3:(i + 1) * len(body) // 3])
+                await asyncio.sleep(0.05)
+            await response.write_eof()
+            return response
         return web.json_response(answer, status=self.status)
 
     async def start(self) -> None:
@@ -144,6 +156,16 @@ async def test_bound_opaque_token_and_binding_never_cached(
     assert [d["reason"] for d in decisions] == ["allowed", "binding_mismatch",
                                                 "binding_mismatch", "allowed"]
     assert {d["provider"] for d in decisions} == {"opaque"}
+
+
+async def test_an_answer_arriving_in_pieces_is_read_whole(
+        opaque_gw: RunningGateway, auth_server: AuthServer, upstream: Upstream,
+        pki: Pki) -> None:
+    auth_server.in_pieces = True
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    reply = await opaque_gw.request("/x", token=token)
+    assert reply.status == 200, reply.body
+    assert len(upstream.seen) == 1 and auth_server.calls == 1
 
 
 async def test_inactive_token_is_401_and_cached_negatively(

@@ -111,6 +111,14 @@ class HostileJwks(LoopbackServer):
             return web.Response(body=good, content_type="application/json")
         if mode == "jwk_set_json":
             return web.Response(body=good, content_type="application/jwk-set+json")
+        if mode == "in_pieces":     # a valid document that arrives in three TCP writes
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            await response.prepare(request)
+            for i in range(3):
+                await response.write(good[i * len(good) // 3:(i + 1) * len(good) // 3])
+                await asyncio.sleep(0.05)
+            await response.write_eof()
+            return response
         if mode == "redirect_same_host":
             raise web.HTTPFound(f"{self.url}/elsewhere")
         if mode == "redirect_http":
@@ -217,6 +225,16 @@ async def test_jwk_set_json_content_type_is_accepted(make_gateway: Any, pki: Pki
     gw = await _gateway(make_gateway, pki, issuer, upstream, hostile)
     reply = await gw.request("/x", token=issuer.mint(pki.clients["a"].thumbprint))
     assert reply.status == 200
+
+
+async def test_jwks_arriving_in_pieces_is_read_whole(make_gateway: Any, pki: Pki,
+                                                     issuer: Issuer, upstream: Upstream,
+                                                     hostile: HostileJwks) -> None:
+    hostile.mode = "in_pieces"
+    gw = await _gateway(make_gateway, pki, issuer, upstream, hostile)
+    reply = await gw.request("/x", token=issuer.mint(pki.clients["a"].thumbprint))
+    assert reply.status == 200, reply.body
+    assert len(upstream.seen) == 1
 
 
 async def test_a_slow_jwks_fetch_never_blocks_requests_with_known_keys(
