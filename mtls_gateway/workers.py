@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,7 +35,31 @@ __all__ = ["run_workers"]
 log = logging.getLogger("mtls_gateway.workers")
 
 
-def _worker_main(config_path: str, ready: Synchronized[int], level: str) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel send SIGTERM (drain, then exit) when the parent dies.
+
+    A parent killed outright (SIGKILL, the OOM killer) cannot stop its workers; without this
+    they would go on serving, unsupervised, on a port a restarted gateway then shares with
+    them. Linux only (prctl); elsewhere the workers outlive a killed parent.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this worker will outlive a "
+                    "killed parent", ctypes.get_errno())
+        return
+    if os.getppid() != parent_pid:      # the parent died before prctl: too late to be told
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_main(config_path: str, ready: Synchronized[int], level: str,
+                 parent_pid: int) -> None:
     """Entry point of one worker process (spawned: a fresh interpreter)."""
     from .app import serve_forever
     from .config_load import load_config
@@ -42,6 +67,7 @@ def _worker_main(config_path: str, ready: Synchronized[int], level: str) -> None
     from .eventloop import run
 
     configure_logging(level)
+    _die_with_parent(parent_pid)
     config = load_config(Path(config_path))
 
     def on_ready(value: bool) -> None:
@@ -58,7 +84,8 @@ def run_workers(config: GatewayConfig, workers: int) -> int:
     ctx = multiprocessing.get_context("spawn")
     flags: Sequence[Synchronized[int]] = [ctx.Value("b", 0) for _ in range(workers)]
     procs = [ctx.Process(target=_worker_main, name=f"mtls-gateway-worker-{i}", daemon=False,
-                         args=(str(config.source), flags[i], config.logging.level))
+                         args=(str(config.source), flags[i], config.logging.level,
+                               os.getpid()))
              for i in range(workers)]
     for proc in procs:
         proc.start()

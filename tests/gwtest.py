@@ -6,13 +6,17 @@ started it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
+import os
 import re
+import signal
 import socket
 import ssl
 import struct
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -133,6 +137,19 @@ class LoopbackServer:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+
+
+async def write_in_pieces(request: web.Request, body: bytes, *, content_type: str,
+                          status: int = 200, pieces: int = 3) -> web.StreamResponse:
+    """Answer with ``body`` in ``pieces`` separate writes (chunked), pausing between them, so
+    that the reader sees it arrive piece by piece, as from a slow network."""
+    response = web.StreamResponse(status=status, headers={"Content-Type": content_type})
+    await response.prepare(request)
+    for i in range(pieces):
+        await response.write(body[i * len(body) // pieces:(i + 1) * len(body) // pieces])
+        await asyncio.sleep(0.05)
+    await response.write_eof()
+    return response
 
 
 # --- token issuer -----------------------------------------------------------------------------
@@ -499,3 +516,106 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
     await up.start()
     yield up
     await up.stop()
+
+
+# --- a gateway in its own process ------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a process that binds it itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GatewayProcess:
+    """``python -m mtls_gateway run`` on ``config``: what only a real process shows (signals,
+    ``--workers``, the event loop it picks). Listener and admin ports are chosen here; the
+    output is drained all along (a full pipe would stall the gateway) and kept as JSON lines.
+
+    ``async with`` starts it and waits until ``/readyz`` says 200; leaving kills it if a test
+    did not :meth:`stop` it.
+    """
+
+    def __init__(self, config: dict[str, Any], tmp_path: Path, *args: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.config = config
+        config["listen"]["port"] = free_port()
+        config["admin"] = {"enabled": True, "host": "127.0.0.1", "port": free_port()}
+        config.setdefault("reload_interval", "0s")
+        self.path = tmp_path / "gateway.yaml"
+        self.args, self.env = args, env
+        scheme = "http" if config["listen"].get("tls") is False else "https"
+        self.url = f"{scheme}://127.0.0.1:{config['listen']['port']}"
+        self.admin_url = f"http://127.0.0.1:{config['admin']['port']}"
+        self.output: list[str] = []
+        self._proc: asyncio.subprocess.Process | None = None
+        self._drain: asyncio.Task[None] | None = None
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        assert self._proc is not None, "not started"
+        return self._proc
+
+    def write_config(self) -> None:
+        self.path.write_text(yaml.safe_dump(self.config))
+
+    async def __aenter__(self) -> GatewayProcess:
+        self.write_config()
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mtls_gateway", "run", "--config", str(self.path), *self.args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, **(self.env or {})},
+            start_new_session=True)     # its own process group: workers too are cleaned up
+        self._drain = asyncio.create_task(self._read_output())
+        if not await self.wait_ready(200):
+            raise AssertionError("gateway never became ready:\n" + "\n".join(self.output))
+        return self
+
+    async def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        async for line in self.proc.stdout:
+            self.output.append(line.decode(errors="replace").rstrip("\n"))
+
+    async def wait_ready(self, status: int, *, seconds: float = 15.0) -> bool:
+        """Poll ``/readyz`` until it answers ``status`` (False if it never does in time)."""
+        async with aiohttp.ClientSession() as plain:
+            for _ in range(int(seconds * 10)):
+                with contextlib.suppress(aiohttp.ClientError):     # not listening yet
+                    async with plain.get(self.admin_url + "/readyz") as resp:
+                        if resp.status == status:
+                            return True
+                if self.proc.returncode is not None:
+                    return False
+                await asyncio.sleep(0.1)
+        return False
+
+    def log(self, logger: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log records so far, of ``logger`` when given."""
+        records = [json.loads(line) for line in self.output if line.startswith("{")]
+        return [r for r in records if logger is None or r.get("logger") == logger]
+
+    async def stop(self, *, seconds: float = 30.0, terminate: bool = True) -> int:
+        """SIGTERM (unless the test sent it already), then the exit status once the process
+        (and its output) has ended."""
+        if terminate:
+            self.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(self.proc.wait(), seconds)
+        if self._drain is not None:
+            await asyncio.wait_for(self._drain, seconds)
+        return code
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            # The whole group: workers a test left behind would hold the output pipe open,
+            # and asyncio's wait() waits for the pipe too.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._proc.wait(), 10)
+        if self._drain is not None:
+            self._drain.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain

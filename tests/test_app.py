@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import ssl
@@ -16,11 +15,9 @@ import pytest
 import yaml
 from cryptography import x509
 
-from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config
+from gwtest import GatewayProcess, Issuer, Pki, RunningGateway, Upstream, base_config
 from mtls_gateway import pki as pki_mod
 from mtls_gateway.pki import CertKey
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Material:
@@ -200,63 +197,31 @@ async def test_sigterm_drains_in_flight_then_exits_and_sighup_reloads(
         pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
     config = base_config(pki, None, upstream)
     config["routes"] = [{"name": "all", "path_prefix": "/", "auth": "none"}]
-    config["admin"] = {"enabled": True, "host": "127.0.0.1", "port": _free_port()}
-    config["listen"]["port"] = _free_port()
-    config.update(shutdown_delay="1s", shutdown_grace="10s", reload_interval="0s")
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mtls_gateway", "run", "--config", str(path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=REPO)
-    admin = f"http://127.0.0.1:{config['admin']['port']}"
-    url = f"https://127.0.0.1:{config['listen']['port']}"
-    try:
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-                ssl=pki.client_context("a"))) as session:
-            assert await _wait_status(session, admin + "/readyz", 200)
-            # SIGHUP reloads (config with a new route)
-            config["routes"].insert(0, {"name": "closed", "path": "/closed",
-                                        "auth": {"provider": "nobody"}})
-            config["providers"] = {"nobody": {"type": "jwt", "issuer": "https://n.test",
-                                              "audiences": ["x"], "jwks": {"keys": []}}}
-            path.write_text(yaml.safe_dump(config))
-            proc.send_signal(signal.SIGHUP)
-            # the new config has an empty JWKS: refused, so the old one stays
-            await asyncio.sleep(0.5)
-            async with session.get(url + "/closed") as resp:
-                assert resp.status == 200
-            slow = asyncio.create_task(session.get(url + "/slow?s=2"))
-            await asyncio.sleep(0.3)
-            proc.send_signal(signal.SIGTERM)
-            assert await _wait_status(session, admin + "/readyz", 503)
-            resp = await slow
-            assert resp.status == 200           # the in-flight request finished
-            resp.release()
-        assert await asyncio.wait_for(proc.wait(), 20) == 0
-        out = (await proc.stdout.read()).decode() if proc.stdout else ""
+    config.update(shutdown_delay="1s", shutdown_grace="10s")
+    async with GatewayProcess(config, tmp_path) as gw, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=pki.client_context("a")),
+            timeout=aiohttp.ClientTimeout(total=15)) as session:
+        # SIGHUP reloads (config with a new route)
+        config["routes"].insert(0, {"name": "closed", "path": "/closed",
+                                    "auth": {"provider": "nobody"}})
+        config["providers"] = {"nobody": {"type": "jwt", "issuer": "https://n.test",
+                                          "audiences": ["x"], "jwks": {"keys": []}}}
+        gw.write_config()
+        gw.proc.send_signal(signal.SIGHUP)
+        # the new config has an empty JWKS: refused, so the old one stays
+        await asyncio.sleep(0.5)
+        async with session.get(gw.url + "/closed") as resp:
+            assert resp.status == 200
+        slow = asyncio.create_task(session.get(gw.url + "/slow?s=2"))
+        await asyncio.sleep(0.3)
+        gw.proc.send_signal(signal.SIGTERM)
+        assert await gw.wait_ready(503)
+        resp = await slow
+        assert resp.status == 200           # the in-flight request finished
+        resp.release()
+        assert await gw.stop(seconds=20, terminate=False) == 0
+        out = "\n".join(gw.output)
         assert "reload (SIGHUP) refused" in out and '"stopped"' in out
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     assert [s.path_qs for s in upstream.seen] == ["/closed", "/slow?s=2"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _wait_status(session: aiohttp.ClientSession, url: str, status: int) -> bool:
-    for _ in range(100):
-        with contextlib.suppress(aiohttp.ClientError):  # not listening yet: poll again
-            async with session.get(url) as resp:
-                if resp.status == status:
-                    return True
-        await asyncio.sleep(0.1)
-    return False
 
 

@@ -32,7 +32,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import ssl
 import stat
 import subprocess
@@ -50,7 +49,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gwtest import Pki
+from gwtest import Pki, free_port
 from mtls_gateway.admin import LIVENESS_PATH, METRICS_PATH, READINESS_PATH
 from mtls_gateway.config_load import load_config_text
 
@@ -255,12 +254,6 @@ def _tree(root: Path) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _image_user() -> tuple[int, int]:
     users = FINAL.all("USER")
     assert users, "the final stage sets no USER: the image would run as root"
@@ -458,7 +451,7 @@ def _build(root: Path, mountpoint: Path, pki: Pki) -> Image:
             shutil.rmtree(child)
     final_env = {**BASE_ENV, **FINAL.env()}
     image_env = {k: _map_env_value(v, root) for k, v in final_env.items()}
-    ports = {name: _free_port() for name in ("listen", "admin", "upstream")}
+    ports = {name: free_port() for name in ("listen", "admin", "upstream")}
     _write_config(root, Path(image_env["MTLS_GATEWAY_CONFIG"]), pki, ports)
     user = _image_user()
     built = Image(root, image_env, FINAL.all("ENTRYPOINT")[-1].exec_form(),

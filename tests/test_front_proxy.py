@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -19,16 +18,10 @@ import aiohttp
 import pytest
 
 from debian_tools import debian_program
-from gwtest import GatewayFactory, Issuer, Pki, Reply, Upstream, base_config
+from gwtest import GatewayFactory, Issuer, Pki, Reply, Upstream, base_config, free_port
 from mtls_gateway.cert_headers import encode_client_cert
 
 PROXY_URI = "spiffe://cluster.local/ns/edge/sa/ingress"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _nginx_conf(pki: Pki, d: Path, port: int, gateway_port: int, mtls: bool) -> str:
@@ -108,7 +101,7 @@ async def front_proxy(pki: Pki, tmp_path: Path) -> AsyncIterator[FrontProxy]:
         binary = await asyncio.to_thread(debian_program, program, package)
         d = tmp_path / name
         d.mkdir()
-        port = _free_port()
+        port = free_port()
         conf = d / f"{name}.conf"
         conf.write_text(write_conf(pki, d, port, gateway_port, mtls))
         with (d / "stderr").open("wb") as stderr:

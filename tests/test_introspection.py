@@ -17,7 +17,15 @@ from urllib.parse import unquote
 import pytest
 from aiohttp import web
 
-from gwtest import Issuer, LoopbackServer, Pki, RunningGateway, Upstream, base_config
+from gwtest import (
+    Issuer,
+    LoopbackServer,
+    Pki,
+    RunningGateway,
+    Upstream,
+    base_config,
+    write_in_pieces,
+)
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.tls import peer_certificate
 
@@ -66,7 +74,7 @@ class AuthServer(LoopbackServer):
             form.get("client_id") == CLIENT_ID
         return "tls_client_auth", CLIENT_ID if ok else None
 
-    async def introspect(self, request: web.Request) -> web.Response:
+    async def introspect(self, request: web.Request) -> web.StreamResponse:
         self.calls += 1
         form = await request.post()
         method, client = self._client(request, form)
@@ -83,15 +91,8 @@ class AuthServer(LoopbackServer):
                                 else "application/json")
         answer = self.tokens.get(str(form.get("token")), {"active": False})
         if self.in_pieces:
-            body = json.dumps(answer).encode()
-            response = web.StreamResponse(status=self.status,
-                                          headers={"Content-Type": "application/json"})
-            await response.prepare(request)
-            for i in range(3):
-                await response.write(body[i * len(body) // 3:(i + 1) * len(body) // 3])
-                await asyncio.sleep(0.05)
-            await response.write_eof()
-            return response
+            return await write_in_pieces(request, json.dumps(answer).encode(),
+                                         content_type="application/json", status=self.status)
         return web.json_response(answer, status=self.status)
 
     async def start(self) -> None:

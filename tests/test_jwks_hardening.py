@@ -18,7 +18,15 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from gwtest import Issuer, LoopbackServer, Pki, RunningGateway, Upstream, base_config
+from gwtest import (
+    Issuer,
+    LoopbackServer,
+    Pki,
+    RunningGateway,
+    Upstream,
+    base_config,
+    write_in_pieces,
+)
 from mtls_gateway.jwks import KeySet
 
 ALGS = ("RS256", "PS256", "ES256", "ES384")
@@ -112,13 +120,7 @@ class HostileJwks(LoopbackServer):
         if mode == "jwk_set_json":
             return web.Response(body=good, content_type="application/jwk-set+json")
         if mode == "in_pieces":     # a valid document that arrives in three TCP writes
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
-            await response.prepare(request)
-            for i in range(3):
-                await response.write(good[i * len(good) // 3:(i + 1) * len(good) // 3])
-                await asyncio.sleep(0.05)
-            await response.write_eof()
-            return response
+            return await write_in_pieces(request, good, content_type="application/json")
         if mode == "redirect_same_host":
             raise web.HTTPFound(f"{self.url}/elsewhere")
         if mode == "redirect_http":

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import ast
 import asyncio
-import contextlib
 import datetime as dt
 import hashlib
-import json
-import signal
 import socket
 import ssl
 import sys
@@ -26,13 +23,11 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from gwtest import Client, Issuer, Pki, RunningGateway, Upstream, base_config
+from gwtest import Client, GatewayProcess, Issuer, Pki, RunningGateway, Upstream, base_config
 from mtls_gateway import pki as pki_mod
 from mtls_gateway import tls
 from mtls_gateway.thumbprint import x5t_s256
 from mtls_gateway.tls_any import TlsAnyConnection
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -504,48 +499,17 @@ async def test_reload_refuses_to_change_client_ca(
 async def test_workers_share_the_any_listener(any_pki: Pki, issuer: Issuer, upstream: Upstream,
                                               tmp_path: Path) -> None:
     """``--workers 2`` in client_ca: any mode: both processes bind the port (reuse_port)."""
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(int(s.getsockname()[1]))
-    config = any_config(any_pki, issuer, upstream, port=ports[0])
-    config["admin"] = {"enabled": True, "host": "127.0.0.1", "port": ports[1]}
-    config["reload_interval"] = "0s"
-    path = tmp_path / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mtls_gateway", "run", "--config", str(path), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        cwd=REPO)
+    config = any_config(any_pki, issuer, upstream)
     token = issuer.mint(any_pki.clients["ss1"].thumbprint)
     requests = 40
-    try:
-        async with aiohttp.ClientSession() as plain:
-            for _ in range(300):                      # bounded wait for readiness
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with plain.get(f"http://127.0.0.1:{ports[1]}/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                await asyncio.sleep(0.1)
-            else:
-                raise AssertionError("workers never became ready")
+    async with GatewayProcess(config, tmp_path, "--workers", "2") as gw:
         for i in range(requests):   # a new connection each time: the kernel picks a worker
             connector = aiohttp.TCPConnector(ssl=any_pki.client_context("ss1"), force_close=True)
             async with aiohttp.ClientSession(connector=connector,
                                              timeout=aiohttp.ClientTimeout(total=15)) as s, \
-                    s.get(f"https://127.0.0.1:{ports[0]}/w{i}",
-                          headers={"Authorization": f"Bearer {token}"}) as resp:
+                    s.get(f"{gw.url}/w{i}", headers={"Authorization": f"Bearer {token}"}) as resp:
                 assert resp.status == 200
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-        assert proc.stdout is not None
-        lines = [json.loads(line) for line in (await proc.stdout.read()).decode().splitlines()
-                 if line.startswith("{")]
-        pids = {line["pid"] for line in lines if line.get("logger") == "mtls_gateway.access"}
+        assert await gw.stop() == 0
+        pids = {line["pid"] for line in gw.log("mtls_gateway.access")}
         assert len(pids) == 2                         # both workers served requests
         assert len(upstream.seen) == requests
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import re
 import ssl
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -179,6 +180,17 @@ async def test_client_header_is_stripped_on_other_routes(token_gateway: RunningG
     assert "x-oauth-client" not in upstream.seen[0].headers
 
 
+async def _post_token(gw: RunningGateway, ck: pki_mod.CertKey, client_id: str,
+                      tmp_path: Path) -> Reply:
+    """POST /token on a new connection presenting ``ck`` (a certificate not in the test PKI)."""
+    crt, key = ck.write(tmp_path, f"c-{ck.cert.serial_number}")
+    ctx = ssl.create_default_context(cafile=str(gw.pki.ca_file))
+    ctx.load_cert_chain(crt, key)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
+            s.post(gw.url + "/token", data={"client_id": client_id}) as resp:
+        return Reply(resp.status, resp.headers, await resp.read())
+
+
 async def test_self_signed_client_through_the_gateway(
         make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
     """section 2.2: the listener trusts the self-signed certificate, the registry checks it
@@ -196,13 +208,8 @@ async def test_self_signed_client_through_the_gateway(
     config["listen"]["client_ca_file"] = str(bundle)
     gw = await make_gateway(config)
 
-    async def post(ck: pki_mod.CertKey, client_id: str) -> Reply:
-        crt, key = ck.write(tmp_path, f"c-{ck.cert.serial_number}")
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.load_cert_chain(crt, key)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
-                s.post(gw.url + "/token", data={"client_id": client_id}) as resp:
-            return Reply(resp.status, resp.headers, await resp.read())
+    def post(ck: pki_mod.CertKey, client_id: str) -> Awaitable[Reply]:
+        return _post_token(gw, ck, client_id, tmp_path)
 
     reply = await post(other, "client-s")
     assert (reply.status, reply.json()["reason"]) == (401, "client_cert_mismatch")
@@ -245,13 +252,8 @@ async def test_token_endpoint_on_a_client_ca_any_listener(
     config["client_registries"]["partners"]["ca_file"] = str(pki.ca_file)
     gw = await make_gateway(config)
 
-    async def post(ck: pki_mod.CertKey, client_id: str) -> Reply:
-        crt, key = ck.write(tmp_path, f"c-{ck.cert.serial_number}")
-        ctx = ssl.create_default_context(cafile=str(pki.ca_file))
-        ctx.load_cert_chain(crt, key)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s, \
-                s.post(gw.url + "/token", data={"client_id": client_id}) as resp:
-            return Reply(resp.status, resp.headers, await resp.read())
+    def post(ck: pki_mod.CertKey, client_id: str) -> Awaitable[Reply]:
+        return _post_token(gw, ck, client_id, tmp_path)
 
     assert (await post(other, "client-s")).json()["reason"] == "client_cert_mismatch"
     assert (await post(impostor, "client-a")).json()["reason"] == "client_cert_untrusted"
