@@ -152,6 +152,22 @@ async def write_in_pieces(request: web.Request, body: bytes, *, content_type: st
     return response
 
 
+def count_certificate_reads(monkeypatch: pytest.MonkeyPatch, module: str) -> list[bytes]:
+    """Record the DER of every certificate ``module`` (``mtls_gateway.tls`` or ``.tls_any``)
+    hands to ``describe_certificate``; the real function still runs."""
+    from mtls_gateway import tls
+
+    calls: list[bytes] = []
+    real = tls.describe_certificate
+
+    def counting(der: bytes) -> tls.PeerCertificate:
+        calls.append(der)
+        return real(der)
+
+    monkeypatch.setattr(f"{module}.describe_certificate", counting)
+    return calls
+
+
 # --- token issuer -----------------------------------------------------------------------------
 
 @dataclass

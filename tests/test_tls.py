@@ -9,21 +9,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gwtest import Issuer, Pki, RunningGateway, base_config
-from mtls_gateway import tls
+from gwtest import Issuer, Pki, RunningGateway, base_config, count_certificate_reads
 
 
 async def test_thumbprint_computed_once_per_connection(
         gateway: RunningGateway, issuer: Issuer, pki: Pki,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[bytes] = []
-    real = tls.describe_certificate
-
-    def counting(der: bytes) -> tls.PeerCertificate:
-        calls.append(der)
-        return real(der)
-
-    monkeypatch.setattr(tls, "describe_certificate", counting)
+    calls = count_certificate_reads(monkeypatch, "mtls_gateway.tls")
     token = issuer.mint(pki.clients["a"].thumbprint)
     connector = aiohttp.TCPConnector(ssl=pki.client_context("a"), limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:

@@ -23,9 +23,17 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from cryptography.x509.oid import NameOID
 
-from gwtest import Client, GatewayProcess, Issuer, Pki, RunningGateway, Upstream, base_config
+from gwtest import (
+    Client,
+    GatewayProcess,
+    Issuer,
+    Pki,
+    RunningGateway,
+    Upstream,
+    base_config,
+    count_certificate_reads,
+)
 from mtls_gateway import pki as pki_mod
-from mtls_gateway import tls
 from mtls_gateway.thumbprint import x5t_s256
 from mtls_gateway.tls_any import TlsAnyConnection
 
@@ -132,14 +140,7 @@ async def test_binding_decides(make_gateway: Any, any_pki: Pki, issuer: Issuer,
 async def test_keep_alive_reads_the_certificate_once(
         make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[bytes] = []
-    real = tls.describe_certificate
-
-    def counting(der: bytes) -> tls.PeerCertificate:
-        calls.append(der)
-        return real(der)
-
-    monkeypatch.setattr("mtls_gateway.tls_any.describe_certificate", counting)
+    calls = count_certificate_reads(monkeypatch, "mtls_gateway.tls_any")
     gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
     token = issuer.mint(any_pki.clients["ss1"].thumbprint)
     connector = aiohttp.TCPConnector(ssl=any_pki.client_context("ss1"), limit=1)

@@ -7,13 +7,11 @@ and does not contain the client's certificate: the handshake accepts it, the bin
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import pytest
-import yaml
 from test_gateway_interop import (
     PROVIDER_FOR,
     RESOURCE_IDS,
@@ -21,12 +19,9 @@ from test_gateway_interop import (
     InteropGateway,
     assert_refused,
     decisions,
-    gateway_config,
+    start_gateway,  # noqa: F401 - the fixture start_any_gateway uses
 )
 
-from gwtest import Upstream
-from mtls_gateway.app import GatewayServer
-from mtls_gateway.config_load import load_config
 from mtls_gateway.pki import self_signed_client
 from oidc_server import (
     RESOURCE_JWT_ES256,
@@ -44,34 +39,9 @@ AnyGatewayFactory = Callable[[OidcProvider], Awaitable[InteropGateway]]
 
 
 @pytest.fixture
-async def start_any_gateway(upstream: Upstream,
-                            tmp_path: Path) -> AsyncIterator[AnyGatewayFactory]:
+def start_any_gateway(request: pytest.FixtureRequest) -> AnyGatewayFactory:
     """The interop gateway layout in ``client_ca: any`` mode (no client CA bundle at all)."""
-    started: list[GatewayServer] = []
-
-    async def start(provider: OidcProvider) -> InteropGateway:
-        directory = tmp_path / f"gateway-{len(started)}"
-        directory.mkdir()
-        secret_file = directory / "introspection-secret"
-        secret_file.touch(mode=0o600)
-        secret_file.write_text(provider.gateway_client_secret + "\n")
-        config: dict[str, Any] = gateway_config(provider, upstream_url=upstream.url,
-                                                client_ca_file=Path("unused"),
-                                                secret_file=secret_file)
-        del config["listen"]["client_ca_file"]
-        config["listen"]["client_ca"] = "any"
-        # binding: optional is refused under client_ca: any (see test_config_load.py)
-        config["routes"] = [r for r in config["routes"] if r["auth"]["binding"] == "required"]
-        path = directory / "gateway.yaml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        server = GatewayServer(load_config(path))
-        await server.start()
-        started.append(server)
-        return InteropGateway(server, provider, upstream)
-
-    yield start
-    for server in reversed(started):
-        await server.stop()
+    return functools.partial(request.getfixturevalue("start_gateway"), client_ca="any")
 
 
 @pytest.fixture(scope="module")
