@@ -146,7 +146,8 @@ class GatewayServer:
         self._runner = GuardedAppRunner(self.build_app(), access_log=None, handle_signals=False,
                                         shutdown_timeout=self.config.shutdown_grace,
                                         limits=lambda: self.config.limits,
-                                        on_refusal=self._count_refusal)
+                                        on_refusal=self._count_refusal,
+                                        gateway_of=lambda: self.gateway)
         await self._runner.setup()
         reuse_port = self._reuse_port or None
         site: web.BaseSite

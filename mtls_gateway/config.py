@@ -324,6 +324,7 @@ class GatewayConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     client_registries: dict[str, ClientRegistryConfig] = field(default_factory=dict)
     metadata: MetadataConfig | None = None
+    fast_lane: bool = True                 # plain requests skip aiohttp (fastlane.py)
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""

@@ -990,6 +990,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     grace = top.duration("shutdown_grace", 20.0, positive=False)
     delay = top.duration("shutdown_delay", 0.0, positive=False)
     reload_interval = top.duration("reload_interval", 2.0, positive=False)
+    fast_lane = top.boolean("fast_lane", True)
     top.finish()
     if problems.items or listen is None or upstream is None:
         raise ConfigError(problems.items or ["(top): incomplete configuration"])
@@ -997,7 +998,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
                          providers=providers, upstream=upstream, routes=routes,
                          logging=logging_cfg, shutdown_grace=grace, shutdown_delay=delay,
                          reload_interval=reload_interval, client_registries=registries,
-                         metadata=metadata, limits=limits)
+                         metadata=metadata, limits=limits, fast_lane=fast_lane)
 
 
 def load_config(path: Path) -> GatewayConfig:

@@ -24,6 +24,7 @@ connection; header size limits are fixed when the listener starts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from .config import LimitsConfig
 from .decision_log import log_decision
+from .fastlane import FastLane
 
 __all__ = ["GuardedAppRunner", "count_request", "parse_error_reason", "raw_refusal"]
 
@@ -68,6 +70,8 @@ def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
 
 #: Told about every refusal made here (reason, status): the server counts them in its metrics.
 OnRefusal = Callable[[str, int], None]
+#: The server's current Gateway (after reloads too), for the fast lane; None: no lane.
+GatewayOf = Callable[[], Any] | None
 
 
 def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None) -> None:
@@ -82,11 +86,14 @@ class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol plus the deadlines and caps described above."""
 
     def __init__(self, manager: Any, *, limits: Callable[[], LimitsConfig],
-                 on_refusal: OnRefusal | None = None, **kwargs: Any) -> None:
+                 on_refusal: OnRefusal | None = None, gateway_of: GatewayOf = None,
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = limits
         self._on_refusal = on_refusal
+        self._gateway_of = gateway_of
         self._head_timer: asyncio.TimerHandle | None = None
+        self._lane: FastLane | None = None
         self.served = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,13 +103,67 @@ class _GuardedHandler(RequestHandler):
         if len(self._manager.connections) > limits.max_connections:
             self._refuse(503, "too_many_connections")
             return
+        if self._gateway_of is not None:
+            peer = transport.get_extra_info("peername")
+            self._lane = FastLane(self, self._gateway_of,
+                                  peer[0] if isinstance(peer, tuple) else None)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            lane.client_lost()
         super().connection_lost(exc)
 
+    # --- the fast lane (fastlane.py) ------------------------------------------------------------
+
+    def lane_data(self, data: bytes) -> None:
+        self._parse(data)
+
+    def lane_request_done(self, close: bool) -> bool:
+        """Count a lane response like :func:`count_request`; True: close after it."""
+        self.served += 1
+        close = (close or self._force_close
+                 or self.served >= self._limits().max_requests_per_connection)
+        self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+        return close
+
+    def _process_keepalive(self) -> None:
+        lane = self._lane
+        if lane is not None and lane.busy:     # not idle: a lane request is in flight
+            self._keepalive_handle = self._loop.call_at(
+                self._loop.time() + self._keepalive_timeout, self._process_keepalive)
+            return
+        super()._process_keepalive()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._lane is not None:
+            self._lane.pause_writing()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._lane is not None:
+            self._lane.resume_writing()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:  # noqa: ASYNC109 (aiohttp's)
+        lane = self._lane
+        if lane is not None:
+            lane.active = False          # nothing new in the lane; the one in flight finishes
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.drained(), timeout)
+        await super().shutdown(timeout)
+
     def data_received(self, data: bytes) -> None:
+        lane = self._lane
+        if lane is not None and lane.active and not self._force_close and not self._close \
+                and lane.feed(data):
+            self._disarm()          # a complete head, taken by the lane
+            return
+        self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
         heads_before = self._request_count
         super().data_received(data)
         if self._request_count != heads_before:
@@ -123,7 +184,8 @@ class _GuardedHandler(RequestHandler):
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
-        if self._request_in_progress or self._messages:
+        if self._request_in_progress or self._messages or (
+                self._lane is not None and self._lane.busy):
             return
         self._refuse(408, "header_timeout")
 
@@ -154,34 +216,40 @@ class _GuardedHandler(RequestHandler):
 
 class _GuardedServer(web.Server):
     def __init__(self, *args: Any, limits: Callable[[], LimitsConfig],
-                 on_refusal: OnRefusal | None, **kwargs: Any) -> None:
+                 on_refusal: OnRefusal | None, gateway_of: GatewayOf, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._limits_of = limits
         self._on_refusal = on_refusal
+        self._gateway_of = gateway_of
 
     def __call__(self) -> RequestHandler:
         return _GuardedHandler(self, loop=self._loop, limits=self._limits_of,
-                               on_refusal=self._on_refusal, **self._kwargs)
+                               on_refusal=self._on_refusal, gateway_of=self._gateway_of,
+                               **self._kwargs)
 
 
 class GuardedAppRunner(web.AppRunner):
     """An :class:`aiohttp.web.AppRunner` whose connections use :class:`_GuardedHandler`.
 
     ``limits`` is called for each new connection, so a reload applies to new connections.
+    ``gateway_of`` gives the current Gateway to the fast lane (None: no lane).
     """
 
     def __init__(self, app: web.Application, *, limits: Callable[[], LimitsConfig],
-                 on_refusal: OnRefusal | None = None, **kwargs: Any) -> None:
+                 on_refusal: OnRefusal | None = None, gateway_of: GatewayOf = None,
+                 **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._limits_of = limits
         self._on_refusal = on_refusal
+        self._gateway_of = gateway_of
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()
         return _GuardedServer(plain.request_handler, request_factory=plain.request_factory,
                               handler_cancellation=plain.handler_cancellation,
                               loop=plain._loop, limits=self._limits_of,
-                              on_refusal=self._on_refusal, **plain._kwargs)
+                              on_refusal=self._on_refusal, gateway_of=self._gateway_of,
+                              **plain._kwargs)
 
 
 def count_request(request: web.Request, response: web.StreamResponse,

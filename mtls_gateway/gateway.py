@@ -11,15 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
+from aiohttp.http import SERVER_SOFTWARE
+from yarl import URL
 
 from .bearer import bearer_token
 from .binding import check_binding
 from .cert_headers import encode_client_cert
-from .client_cert import UNTRUSTED_HEADER, build_certificate_source
+from .client_cert import UNTRUSTED_HEADER, TlsCertificates, build_certificate_source
 from .client_registry import ClientRegistry
-from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Provider
+from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Provider, Route
 from .decision_log import log_decision, token_digest, token_hash
 from .errors import (
     BodyTooLarge,
@@ -31,21 +36,24 @@ from .errors import (
     RequestTimeout,
     TokenEndpointRefusal,
 )
+from .fastlane import PlainRequest, UpstreamPool
 from .framing import check_framing
 from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
 from .metadata import MetadataEndpoint
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
-from .proxy import ABORTED, UPSTREAM_SECONDS, Forwarder
+from .proxy import ABORTED, HOP_BY_HOP, UPSTREAM_SECONDS, Forwarder
 from .routing import Router
-from .tls import PeerCertificate
+from .tls import PeerCertificate, peer_certificate
 from .token_endpoint import TokenEndpoint, token_refusal_response
 from .tokeninfo import TokenInfo
 
-__all__ = ["Gateway", "build_verifier", "refusal_response"]
+__all__ = ["Admission", "Gateway", "Lane", "build_verifier", "refusal_response"]
 
 log = logging.getLogger("mtls_gateway.gateway")
+
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 def build_verifier(provider: Provider, metrics: Metrics | None = None) -> Verifier:
@@ -88,6 +96,60 @@ _GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 408: "request_timeout"
                    503: "temporarily_unavailable", 504: "gateway_timeout"}
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """A plain-HTTP upstream as the fast lane writes to it."""
+
+    address: tuple[str, int]
+    base_path: bytes            # prefix of every forwarded target ("" for the root)
+    host_header: bytes          # what aiohttp's client would send as Host
+
+
+@dataclass(slots=True)
+class Lane:
+    """The fast lane's settings and upstream pool (:mod:`mtls_gateway.fastlane`)."""
+
+    pool: UpstreamPool
+    max_headers: int
+    max_line: int
+    read_timeout: float
+    targets: dict[int, _Target]          # id(route) -> target; absent: not for the lane
+    strip: frozenset[bytes]              # inbound headers never forwarded
+
+
+@dataclass(slots=True)
+class Admission:
+    """A plain request the gateway let into the fast lane, waiting for its token's verdict."""
+
+    route: Route
+    fields: dict[str, object]
+    peer: PeerCertificate | None
+    started: float
+    upstream: tuple[str, int]
+    reason: str
+    cached: Callable[[], TokenInfo | None]       # the cache's verdict (may raise a Refusal)
+    verify: Callable[[], Awaitable[TokenInfo]]   # the full verification
+    needs_verify: bool
+
+
+def _no_token() -> None:
+    return None
+
+
+async def _never() -> Any:   # pragma: no cover - auth: none admissions never verify
+    raise AssertionError("auth: none has no token to verify")
+
+
+def _target(url: str) -> _Target | None:
+    parsed = URL(url.rstrip("/"))
+    if parsed.scheme != "http" or parsed.raw_host is None or parsed.port is None \
+            or parsed.raw_query_string or parsed.raw_fragment:
+        return None
+    host = parsed.host_port_subcomponent or ""
+    return _Target((parsed.raw_host, parsed.port), parsed.raw_path.rstrip("/").encode(),
+                   host.encode("ascii"))
+
+
 class Gateway:
     """Routes, verifiers and forwarder built once from a :class:`GatewayConfig`."""
 
@@ -111,9 +173,24 @@ class Gateway:
                                    also_strip=self.certificates.strip | client_headers,
                                    limits=config.limits)
         self._identity = config.upstream.identity_headers
+        self.lane = self._build_lane(config) if config.fast_lane and isinstance(
+            self.certificates, TlsCertificates) and config.listen.tls else None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+
+    def _build_lane(self, config: GatewayConfig) -> Lane:
+        targets = {}
+        for route in config.routes:
+            target = _target(route.upstream_url or config.upstream.url)
+            if target is not None and not isinstance(route.auth, AuthMtlsClient):
+                targets[id(route)] = target
+        return Lane(pool=UpstreamPool(config.upstream.max_connections,
+                                      config.upstream.connect_timeout),
+                    max_headers=config.limits.max_headers,
+                    max_line=config.limits.max_header_size,
+                    read_timeout=config.upstream.read_timeout, targets=targets,
+                    strip=frozenset(n.encode() for n in self.forwarder.strip))
 
     @property
     def ready(self) -> bool:
@@ -137,21 +214,29 @@ class Gateway:
             await registry.start()
 
     async def close(self) -> None:
+        if self.lane is not None:
+            self.lane.pool.close()
         for verifier in self.verifiers.values():
             await verifier.close()
         for registry in self.registries.values():
             await registry.close()
         await self.forwarder.close()
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    def begin(self) -> None:
         self._in_flight += 1
         self._idle.clear()
+
+    def end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.begin()
         try:
             return await self._handle(request)
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            self.end()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -227,6 +312,104 @@ class Gateway:
         self._record(fields, authorized, reason, response.status, peer, started)
         return response
 
+    # --- the same steps for the fast lane's plain requests (fastlane.py) -------------------------
+    # Only a request that will pass is served there: every refusal returns None here and the
+    # request takes _handle above, which answers it exactly as it answers any other.
+
+    def admit(self, request: PlainRequest, transport: Any, remote: str) -> Admission | None:
+        """route -> peer certificate -> token, for a plain request; None: _handle decides."""
+        started = time.perf_counter()
+        lane = self.lane
+        if lane is None or (self.metadata is not None and (
+                request.path == self.metadata.path
+                or request.path in self.metadata.rewrite_paths)):
+            return None
+        try:
+            route = self.router.match(request.method, request.path, request.raw_path)
+        except Refusal:
+            return None
+        target = lane.targets.get(id(route))
+        if target is None:
+            return None
+        fields: dict[str, object] = {"method": request.method, "path": request.path,
+                                     "remote": remote, "route": route.name}
+        peer = peer_certificate(transport)
+        auth = route.auth
+        if isinstance(auth, AuthNone):
+            return Admission(route, fields, peer, started, target.address, "public_route",
+                             _no_token, _never, False)
+        if not isinstance(auth, AuthPolicy) or request.authorization is None:
+            return None
+        try:
+            token = bearer_token({"Authorization": request.authorization}, {})
+        except Refusal:
+            return None
+        if token is None or (auth.binding == "required" and peer is None):
+            return None
+        digest = token_digest(token)
+        fields["token_hash"] = token_hash(token, digest)
+        verifier = pick_verifier(self.verifiers, auth.providers, token)
+        fields["provider"] = verifier.name
+        return Admission(route, fields, peer, started, target.address, "allowed",
+                         lambda: verifier.cached(token, digest),
+                         lambda: verifier.verify(token, digest), True)
+
+    def upstream_request(self, admission: Admission, request: PlainRequest,
+                         info: TokenInfo | None, remote: str) -> bytes | None:
+        """binding -> authorize (raising a Refusal) -> the upstream's request head; None:
+        _handle decides."""
+        route, peer = admission.route, admission.peer
+        identity: dict[str, str] = {}
+        if isinstance(route.auth, AuthPolicy):
+            if info is None:
+                return None
+            check_binding(route.auth.binding, info, peer)
+            self._authorize(route.auth, info)
+            identity = self._identity_headers(info, peer)
+        if route.forward_client_cert and peer is not None and peer.der:
+            identity["Client-Cert"] = encode_client_cert(peer.der)
+        lane = self.lane
+        assert lane is not None
+        target = lane.targets[id(route)]
+        drop = lane.strip | HOP_BY_HOP_BYTES | request.connection
+        out = [request.method.encode(), b" ", target.base_path, request.target,
+               b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
+        for raw, lower, value in request.headers:
+            if lower not in drop:
+                out += (raw, b": ", value, b"\r\n")
+        for name, text in (*identity.items(), ("X-Forwarded-For", remote),
+                           ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", request.host)):
+            if "\r" in text or "\n" in text:
+                return None             # aiohttp's client refuses these: let it say so
+            out += (name.encode(), b": ", text.encode(), b"\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    def upstream_answered(self, admission: Admission, seconds: float) -> None:
+        self.metrics.route_histogram(self.metrics.upstream_seconds,
+                                     admission.route.name).observe(seconds)
+
+    def upstream_error(self, admission: Admission, reason: str) -> None:
+        self.metrics.upstream_errors.labels(admission.route.name, reason).inc()
+
+    def record_plain(self, admission: Admission, reason: str, status: int, *,
+                     allowed: bool) -> None:
+        self._record(admission.fields, allowed, reason, status, admission.peer,
+                     admission.started)
+
+    def refusal_bytes(self, exc: Refusal, *, close: bool) -> bytes:
+        """The answer :func:`refusal_response` gives, as bytes for a transport."""
+        response = refusal_response(exc, self.config.realm, self._metadata_url)
+        body = response.body
+        assert isinstance(body, bytes)
+        head = [f"HTTP/1.1 {response.status} {response.reason}"]
+        head += [f"{k}: {v}" for k, v in response.headers.items() if k != "Content-Length"]
+        head += [f"Content-Length: {len(body)}", f"Server: {SERVER_SOFTWARE}",
+                 f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}"]
+        if close:
+            head.append("Connection: close")
+        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
     def _serve_metadata(self, endpoint: MetadataEndpoint, fields: dict[str, object],
                         started: float) -> web.StreamResponse:
         """RFC 9728 protected resource metadata: public, answered by the gateway itself."""
@@ -258,8 +441,7 @@ class Gateway:
         elapsed = time.perf_counter() - started
         decision = "allow" if authorized else "deny"
         route = str(fields.get("route", "-"))   # "-": no route matched
-        self.metrics.requests.labels(route, decision, reason, str(status)).inc()
-        self.metrics.request_seconds.labels(route).observe(elapsed)
+        self.metrics.request(route, decision, reason, status, elapsed)
         log_decision(
             decision=decision, reason=reason, status=status,
             client_thumbprint=peer.thumbprint if peer else None,

@@ -111,6 +111,14 @@ class IntrospectionVerifier:
         if self._session is not None:
             await self._session.close()
 
+    def cached(self, token: str, digest: bytes) -> TokenInfo | None:
+        answer = self._cache.get(digest)
+        if answer is None:
+            return None
+        self.stats.hits += 1
+        self._count("hit")
+        return self._check(answer)
+
     async def verify(self, token: str, digest: bytes) -> TokenInfo:
         key = digest
         answer = self._cache.get(key)

@@ -161,20 +161,28 @@ class JwtVerifier:
         """Whether this provider is the one to ask: a JWT naming our issuer."""
         return unverified_issuer(token) == self.provider.issuer
 
+    def cached(self, token: str, digest: bytes) -> TokenInfo | None:
+        if self._verified is None:
+            return None
+        hit = self._verified.get(digest)
+        if hit is None or hit.keys is not self.keys.current:
+            return None
+        self.cache_hits += 1
+        if self.metrics:
+            self.metrics.jwt_cache.labels(self.name, "hit").inc()
+        now = time.time()
+        if now > hit.expires:
+            raise InvalidToken("token_expired", "token has expired")
+        if hit.not_before is not None and now + self.provider.leeway < hit.not_before:
+            raise InvalidToken("token_not_yet_valid", "token is not yet valid")
+        return hit.info
+
     async def verify(self, token: str, digest: bytes) -> TokenInfo:
         if self._verified is None:
             return await self._verify(token)
-        hit = self._verified.get(digest)
-        if hit is not None and hit.keys is self.keys.current:
-            self.cache_hits += 1
-            if self.metrics:
-                self.metrics.jwt_cache.labels(self.name, "hit").inc()
-            now = time.time()
-            if now > hit.expires:
-                raise InvalidToken("token_expired", "token has expired")
-            if hit.not_before is not None and now + self.provider.leeway < hit.not_before:
-                raise InvalidToken("token_not_yet_valid", "token is not yet valid")
-            return hit.info
+        info = self.cached(token, digest)
+        if info is not None:
+            return info
         info, claims, keys = await self._verify_claims(token)
         nbf = claims.get("nbf")
         self._verified[digest] = _Verified(

@@ -92,7 +92,7 @@ class MetadataEndpoint:
         self.path = metadata_path(meta.resource)
         self.url = _metadata_url(meta.resource)
         self._body = json.dumps(protected_resource_document(config)).encode()
-        self._rewrite_paths = frozenset(meta.as_metadata.paths if meta.as_metadata else ())
+        self.rewrite_paths = frozenset(meta.as_metadata.paths if meta.as_metadata else ())
 
     def serves(self, request: web.Request) -> bool:
         return request.path == self.path and request.method in ("GET", "HEAD")
@@ -102,7 +102,7 @@ class MetadataEndpoint:
                             headers={"Cache-Control": "max-age=300"})
 
     def rewrites(self, request: web.Request) -> bool:
-        return request.method == "GET" and request.path in self._rewrite_paths
+        return request.method == "GET" and request.path in self.rewrite_paths
 
     async def rewritten(self, forwarder: Forwarder, request: web.Request, base_url: str,
                         identity: Mapping[str, str]) -> web.Response:

@@ -10,6 +10,7 @@ serves the sum (prometheus-client's multiprocess mode).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -62,6 +63,28 @@ class Metrics:
             "mtls_gateway_server_certificate_expiry_timestamp_seconds",
             "notAfter of the server certificate in use.", registry=r,
             multiprocess_mode="min")
+
+        # Children by label values: labels() costs more than the increment itself, and the
+        # same few label sets come back on every request.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def request(self, route: str, decision: str, reason: str, status: int,
+                seconds: float) -> None:
+        """One request's outcome: the requests counter and the duration histogram."""
+        children = self._children
+        key = ("r", route, decision, reason, status)
+        counter = children.get(key)
+        if counter is None:
+            counter = children[key] = self.requests.labels(route, decision, reason, str(status))
+        counter.inc()
+        self.route_histogram(self.request_seconds, route).observe(seconds)
+
+    def route_histogram(self, histogram: Histogram, route: str) -> Any:
+        key = (id(histogram), route)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = histogram.labels(route)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

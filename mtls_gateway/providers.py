@@ -25,6 +25,11 @@ class Verifier(Protocol):
         """Cheap check (no I/O, no crypto): is this token for me?"""
         ...
 
+    def cached(self, token: str, digest: bytes) -> TokenInfo | None:
+        """The verdict from the cache, checks on every use applied (raise as :meth:`verify`
+        would); None when only :meth:`verify` can tell (no I/O, no crypto here)."""
+        ...
+
     async def verify(self, token: str, digest: bytes) -> TokenInfo:
         """Verify or raise a :class:`~mtls_gateway.errors.Refusal`; ``digest`` is the
         token's SHA-256 (:func:`~mtls_gateway.decision_log.token_digest`), the cache key."""

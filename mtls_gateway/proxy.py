@@ -77,6 +77,11 @@ class Forwarder:
             self._strip |= {"authorization"}
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def strip(self) -> frozenset[str]:
+        """Inbound header names (lower case) never forwarded, besides hop-by-hop ones."""
+        return frozenset(self._strip)
+
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.config.max_connections,

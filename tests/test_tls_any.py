@@ -245,7 +245,9 @@ async def test_closing_on_a_client_that_never_reads_ends_in_an_abort(
             if "connection_lost" in calls:
                 break
             await asyncio.sleep(0.01)
-        assert calls == ["pause_writing", "connection_lost"]   # while the client still waits
+        # (more pauses may come first: the kernel's send buffer grows while the answer streams)
+        assert calls[-1] == "connection_lost"             # while the client still waits
+        assert set(calls[:-1]) == {"pause_writing"}
     finally:
         writer.close()
 

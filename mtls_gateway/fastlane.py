@@ -1,0 +1,792 @@
+"""The fast lane: plain requests proxied without aiohttp's request and client objects.
+
+Why: aiohttp's web layer and client cost about 300 us of CPU per proxied request, more than
+twice what HAProxy spends on the whole job (issue 8, README "Performance"). Most traffic to
+a sidecar is the same shape, a small keep-alive request with a bearer token, and for that
+shape the gateway's own decision is cheap (a cached verification, a thumbprint compare). So
+a request that is *plain* skips aiohttp entirely: its head is parsed here, the gateway
+decides with the same steps (:meth:`Gateway.admit`, :meth:`Gateway.authorize`), and it is
+written to a pooled upstream connection; the answer is relayed as it arrives.
+
+Plain means all of this, checked strictly; anything else goes to aiohttp, which remains the
+reference path and makes **every refusal** (so error answers and reason codes are the same
+whichever way a request came in):
+
+* the whole head arrived in one read with nothing after it (no partial heads, no pipelining);
+* printable ASCII with CRLF line ends only; ``GET``/``HEAD``/``OPTIONS``/``DELETE``; an
+  origin-form target with no ``%`` and no ``access_token``; ``HTTP/1.1``; header names are
+  tokens, no folded lines, exactly one ``Host``, at most one ``Authorization``, and no
+  ``Content-Length``, ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` (so no body at all);
+* the gateway admits it: a route with ``auth: none`` or a token policy whose checks all pass,
+  certificates from this connection's own handshake, an ``http://`` upstream.
+
+A connection leaves the lane at its first request that is not plain, and aiohttp serves it
+from then on: its parser state is its own, so the two never interleave on one connection.
+``fast_lane: false`` in the config sends everything through aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from aiohttp.http import SERVER_SOFTWARE
+
+from .errors import Refusal, UpstreamFailed, UpstreamTimeout
+
+if TYPE_CHECKING:
+    from .gateway import Admission, Gateway
+
+__all__ = ["FastLane", "PlainRequest", "UpstreamPool", "parse_plain"]
+
+log = logging.getLogger("mtls_gateway.fastlane")
+
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: The bytes a head may hold (CR and LF only as CRLF: see _clean).
+_ALLOWED = bytes(range(0x20, 0x7f)) + b"\t\r\n"
+_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
+#: Headers that mean a body, an expectation or a protocol switch: aiohttp's business.
+_NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
+                        b"http2-settings"})
+_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
+                         b"proxy-authorization", b"te", b"trailer", b"trailers",
+                         b"transfer-encoding", b"upgrade", b"proxy-connection"})
+#: An upstream answer head larger than this is refused (502), like aiohttp's client limits.
+_MAX_RESPONSE_HEAD = 64 * 1024
+_SERVER = SERVER_SOFTWARE.encode()
+
+
+@dataclass(slots=True)
+class PlainRequest:
+    """A parsed plain request head (see the module docstring)."""
+
+    method: str
+    target: bytes                            # origin form, as sent
+    path: str                                # the target without its query (nothing to decode)
+    headers: list[tuple[bytes, bytes, bytes]]   # (name as sent, lower-case name, value)
+    host: str
+    authorization: str | None
+    connection: frozenset[bytes]             # tokens of Connection (lower case)
+
+    @property
+    def raw_path(self) -> str:
+        return self.target.decode("ascii")
+
+
+def _clean(head: bytes) -> bool:
+    """Printable ASCII and HTAB only, lines ended by CRLF (no bare CR, no bare LF)."""
+    if head.translate(None, _ALLOWED):
+        return False
+    pairs = head.count(b"\r\n")
+    return head.count(b"\r") == pairs and head.count(b"\n") == pairs
+
+
+def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest | None:
+    """The request if ``head`` (without its final CRLFCRLF) is plain, else None."""
+    if not _clean(head):
+        return None
+    lines = head.split(b"\r\n")
+    if len(lines) - 1 > max_headers or any(len(line) > max_line for line in lines):
+        return None
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] not in _METHODS or parts[2] != b"HTTP/1.1":
+        return None
+    target = parts[1]
+    path, _, query = target.partition(b"?")
+    if not target.startswith(b"/") or b"%" in target or b"#" in target \
+            or b"access_token" in query:
+        return None
+    headers: list[tuple[bytes, bytes, bytes]] = []
+    hosts: list[bytes] = []
+    auths: list[bytes] = []
+    connection: set[bytes] = set()
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            return None
+        lower = name.lower()
+        if lower in _NOT_PLAIN:
+            return None
+        value = value.strip(b" \t")
+        if lower == b"host":
+            hosts.append(value)
+        elif lower == b"authorization":
+            auths.append(value)
+        elif lower == b"connection":
+            connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        headers.append((name, lower, value))
+    if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection:
+        return None
+    return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
+                        auths[0].decode() if auths else None, frozenset(connection))
+
+
+# --- the upstream side ----------------------------------------------------------------------
+
+
+class _Relay(Protocol):
+    def upstream_data(self, data: bytes) -> None: ...
+
+    def upstream_lost(self, exc: BaseException | None) -> None: ...
+
+
+class _UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to the upstream; serves one lane request at a time."""
+
+    def __init__(self, pool: UpstreamPool, key: tuple[str, int]) -> None:
+        self.pool = pool
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.relay: _Relay | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.upstream_data(data)
+        else:                   # an idle connection has nothing to say: not reusable
+            self.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.upstream_lost(exc)
+
+    def close(self) -> None:
+        self.relay = None
+        if not self.closed:
+            self.closed = True
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to plain-HTTP upstreams, at most ``max_connections`` open."""
+
+    def __init__(self, max_connections: int, connect_timeout: float) -> None:
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self._idle: dict[tuple[str, int], list[_UpstreamConnection]] = {}
+        self._open: set[_UpstreamConnection] = set()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._closed = False
+
+    def take(self, key: tuple[str, int]) -> _UpstreamConnection | None:
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    async def connect(self, key: tuple[str, int]) -> _UpstreamConnection:
+        """A new connection (waiting for a free slot at the limit); OSError/TimeoutError."""
+        loop = asyncio.get_running_loop()
+        while len(self._open) >= self.max_connections:
+            idle = self._idle_anywhere()
+            if idle is not None:
+                idle.close()         # an idle connection to another upstream gives way
+                continue
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+            conn = self.take(key)
+            if conn is not None:
+                return conn
+        if self._closed:
+            raise OSError("upstream pool is closed")
+        conn = _UpstreamConnection(self, key)
+        self._open.add(conn)
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: conn, *key),
+                                   self.connect_timeout)
+        except BaseException:
+            self.forget(conn)
+            raise
+        return conn
+
+    def give_back(self, conn: _UpstreamConnection) -> None:
+        conn.relay = None
+        if conn.closed or self._closed:
+            conn.close()
+            return
+        self._idle.setdefault(conn.key, []).append(conn)
+        self._wake()
+
+    def forget(self, conn: _UpstreamConnection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            idle = self._idle.get(conn.key)
+            if idle and conn in idle:
+                idle.remove(conn)
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _idle_anywhere(self) -> _UpstreamConnection | None:
+        for idle in self._idle.values():
+            while idle:
+                conn = idle.pop()
+                if not conn.closed:
+                    return conn
+        return None
+
+    def close(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+# --- the client side ------------------------------------------------------------------------
+
+
+class Host(Protocol):
+    """What the lane needs from its connection (``connection._GuardedHandler``)."""
+
+    transport: asyncio.Transport | None
+
+    def lane_data(self, data: bytes) -> None:
+        """Bytes for aiohttp: the connection has left the lane."""
+
+    def lane_request_done(self, close: bool) -> bool:
+        """A response is complete; returns whether the connection must close now."""
+
+
+_NONE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF = range(7)
+_DATE_CACHE: list[Any] = [0, b""]
+
+
+def _http_date() -> bytes:
+    now = int(time.time())
+    if _DATE_CACHE[0] != now:
+        _DATE_CACHE[0] = now
+        _DATE_CACHE[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT",
+                                       time.gmtime(now)).encode()
+    value: bytes = _DATE_CACHE[1]
+    return value
+
+
+class _BadResponse(Exception):
+    """The upstream's answer is not HTTP/1.1 we can relay safely."""
+
+
+class FastLane:
+    """The lane of one client connection: one plain request at a time (see module doc)."""
+
+    def __init__(self, host: Host, gateway_of: Any, remote: str | None) -> None:
+        self.host = host
+        self._gateway_of = gateway_of         # () -> Gateway: the current one, after reloads
+        self.remote = remote or ""
+        self.active = True
+        self._busy = False
+        self._pending = b""
+        self._paused = False
+        # the request in flight
+        self._gateway: Gateway | None = None
+        self._admission: Admission | None = None
+        self._request: PlainRequest | None = None
+        self._head = b""
+        self._upstream_head = b""
+        self._conn: _UpstreamConnection | None = None
+        self._reused = False
+        self._retried = False
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._read_timeout = 0.0
+        # the answer being relayed
+        self._rbuf = b""
+        self._state = _NONE
+        self._left = 0
+        self._status = 0
+        self._head_sent = False
+        self._sent_at = 0.0
+        self._upstream_keep = True
+        self._client_chunked = False
+        self._close_after = False
+        self._drain: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._heard = 0.0
+
+    # --- requests in --------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bool:
+        """Take ``data`` if it is a plain request (or arrived behind one); False: aiohttp's."""
+        if not self.active:
+            return False
+        if self._busy:
+            self._pending += data
+            transport = self.host.transport
+            if len(self._pending) > 65536 and not self._paused and transport is not None:
+                self._paused = True
+                transport.pause_reading()
+            return True
+        if not data.endswith(b"\r\n\r\n") or data.find(b"\r\n\r\n") != len(data) - 4:
+            return self._leave()
+        gateway: Gateway = self._gateway_of()
+        lane = gateway.lane
+        if lane is None:
+            return self._leave()
+        request = parse_plain(data[:-4], max_headers=lane.max_headers, max_line=lane.max_line)
+        if request is None:
+            return self._leave()
+        admission = gateway.admit(request, self.host.transport, self.remote)
+        if admission is None:
+            return self._leave()
+        self._busy = True
+        self._gateway, self._admission, self._request, self._head = (
+            gateway, admission, request, data)
+        self._retried = False
+        gateway.begin()
+        try:
+            info = admission.cached()
+        except Refusal as exc:
+            self._deny(exc)
+            return True
+        if info is None and admission.needs_verify:
+            self._task = asyncio.get_running_loop().create_task(self._verify_then_forward())
+            return True
+        self._forward(info)
+        return True
+
+    def _leave(self) -> bool:
+        self.active = False
+        return False
+
+    def _back_to_aiohttp(self) -> bool:
+        """Not for the lane after all (a refusal, a miss): aiohttp answers this request."""
+        data = self._head + self._pending
+        self._finish_request()
+        self._head = self._pending = b""
+        self.active = False
+        self._resume_reading()
+        self.host.lane_data(data)
+        return True
+
+    async def _verify_then_forward(self) -> None:
+        admission = self._admission
+        assert admission is not None
+        try:
+            info = await admission.verify()
+        except Refusal as exc:
+            self._deny(exc)
+            return
+        except Exception:
+            log.exception("internal error while verifying a token in the fast lane")
+            self._back_to_aiohttp()
+            return
+        finally:
+            self._task = None
+        self._forward(info)
+
+    def _forward(self, info: Any) -> None:
+        gateway, admission, request = self._gateway, self._admission, self._request
+        assert gateway is not None and admission is not None and request is not None
+        try:
+            upstream_head = gateway.upstream_request(admission, request, info, self.remote)
+        except Refusal as exc:
+            self._deny(exc)
+            return
+        if upstream_head is None:           # identity headers aiohttp must judge
+            self._back_to_aiohttp()
+            return
+        self._upstream_head = upstream_head
+        lane = gateway.lane
+        assert lane is not None
+        self._read_timeout = lane.read_timeout
+        conn = lane.pool.take(admission.upstream)
+        if conn is not None:
+            self._send(conn, reused=True)
+        else:
+            self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
+
+    async def _connect_then_send(self) -> None:
+        gateway, admission = self._gateway, self._admission
+        assert gateway is not None and gateway.lane is not None and admission is not None
+        try:
+            conn = await gateway.lane.pool.connect(admission.upstream)
+        except TimeoutError:
+            self._refuse(UpstreamTimeout("upstream_timeout", "upstream did not answer in time"))
+            return
+        except OSError:
+            self._refuse(UpstreamFailed("upstream_unavailable", "upstream is unavailable"))
+            return
+        finally:
+            self._task = None
+        if not self._busy:          # the client went away meanwhile
+            lane = gateway.lane
+            lane.pool.give_back(conn)
+            return
+        self._send(conn, reused=False)
+
+    def _send(self, conn: _UpstreamConnection, *, reused: bool) -> None:
+        assert conn.transport is not None
+        self._conn, self._reused = conn, reused
+        conn.relay = self
+        self._rbuf, self._state, self._status, self._head_sent = b"", _NONE, 0, False
+        self._sent_at = time.perf_counter()
+        conn.transport.write(self._upstream_head)
+        self._heard = self._loop.time()
+        self._arm(self._read_timeout)
+
+    # --- the answer back ----------------------------------------------------------------------
+
+    def upstream_data(self, data: bytes) -> None:
+        self._heard = self._loop.time()
+        try:
+            out = self._relay(data)
+        except _BadResponse as exc:
+            log.warning("upstream answer refused: %s", exc)
+            self._upstream_failed(UpstreamFailed("upstream_unavailable",
+                                                 "upstream is unavailable"))
+            return
+        transport = self.host.transport
+        if out and transport is not None:
+            transport.write(out)
+        if self._state == _NONE and self._head_sent:
+            self._complete()
+
+    def _relay(self, data: bytes) -> bytes:
+        """Client bytes for upstream ``data``; ``_state`` back to _NONE when the answer ends."""
+        if not self._head_sent:
+            self._rbuf += data
+            while True:
+                end = self._rbuf.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(self._rbuf) > _MAX_RESPONSE_HEAD:
+                        raise _BadResponse("response head too large")
+                    return b""
+                head, self._rbuf = self._rbuf[:end], self._rbuf[end + 4:]
+                out = self._response_head(head)
+                if out is not None:
+                    break
+            self._head_sent = True
+            data, self._rbuf = self._rbuf, b""
+            return out + self._body(data) if data else out
+        return self._body(data)
+
+    def _response_head(self, head: bytes) -> bytes | None:
+        """The client's head for the upstream's, None for an interim (1xx) answer."""
+        if not _clean(head):
+            raise _BadResponse("bad bytes in the response head")
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        code, _, reason = rest.partition(b" ")
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
+            raise _BadResponse("bad status line")
+        status = int(code)
+        if status < 200:
+            if status == 101:
+                raise _BadResponse("protocol switch without an upgrade request")
+            return None
+        length: int | None = None
+        chunked = False
+        keep = version == b"HTTP/1.1"
+        named: set[bytes] = set()
+        headers: list[tuple[bytes, bytes, bytes]] = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.fullmatch(name):
+                raise _BadResponse("bad header line")
+            lower, value = name.lower(), value.strip(b" \t")
+            if lower == b"content-length":
+                if not value.isdigit() or (length is not None and int(value) != length):
+                    raise _BadResponse("bad Content-Length")
+                length = int(value)
+            elif lower == b"transfer-encoding":
+                if chunked or value.lower() != b"chunked":
+                    raise _BadResponse("unsupported Transfer-Encoding")
+                chunked = True
+            elif lower == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                named |= tokens
+                if b"close" in tokens:
+                    keep = False
+                elif b"keep-alive" in tokens:
+                    keep = True
+            headers.append((name, lower, value))
+        if chunked and length is not None:
+            raise _BadResponse("both Content-Length and Transfer-Encoding")
+        request = self._request
+        assert request is not None
+        self._status = status
+        self._upstream_keep = keep
+        no_body = request.method == "HEAD" or status in (204, 304)
+        self._client_chunked = False
+        if no_body:
+            self._state = _NONE
+        elif chunked:
+            self._state = _CHUNK_SIZE
+        elif length is not None:
+            self._state, self._left = (_LENGTH, length) if length else (_NONE, 0)
+        else:                       # delimited by the upstream closing: chunked to the client
+            self._state, self._client_chunked, self._upstream_keep = _UNTIL_EOF, True, False
+        gateway, admission = self._gateway, self._admission
+        assert gateway is not None and admission is not None
+        gateway.upstream_answered(admission, time.perf_counter() - self._sent_at)
+        self._close_after = self.host.lane_request_done(
+            b"close" in request.connection)
+        drop = _HOP_BY_HOP | named
+        out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
+        seen_date = seen_server = False
+        for name, lower, value in headers:
+            if lower in drop:
+                continue
+            seen_date = seen_date or lower == b"date"
+            seen_server = seen_server or lower == b"server"
+            out += (name, b": ", value, b"\r\n")
+        if not seen_date:
+            out += (b"Date: ", _http_date(), b"\r\n")
+        if not seen_server:
+            out += (b"Server: ", _SERVER, b"\r\n")
+        if (chunked or self._client_chunked) and not no_body:
+            out.append(b"Transfer-Encoding: chunked\r\n")
+        if self._close_after:
+            out.append(b"Connection: close\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    def _body(self, data: bytes) -> bytes:
+        state = self._state
+        if state == _LENGTH:
+            if len(data) < self._left:
+                self._left -= len(data)
+                return data
+            if len(data) > self._left:
+                raise _BadResponse("more bytes than Content-Length")
+            self._state = _NONE
+            return data
+        if state == _UNTIL_EOF:
+            return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
+        if state == _NONE:
+            if data:
+                raise _BadResponse("bytes after the end of the answer")
+            return b""
+        return self._chunks(data)
+
+    def _chunks(self, data: bytes) -> bytes:
+        """Re-frame a chunked body (extensions and trailers dropped, as aiohttp does)."""
+        out: list[bytes] = []
+        buf = self._rbuf + data
+        self._rbuf = b""
+        while buf:
+            state = self._state
+            if state == _CHUNK_DATA:
+                take = buf[:self._left]
+                out.append(take)
+                buf = buf[len(take):]
+                self._left -= len(take)
+                if self._left == 0:
+                    self._state = _CHUNK_END
+                continue
+            end = buf.find(b"\r\n")
+            if end < 0:
+                if len(buf) > 4096:
+                    raise _BadResponse("chunk line too long")
+                self._rbuf = buf
+                break
+            line, buf = buf[:end], buf[end + 2:]
+            if state == _CHUNK_END:
+                if line:
+                    raise _BadResponse("chunk not followed by CRLF")
+                out.append(b"\r\n")
+                self._state = _CHUNK_SIZE
+            elif state == _CHUNK_SIZE:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                    raise _BadResponse("bad chunk size")
+                self._left = int(size, 16)
+                if self._left:
+                    out.append(b"%x\r\n" % self._left)
+                    self._state = _CHUNK_DATA
+                else:
+                    self._state = _TRAILERS
+            elif state == _TRAILERS:
+                if not line:
+                    out.append(b"0\r\n\r\n")
+                    self._state = _NONE
+                    if buf:
+                        raise _BadResponse("bytes after the end of the answer")
+            else:
+                raise _BadResponse("bytes after the end of the answer")
+        return b"".join(out)
+
+    def upstream_lost(self, exc: BaseException | None) -> None:
+        self._conn = None
+        if self._head_sent and self._state == _UNTIL_EOF:
+            transport = self.host.transport
+            if transport is not None:
+                transport.write(b"0\r\n\r\n")
+            self._state = _NONE
+            self._complete()
+            return
+        if not self._head_sent and not self._rbuf and not self._retried and self._busy:
+            # Closed before any answer (often a kept-alive connection the upstream had just
+            # closed): once more on a new connection, as aiohttp's client does for idempotent
+            # requests (RFC 9112 section 9.3.1); a plain request has no body to resend.
+            self._retried = True
+            self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
+            return
+        self._upstream_failed(UpstreamFailed("upstream_unavailable", "upstream is unavailable"))
+
+    def _upstream_failed(self, exc: UpstreamFailed) -> None:
+        if self._head_sent:
+            log.warning("upstream broke off mid-response: %s", exc.reason)
+            self._drop_conn()
+            self._finish("upstream_aborted", self._status)
+            transport = self.host.transport
+            if transport is not None:
+                transport.close()
+            return
+        self._refuse(exc)
+
+    def _refuse(self, exc: UpstreamFailed) -> None:
+        """The upstream failed before answering: the same answer as the aiohttp path."""
+        gateway, admission = self._gateway, self._admission
+        assert gateway is not None and admission is not None
+        self._drop_conn()
+        gateway.upstream_error(admission, exc.reason)
+        self._answer(exc, allowed=True)
+
+    def _deny(self, exc: Refusal) -> None:
+        """The token, its binding or its scope failed: the answer _handle gives."""
+        self._answer(exc, allowed=False)
+
+    def _answer(self, exc: Refusal, *, allowed: bool) -> None:
+        gateway, request = self._gateway, self._request
+        assert gateway is not None and request is not None
+        close = self.host.lane_request_done(b"close" in request.connection)
+        transport = self.host.transport
+        if transport is not None:
+            transport.write(gateway.refusal_bytes(exc, close=close))
+        self._finish(exc.reason, exc.status, allowed=allowed)
+        self._after(close)
+
+    def _complete(self) -> None:
+        conn, self._conn = self._conn, None
+        lane = self._gateway.lane if self._gateway is not None else None
+        if conn is not None:
+            conn.relay = None
+            if self._upstream_keep and lane is not None:
+                lane.pool.give_back(conn)
+            else:
+                conn.close()
+        self._finish(self._admission.reason if self._admission is not None else "allowed",
+                     self._status)
+        self._after(self._close_after)
+
+    def _after(self, close: bool) -> None:
+        transport = self.host.transport
+        if close:
+            self.active = False
+            if transport is not None:
+                transport.close()
+            return
+        self._resume_reading()
+        if self._pending:
+            data, self._pending = self._pending, b""
+            if not self.feed(data):
+                self.host.lane_data(data)
+
+    def _finish(self, reason: str, status: int, *, allowed: bool = True) -> None:
+        gateway, admission = self._gateway, self._admission
+        if gateway is not None and admission is not None:
+            gateway.record_plain(admission, reason, status, allowed=allowed)
+        self._finish_request()
+
+    def _finish_request(self) -> None:
+        self._disarm()
+        gateway = self._gateway
+        if gateway is not None and self._busy:
+            gateway.end()
+        self._busy = False
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+        self._gateway = self._admission = self._request = None
+        self._upstream_head = b""
+
+    # --- timers, backpressure, the client going away ------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        """One timer per request: ``_heard`` moves with every upstream read instead."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(self._heard + seconds, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._busy and self._loop.time() < self._heard + self._read_timeout:
+            self._arm(self._read_timeout)     # heard from since: wait the rest
+            return
+        if self._busy:
+            self._upstream_failed(UpstreamTimeout("upstream_timeout",
+                                                  "upstream did not answer in time"))
+
+    def _drop_conn(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _resume_reading(self) -> None:
+        transport = self.host.transport
+        if self._paused and transport is not None:
+            self._paused = False
+            transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        """The client reads slower than the upstream answers: stop reading the upstream."""
+        conn = self._conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        conn = self._conn
+        if conn is not None and conn.transport is not None and not conn.closed:
+            conn.transport.resume_reading()
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    async def drained(self) -> None:
+        """Return once no request is in flight here."""
+        if self._busy:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def client_lost(self) -> None:
+        """The client connection closed: drop the request in flight (logged once)."""
+        self.active = False
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        if self._busy:
+            self._drop_conn()
+            self._finish("client_closed", self._status or 499)
