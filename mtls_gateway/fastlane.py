@@ -180,6 +180,7 @@ class UpstreamPool:
         self._open: set[_UpstreamConnection] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
+        self.opened = 0             # connections made, for tests and curiosity
 
     def take(self, key: tuple[str, int]) -> _UpstreamConnection | None:
         idle = self._idle.get(key)
@@ -211,6 +212,7 @@ class UpstreamPool:
             raise OSError("upstream pool is closed")
         conn = _UpstreamConnection(self, key)
         self._open.add(conn)
+        self.opened += 1
         try:
             await asyncio.wait_for(loop.create_connection(lambda: conn, *key),
                                    self.connect_timeout)
