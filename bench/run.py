@@ -497,6 +497,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("lat-gw-nolog", f"{RATE:.0f} req/s through the gateway, logging.level WARNING",
              "gateway-nolog", "/jwt/x", "es256", mode="rate", rate=RATE, ref="lat-direct",
              extra=True),
+    Scenario("nolane-none", "auth: none, gateway with fast_lane: false (all through aiohttp)",
+             "gateway-nolane", "/none/x", None, extra=True),
+    Scenario("nolane-es256", "bound JWT ES256, fast_lane: false", "gateway-nolane",
+             "/jwt/x", "es256", ref="gw-es256", extra=True),
     Scenario("asyncio-none", "auth: none, gateway on asyncio's loop (MTLS_GATEWAY_UVLOOP=0)",
              "gateway-asyncio", "/none/x", None, extra=True),
     Scenario("asyncio-es256", "bound JWT ES256, gateway on asyncio's loop", "gateway-asyncio",
@@ -789,6 +793,7 @@ def print_costs(outcomes: list[Outcome]) -> None:
         if value is not None and base is not None:
             lines.append(f"  {key:<15} {value - base:+7.0f} us/req  {what}")
     for key, ref, what in (("nolog-es256", "gw-es256", "JWT ES256 without the decision log"),
+                           ("nolane-es256", "gw-es256", "JWT ES256 without the fast lane"),
                            ("asyncio-es256", "gw-es256", "JWT ES256 on asyncio's loop, not uvloop"),
                            ("new-none", None, "full mTLS handshake + request, auth: none"),
                            ("new-rs256", "new-none", "JWT RS256 on a fresh connection"),
@@ -1045,6 +1050,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sut["gateway-w2"], ports["gateway-w2"] = start_gateway(
                     procs, pin.both, "gateway-w2", json.loads(json.dumps(config)),
                     work / "gateway-w2.yaml", "--workers", "2")
+            if any(s.target == "gateway-nolane" for s in scenarios):
+                nolane = json.loads(json.dumps(config))
+                nolane["fast_lane"] = False
+                sut["gateway-nolane"], ports["gateway-nolane"] = start_gateway(
+                    procs, pin.sut, "gateway-nolane", nolane, work / "gateway-nolane.yaml")
             if any(s.target == "gateway-nolog" for s in scenarios):
                 config["logging"]["level"] = "WARNING"  # no decision lines at all
                 sut["gateway-nolog"], ports["gateway-nolog"] = start_gateway(
@@ -1063,7 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes = [median_outcome(rounds[s.key]) for s in scenarios]
             rss_after = gateway.rss_mb()
             decisions = decision_counts(gateway.log)
-            for other in ("gateway-w2", "gateway-asyncio"):
+            for other in ("gateway-w2", "gateway-asyncio", "gateway-nolane"):
                 if other in sut:
                     decisions.update(decision_counts(sut[other].log))
         finally:
