@@ -38,11 +38,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp.http import SERVER_SOFTWARE
 
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
+from .proxy import HOP_BY_HOP
 
 if TYPE_CHECKING:
     from .gateway import Admission, Gateway
 
-__all__ = ["FastLane", "PlainRequest", "UpstreamPool", "parse_plain"]
+__all__ = ["FastLane", "PlainRequest", "UpstreamPool", "http_date", "parse_plain"]
 
 log = logging.getLogger("mtls_gateway.fastlane")
 
@@ -53,9 +54,7 @@ _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 #: Headers that mean a body, an expectation or a protocol switch: aiohttp's business.
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings"})
-_HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate",
-                         b"proxy-authorization", b"te", b"trailer", b"trailers",
-                         b"transfer-encoding", b"upgrade", b"proxy-connection"})
+_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 #: An upstream answer head larger than this is refused (502), like aiohttp's client limits.
 _MAX_RESPONSE_HEAD = 64 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
@@ -170,6 +169,15 @@ class _UpstreamConnection(asyncio.Protocol):
                 self.transport.close()
 
 
+def _live(idle: list[_UpstreamConnection] | None) -> _UpstreamConnection | None:
+    """The most recently idled connection of ``idle`` still open (closed ones dropped)."""
+    while idle:
+        conn = idle.pop()
+        if not conn.closed:
+            return conn
+    return None
+
+
 class UpstreamPool:
     """Keep-alive connections to plain-HTTP upstreams, at most ``max_connections`` open."""
 
@@ -183,12 +191,7 @@ class UpstreamPool:
         self.opened = 0             # connections made, for tests and curiosity
 
     def take(self, key: tuple[str, int]) -> _UpstreamConnection | None:
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
-        return None
+        return _live(self._idle.get(key))
 
     async def connect(self, key: tuple[str, int]) -> _UpstreamConnection:
         """A new connection (waiting for a free slot at the limit); OSError/TimeoutError."""
@@ -246,10 +249,9 @@ class UpstreamPool:
 
     def _idle_anywhere(self) -> _UpstreamConnection | None:
         for idle in self._idle.values():
-            while idle:
-                conn = idle.pop()
-                if not conn.closed:
-                    return conn
+            conn = _live(idle)
+            if conn is not None:
+                return conn
         return None
 
     def close(self) -> None:
@@ -280,7 +282,8 @@ _NONE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF = ra
 _DATE_CACHE: list[Any] = [0, b""]
 
 
-def _http_date() -> bytes:
+def http_date() -> bytes:
+    """The Date header value, made once per second."""
     now = int(time.time())
     if _DATE_CACHE[0] != now:
         _DATE_CACHE[0] = now
@@ -366,7 +369,7 @@ class FastLane:
         except Refusal as exc:
             self._deny(exc)
             return True
-        if info is None and admission.needs_verify:
+        if info is None and admission.verifier is not None:
             self._task = asyncio.get_running_loop().create_task(self._verify_then_forward())
             return True
         self._forward(info)
@@ -549,7 +552,7 @@ class FastLane:
         gateway.upstream_answered(admission, time.perf_counter() - self._sent_at)
         self._close_after = self.host.lane_request_done(
             b"close" in request.connection)
-        drop = _HOP_BY_HOP | named
+        drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
         out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
         seen_date = seen_server = False
         for name, lower, value in headers:
@@ -559,7 +562,7 @@ class FastLane:
             seen_server = seen_server or lower == b"server"
             out += (name, b": ", value, b"\r\n")
         if not seen_date:
-            out += (b"Date: ", _http_date(), b"\r\n")
+            out += (b"Date: ", http_date(), b"\r\n")
         if not seen_server:
             out += (b"Server: ", _SERVER, b"\r\n")
         if (chunked or self._client_chunked) and not no_body:

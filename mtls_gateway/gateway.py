@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from .errors import (
     RequestTimeout,
     TokenEndpointRefusal,
 )
-from .fastlane import PlainRequest, UpstreamPool
+from .fastlane import PlainRequest, UpstreamPool, http_date
 from .framing import check_framing
 from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
@@ -53,7 +52,6 @@ __all__ = ["Admission", "Gateway", "Lane", "build_verifier", "refusal_response"]
 
 log = logging.getLogger("mtls_gateway.gateway")
 
-HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 def build_verifier(provider: Provider, metrics: Metrics | None = None) -> Verifier:
@@ -114,7 +112,7 @@ class Lane:
     max_line: int
     read_timeout: float
     targets: dict[int, _Target]          # id(route) -> target; absent: not for the lane
-    strip: frozenset[bytes]              # inbound headers never forwarded
+    strip: frozenset[bytes]              # inbound headers never forwarded, hop-by-hop included
 
 
 @dataclass(slots=True)
@@ -127,17 +125,17 @@ class Admission:
     started: float
     upstream: tuple[str, int]
     reason: str
-    cached: Callable[[], TokenInfo | None]       # the cache's verdict (may raise a Refusal)
-    verify: Callable[[], Awaitable[TokenInfo]]   # the full verification
-    needs_verify: bool
+    verifier: Verifier | None = None             # None: auth none, nothing to verify
+    token: str = ""
+    digest: bytes = b""
 
+    def cached(self) -> TokenInfo | None:
+        """The verified-token cache's verdict (may raise a Refusal); None: ask verify()."""
+        return self.verifier.cached(self.token, self.digest) if self.verifier else None
 
-def _no_token() -> None:
-    return None
-
-
-async def _never() -> Any:   # pragma: no cover - auth: none admissions never verify
-    raise AssertionError("auth: none has no token to verify")
+    async def verify(self) -> TokenInfo:
+        assert self.verifier is not None
+        return await self.verifier.verify(self.token, self.digest)
 
 
 def _target(url: str) -> _Target | None:
@@ -190,7 +188,7 @@ class Gateway:
                     max_headers=config.limits.max_headers,
                     max_line=config.limits.max_header_size,
                     read_timeout=config.upstream.read_timeout, targets=targets,
-                    strip=frozenset(n.encode() for n in self.forwarder.strip))
+                    strip=frozenset(n.encode() for n in self.forwarder.strip | HOP_BY_HOP))
 
     @property
     def ready(self) -> bool:
@@ -336,8 +334,7 @@ class Gateway:
         peer = peer_certificate(transport)
         auth = route.auth
         if isinstance(auth, AuthNone):
-            return Admission(route, fields, peer, started, target.address, "public_route",
-                             _no_token, _never, False)
+            return Admission(route, fields, peer, started, target.address, "public_route")
         if not isinstance(auth, AuthPolicy) or request.authorization is None:
             return None
         try:
@@ -351,8 +348,7 @@ class Gateway:
         verifier = pick_verifier(self.verifiers, auth.providers, token)
         fields["provider"] = verifier.name
         return Admission(route, fields, peer, started, target.address, "allowed",
-                         lambda: verifier.cached(token, digest),
-                         lambda: verifier.verify(token, digest), True)
+                         verifier, token, digest)
 
     def upstream_request(self, admission: Admission, request: PlainRequest,
                          info: TokenInfo | None, remote: str) -> bytes | None:
@@ -371,7 +367,7 @@ class Gateway:
         lane = self.lane
         assert lane is not None
         target = lane.targets[id(route)]
-        drop = lane.strip | HOP_BY_HOP_BYTES | request.connection
+        drop = lane.strip | request.connection if request.connection else lane.strip
         out = [request.method.encode(), b" ", target.base_path, request.target,
                b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
         for raw, lower, value in request.headers:
@@ -404,8 +400,8 @@ class Gateway:
         assert isinstance(body, bytes)
         head = [f"HTTP/1.1 {response.status} {response.reason}"]
         head += [f"{k}: {v}" for k, v in response.headers.items() if k != "Content-Length"]
-        head += [f"Content-Length: {len(body)}", f"Server: {SERVER_SOFTWARE}",
-                 f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}"]
+        head += [f"Content-Length: {len(body)}", f"Date: {http_date().decode()}",
+                 f"Server: {SERVER_SOFTWARE}"]
         if close:
             head.append("Connection: close")
         return ("\r\n".join(head) + "\r\n\r\n").encode() + body
