@@ -43,7 +43,7 @@ from .proxy import HOP_BY_HOP
 if TYPE_CHECKING:
     from .gateway import Admission, Gateway
 
-__all__ = ["FastLane", "PlainRequest", "UpstreamPool", "http_date", "parse_plain"]
+__all__ = ["FastLane", "PlainRequest", "TokenMemo", "UpstreamPool", "http_date", "parse_plain"]
 
 log = logging.getLogger("mtls_gateway.fastlane")
 
@@ -123,6 +123,36 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         return None
     return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
                         auths[0].decode() if auths else None, frozenset(connection))
+
+
+@dataclass(slots=True)
+class TokenMemo:
+    """A lane connection's last bearer credential and what it came to.
+
+    Keep-alive clients send the same token on every request: the memo saves extracting,
+    hashing and looking it up again, and building the same identity headers. What is checked
+    on every use (exp, nbf, the key set, binding, scope) still runs on every request.
+    """
+
+    gateway: Any = None                  # the Gateway it was made with (a reload starts over)
+    authorization: str = ""              # the Authorization header value, as sent
+    providers: tuple[str, ...] = ()      # of the route it was picked for
+    verifier: Any = None
+    token: str = ""
+    digest: bytes = b""
+    token_hash: str = ""
+    entry: object | None = None          # the verifier's cache entry (Verifier.cached_entry)
+    route: Any = None                    # identity below: made for this route...
+    info: Any = None                     # ...and this verdict
+    identity: bytes | None = None        # identity and X-Forwarded-For/Proto header lines
+
+    def remember(self, gateway: Any, authorization: str, providers: tuple[str, ...],
+                 verifier: Any, token: str, digest: bytes, token_hash: str) -> None:
+        """A new credential: everything known about the previous one is forgotten."""
+        self.gateway, self.authorization, self.providers = gateway, authorization, providers
+        self.verifier, self.token, self.digest, self.token_hash = (
+            verifier, token, digest, token_hash)
+        self.entry = self.route = self.info = self.identity = None
 
 
 # --- the upstream side ----------------------------------------------------------------------
@@ -333,6 +363,7 @@ class FastLane:
         self._drain: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._heard = 0.0
+        self._memo = TokenMemo()
 
     # --- requests in --------------------------------------------------------------------------
 
@@ -356,7 +387,7 @@ class FastLane:
         request = parse_plain(data[:-4], max_headers=lane.max_headers, max_line=lane.max_line)
         if request is None:
             return self._leave()
-        admission = gateway.admit(request, self.host.transport, self.remote)
+        admission = gateway.admit(request, self.host.transport, self.remote, self._memo)
         if admission is None:
             return self._leave()
         self._busy = True

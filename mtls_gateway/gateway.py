@@ -35,7 +35,7 @@ from .errors import (
     RequestTimeout,
     TokenEndpointRefusal,
 )
-from .fastlane import PlainRequest, UpstreamPool, http_date
+from .fastlane import PlainRequest, TokenMemo, UpstreamPool, http_date
 from .framing import check_framing
 from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
@@ -125,13 +125,22 @@ class Admission:
     started: float
     upstream: tuple[str, int]
     reason: str
+    memo: TokenMemo
     verifier: Verifier | None = None             # None: auth none, nothing to verify
     token: str = ""
     digest: bytes = b""
 
     def cached(self) -> TokenInfo | None:
         """The verified-token cache's verdict (may raise a Refusal); None: ask verify()."""
-        return self.verifier.cached(self.token, self.digest) if self.verifier else None
+        verifier, memo = self.verifier, self.memo
+        if verifier is None:
+            return None
+        if memo.entry is not None:
+            info = verifier.reuse(memo.entry, self.digest)
+            if info is not None:
+                return info
+        memo.entry = entry = verifier.cached_entry(self.digest)
+        return None if entry is None else verifier.reuse(entry, self.digest)
 
     async def verify(self) -> TokenInfo:
         assert self.verifier is not None
@@ -314,7 +323,8 @@ class Gateway:
     # Only a request that will pass is served there: every refusal returns None here and the
     # request takes _handle above, which answers it exactly as it answers any other.
 
-    def admit(self, request: PlainRequest, transport: Any, remote: str) -> Admission | None:
+    def admit(self, request: PlainRequest, transport: Any, remote: str,
+              memo: TokenMemo) -> Admission | None:
         """route -> peer certificate -> token, for a plain request; None: _handle decides."""
         started = time.perf_counter()
         lane = self.lane
@@ -334,36 +344,49 @@ class Gateway:
         peer = peer_certificate(transport)
         auth = route.auth
         if isinstance(auth, AuthNone):
-            return Admission(route, fields, peer, started, target.address, "public_route")
-        if not isinstance(auth, AuthPolicy) or request.authorization is None:
+            return Admission(route, fields, peer, started, target.address, "public_route",
+                             memo)
+        if not isinstance(auth, AuthPolicy) or request.authorization is None \
+                or (auth.binding == "required" and peer is None):
             return None
-        try:
-            token = bearer_token({"Authorization": request.authorization}, {})
-        except Refusal:
-            return None
-        if token is None or (auth.binding == "required" and peer is None):
-            return None
-        digest = token_digest(token)
-        fields["token_hash"] = token_hash(token, digest)
-        verifier = pick_verifier(self.verifiers, auth.providers, token)
-        fields["provider"] = verifier.name
-        return Admission(route, fields, peer, started, target.address, "allowed",
-                         verifier, token, digest)
+        if memo.gateway is not self or memo.authorization != request.authorization \
+                or memo.providers != auth.providers:
+            try:
+                token = bearer_token({"Authorization": request.authorization}, {})
+            except Refusal:
+                return None
+            if token is None:
+                return None
+            digest = token_digest(token)
+            memo.remember(self, request.authorization, auth.providers,
+                          pick_verifier(self.verifiers, auth.providers, token), token, digest,
+                          token_hash(token, digest))
+        fields["token_hash"] = memo.token_hash
+        fields["provider"] = memo.verifier.name
+        return Admission(route, fields, peer, started, target.address, "allowed", memo,
+                         memo.verifier, memo.token, memo.digest)
 
     def upstream_request(self, admission: Admission, request: PlainRequest,
                          info: TokenInfo | None, remote: str) -> bytes | None:
         """binding -> authorize (raising a Refusal) -> the upstream's request head; None:
         _handle decides."""
-        route, peer = admission.route, admission.peer
-        identity: dict[str, str] = {}
+        route, peer, memo = admission.route, admission.peer, admission.memo
         if isinstance(route.auth, AuthPolicy):
             if info is None:
                 return None
             check_binding(route.auth.binding, info, peer)
             self._authorize(route.auth, info)
-            identity = self._identity_headers(info, peer)
-        if route.forward_client_cert and peer is not None and peer.der:
-            identity["Client-Cert"] = encode_client_cert(peer.der)
+        if memo.identity is None or memo.route is not route or memo.info is not info:
+            identity = self._identity_headers(info, peer) if info is not None else {}
+            if route.forward_client_cert and peer is not None and peer.der:
+                identity["Client-Cert"] = encode_client_cert(peer.der)
+            lines: list[bytes] = []
+            for name, text in (*identity.items(), ("X-Forwarded-For", remote),
+                               ("X-Forwarded-Proto", "https")):
+                if "\r" in text or "\n" in text:
+                    return None         # aiohttp's client refuses these: let it say so
+                lines += (name.encode(), b": ", text.encode(), b"\r\n")
+            memo.route, memo.info, memo.identity = route, info, b"".join(lines)
         lane = self.lane
         assert lane is not None
         target = lane.targets[id(route)]
@@ -373,12 +396,8 @@ class Gateway:
         for raw, lower, value in request.headers:
             if lower not in drop:
                 out += (raw, b": ", value, b"\r\n")
-        for name, text in (*identity.items(), ("X-Forwarded-For", remote),
-                           ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", request.host)):
-            if "\r" in text or "\n" in text:
-                return None             # aiohttp's client refuses these: let it say so
-            out += (name.encode(), b": ", text.encode(), b"\r\n")
-        out.append(b"\r\n")
+        # (the Host value passed parse_plain: printable ASCII, so no CR or LF)
+        out += (memo.identity, b"X-Forwarded-Host: ", request.host.encode(), b"\r\n\r\n")
         return b"".join(out)
 
     def upstream_answered(self, admission: Admission, seconds: float) -> None:

@@ -111,6 +111,17 @@ class IntrospectionVerifier:
         if self._session is not None:
             await self._session.close()
 
+    def cached_entry(self, digest: bytes) -> _Answer | None:
+        return self._cache.get(digest)
+
+    def reuse(self, entry: object, digest: bytes) -> TokenInfo | None:
+        if self._cache.get(digest) is not entry:
+            return None                 # expired from the cache (its ttl), or replaced
+        assert isinstance(entry, _Answer)
+        self.stats.hits += 1
+        self._count("hit")
+        return self._check(entry)
+
     def cached(self, token: str, digest: bytes) -> TokenInfo | None:
         answer = self._cache.get(digest)
         if answer is None:

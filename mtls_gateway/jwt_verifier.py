@@ -141,6 +141,7 @@ class JwtVerifier:
             "verify_iat": True, "verify_aud": True, "verify_iss": True, "verify_sub": True,
             "verify_jti": True, "require": self._require}
         self._verified: TLRUCache[bytes, _Verified] | None = None
+        self._hit_counter = metrics.jwt_cache.labels(self.name, "hit") if metrics else None
         if provider.verify_cache_size > 0:
             self._verified = TLRUCache(
                 maxsize=provider.verify_cache_size,
@@ -162,14 +163,20 @@ class JwtVerifier:
         return unverified_issuer(token) == self.provider.issuer
 
     def cached(self, token: str, digest: bytes) -> TokenInfo | None:
-        if self._verified is None:
-            return None
-        hit = self._verified.get(digest)
-        if hit is None or hit.keys is not self.keys.current:
-            return None
+        hit = self.cached_entry(digest)
+        return None if hit is None else self.reuse(hit, digest)
+
+    def cached_entry(self, digest: bytes) -> _Verified | None:
+        return self._verified.get(digest) if self._verified is not None else None
+
+    def reuse(self, entry: object, digest: bytes) -> TokenInfo | None:
+        hit = entry
+        assert isinstance(hit, _Verified)
+        if hit.keys is not self.keys.current:
+            return None                 # verified with a key set since replaced: again
         self.cache_hits += 1
-        if self.metrics:
-            self.metrics.jwt_cache.labels(self.name, "hit").inc()
+        if self._hit_counter is not None:
+            self._hit_counter.inc()
         now = time.time()
         if now > hit.expires:
             raise InvalidToken("token_expired", "token has expired")

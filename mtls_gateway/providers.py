@@ -30,6 +30,15 @@ class Verifier(Protocol):
         would); None when only :meth:`verify` can tell (no I/O, no crypto here)."""
         ...
 
+    def cached_entry(self, digest: bytes) -> object | None:
+        """The cache entry for a token (its ``digest``), for :meth:`reuse`; None: not cached."""
+        ...
+
+    def reuse(self, entry: object, digest: bytes) -> TokenInfo | None:
+        """The verdict of an entry from :meth:`cached_entry`, the checks on every use made
+        now (raise as :meth:`verify` would); None: the entry no longer counts (verify)."""
+        ...
+
     async def verify(self, token: str, digest: bytes) -> TokenInfo:
         """Verify or raise a :class:`~mtls_gateway.errors.Refusal`; ``digest`` is the
         token's SHA-256 (:func:`~mtls_gateway.decision_log.token_digest`), the cache key."""

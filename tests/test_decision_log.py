@@ -44,3 +44,40 @@ def test_token_hash_is_a_short_prefix_that_reveals_nothing(token: str) -> None:
     digest = token_hash(token)
     assert digest == hashlib.sha256(token.encode()).hexdigest()[:12]
     assert token not in digest
+
+
+BURST = """
+import logging, sys
+from mtls_gateway.decision_log import configure_logging, log_decision
+configure_logging("INFO")
+for i in range(5000):
+    log_decision(decision="allow", reason="allowed", status=200, n=i)
+    if i % 1000 == 0:
+        logging.getLogger("mtls_gateway.proxy").warning("between %d", i)
+log_decision(decision="allow", reason="allowed", status=200, n="last")
+sys.stdin.readline()        # still running: the lines must be out already
+"""
+
+
+def test_a_burst_is_written_whole_in_order_and_without_waiting_for_exit() -> None:
+    """The writer thread batches what is queued; nothing is lost or reordered, and an idle
+    gateway's lines are out at once, not at exit."""
+    proc = subprocess.Popen([sys.executable, "-c", BURST], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        lines = []
+        while not lines or lines[-1].get("n") != "last":
+            line = proc.stdout.readline()       # bounded: the process ends on its own error
+            assert line, "stdout closed before the last line"
+            lines.append(json.loads(line))
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    numbers = [r["n"] for r in lines if "n" in r]
+    assert numbers == [*range(5000), "last"]
+    warnings = [r["message"] for r in lines if r["level"] == "warning"]
+    assert warnings == [f"between {i}" for i in range(0, 5000, 1000)]
+    for i in range(0, 5000, 1000):           # each warning right after its decision line
+        at = next(k for k, r in enumerate(lines) if r.get("n") == i)
+        assert lines[at + 1]["message"] == f"between {i}"
