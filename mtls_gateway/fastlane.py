@@ -484,7 +484,8 @@ class FastLane:
         self._sent_at = time.perf_counter()
         conn.transport.write(self._upstream_head)
         self._heard = self._loop.time()
-        self._arm(self._read_timeout)
+        if self._timer is None:     # else the one still pending from an earlier request serves
+            self._timer = self._loop.call_at(self._heard + self._read_timeout, self._timed_out)
 
     # --- the answer back ----------------------------------------------------------------------
 
@@ -752,7 +753,6 @@ class FastLane:
         self._finish_request()
 
     def _finish_request(self) -> None:
-        self._disarm()
         gateway = self._gateway
         if gateway is not None and self._busy:
             gateway.end()
@@ -765,25 +765,25 @@ class FastLane:
 
     # --- timers, backpressure, the client going away ------------------------------------------
 
-    def _arm(self, seconds: float) -> None:
-        """One timer per request: ``_heard`` moves with every upstream read instead."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._heard + seconds, self._timed_out)
+    # The upstream read timeout: one timer per connection, not per request. It is set when a
+    # request goes upstream and none is pending; when it fires it looks at ``_heard`` (the
+    # last send or upstream read) and either times the request out or waits the rest.
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._conn is None or not self._busy:
+            return                      # nothing waits on the upstream now
+        deadline = self._heard + self._read_timeout
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._timed_out)
+            return
+        self._upstream_failed(UpstreamTimeout("upstream_timeout",
+                                              "upstream did not answer in time"))
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        if self._busy and self._loop.time() < self._heard + self._read_timeout:
-            self._arm(self._read_timeout)     # heard from since: wait the rest
-            return
-        if self._busy:
-            self._upstream_failed(UpstreamTimeout("upstream_timeout",
-                                                  "upstream did not answer in time"))
 
     def _drop_conn(self) -> None:
         conn, self._conn = self._conn, None
@@ -820,6 +820,7 @@ class FastLane:
     def client_lost(self) -> None:
         """The client connection closed: drop the request in flight (logged once)."""
         self.active = False
+        self._disarm()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

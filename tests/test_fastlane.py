@@ -308,3 +308,28 @@ async def test_max_requests_per_connection_in_the_lane(
         writer.close()
     assert b"Connection: close" not in heads[0] and b"Connection: close" in heads[1]
     assert _lane_connections(gw) == 1
+
+
+async def test_read_timeout_holds_for_each_request_on_a_kept_alive_connection(
+        make_gateway: Any, pki: Pki, issuer: Issuer, raw_upstream: RawUpstream) -> None:
+    """The lane keeps one timer per connection across requests: a later request that hangs
+    still gets its 504, and a quick one before it is not cut short."""
+    gw = await _gateway(make_gateway, pki, issuer, raw_upstream.url, read_timeout="300ms")
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    get = f"GET /x HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.server.port, ssl=pki.client_context("a"), server_hostname="localhost")
+    try:
+        for mode, status in (("ok", b"200"), ("ok", b"200"), ("hang", b"504")):
+            raw_upstream.mode = mode
+            writer.write(get)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.split(b" ")[1] == status
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            if status == b"504":
+                assert json.loads(body)["reason"] == "upstream_timeout"
+            await asyncio.sleep(0.2)        # the pending timer outlives the quick requests
+    finally:
+        writer.close()
+    assert _lane_connections(gw) >= 1
