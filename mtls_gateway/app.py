@@ -28,7 +28,7 @@ from .config_load import load_config
 from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
-from .metrics import Metrics
+from .metrics import FLUSH_SECONDS, Metrics
 from .tls import TlsContextSwitch, server_ssl_context
 from .tls_any import AnyCertSite, any_cert_context
 
@@ -108,7 +108,12 @@ class GatewayServer:
                                                         self.config.watched_files())
             if self.config.reload_interval > 0:
                 self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
+            flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
             yield
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self.metrics.flush()
             if self._watch_task is not None:
                 self._watch_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -120,6 +125,11 @@ class GatewayServer:
         app.cleanup_ctx.append(lifecycle)
         app.router.add_route("*", "/{path:.*}", self._handle)
         return app
+
+    async def _flush_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self.metrics.flush()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         return await self.gateway.handle(request)  # the current config, even after a reload

@@ -295,7 +295,8 @@ class Gateway:
             else:
                 response = await self.forwarder.forward(request, upstream_url, identity,
                                                         body_bytes=body)
-            self.metrics.upstream_seconds.labels(route.name).observe(response[UPSTREAM_SECONDS])
+            self.metrics.observe(self.metrics.upstream_seconds, route.name,
+                                 response[UPSTREAM_SECONDS])
             if response.get(ABORTED):
                 reason = "upstream_aborted"
         except Refusal as exc:
@@ -401,8 +402,7 @@ class Gateway:
         return b"".join(out)
 
     def upstream_answered(self, admission: Admission, seconds: float) -> None:
-        self.metrics.route_histogram(self.metrics.upstream_seconds,
-                                     admission.route.name).observe(seconds)
+        self.metrics.observe(self.metrics.upstream_seconds, admission.route.name, seconds)
 
     def upstream_error(self, admission: Admission, reason: str) -> None:
         self.metrics.upstream_errors.labels(admission.route.name, reason).inc()
