@@ -477,6 +477,12 @@ SCENARIOS: tuple[Scenario, ...] = (
              extra=True),
     Scenario("plain-proxy", "plain aiohttp mTLS proxy, no auth", "plain-proxy", "/x", None,
              extra=True),
+    Scenario("raw-proxy", "the floor: a bare asyncio mTLS proxy (no checks, no log)",
+             "raw-proxy", "/x", None, ref="hap-es256", extra=True),
+    Scenario("raw-new", "the floor, new conn + full mTLS handshake per request", "raw-proxy",
+             "/x", None, mode="newconn", ref="hap-new", extra=True),
+    Scenario("raw-resume", "the floor, new conn, TLS session resumed", "raw-proxy", "/x",
+             None, mode="resume", ref="hap-resume", extra=True),
     Scenario("gw-rs256", "gateway, bound JWT RS256", "gateway", "/jwt/x", "rs256", extra=True),
     Scenario("gw-opaque", "gateway, opaque token, introspection cache warm", "gateway",
              "/opaque/x", "opaque", extra=True),
@@ -1050,6 +1056,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sut["gateway-w2"], ports["gateway-w2"] = start_gateway(
                     procs, pin.both, "gateway-w2", json.loads(json.dumps(config)),
                     work / "gateway-w2.yaml", "--workers", "2")
+            if any(s.target == "raw-proxy" for s in scenarios):
+                sut["raw-proxy"], ports["raw-proxy"] = start_helper(
+                    procs, pin.sut, "raw-proxy", "raw-proxy", *tls,
+                    "--upstream", f"http://127.0.0.1:{up_port}")
             if any(s.target == "gateway-nolane" for s in scenarios):
                 nolane = json.loads(json.dumps(config))
                 nolane["fast_lane"] = False

@@ -14,6 +14,10 @@
   with ``cnf``), or ``{"active": false}``.
 * ``plain-proxy``: a plain aiohttp mutual-TLS reverse proxy with no auth at all (no token,
   no binding, no decision log, no metrics): what TLS + proxying alone costs in aiohttp.
+* ``raw-proxy``: the least Python a mutual-TLS proxy can be (an asyncio protocol per
+  connection, one upstream connection each, request heads passed on as they are, answers
+  relayed by Content-Length; no checks, no log): the floor of what CPython's ``ssl`` and the
+  event loop cost per request and per handshake, whatever runs on top of them.
 
 Each binds 127.0.0.1 on a free port, prints ``LISTENING <port>`` once ready, and stops on
 SIGTERM/SIGINT or by itself after ``--max-seconds``. All run on uvloop when it is installed,
@@ -54,6 +58,7 @@ def _server_context(cert: str, key: str, ca: str, *, mutual: bool = True) -> ssl
     ctx.load_verify_locations(cafile=ca)
     ctx.verify_mode = ssl.CERT_REQUIRED if mutual else ssl.CERT_NONE
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
+    ctx.num_tickets = 1         # as the gateway's listener
     return ctx
 
 
@@ -171,6 +176,82 @@ def plain_proxy_app(upstream: str) -> web.Application:
     return app
 
 
+class _RawUpstreamSide(asyncio.Protocol):
+    def __init__(self, client: _RawProxy) -> None:
+        self.client = client
+        self.buf = b""
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        while True:             # whole answers only (the bench upstream sends Content-Length)
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            at = buf.lower().find(b"content-length:", 0, end)
+            size = end + 4 + (int(buf[at + 15:buf.index(b"\r\n", at)]) if at >= 0 else 0)
+            if len(buf) < size:
+                break
+            self.client.answer(buf[:size])
+            buf = buf[size:]
+        self.buf = buf
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.client.close()
+
+
+class _RawProxy(asyncio.Protocol):
+    """See ``raw-proxy`` in the module docstring."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.transport: asyncio.Transport | None = None
+        self.up: asyncio.Transport | None = None
+        self.waiting: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        up, _ = await asyncio.get_running_loop().create_connection(
+            lambda: _RawUpstreamSide(self), *self.upstream)
+        self.up = up
+        for data in self.waiting:
+            up.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is None:
+            self.waiting.append(data)
+        else:
+            self.up.write(data)
+
+    def answer(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.up is not None:
+            self.up.close()
+
+
+async def serve_raw_proxy(ctx: ssl.SSLContext, upstream: str, max_seconds: float) -> None:
+    host, _, port = upstream.split("://", 1)[1].rstrip("/").rpartition(":")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _RawProxy((host, int(port))), "127.0.0.1", 0,
+                                      ssl=ctx, backlog=1024)
+    print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max_seconds)
+    server.close()
+
+
 # --- process ------------------------------------------------------------------------------------
 
 async def serve_raw_upstream(max_seconds: float) -> None:
@@ -212,7 +293,8 @@ async def serve(app: web.Application, ctx: ssl.SSLContext | None, max_seconds: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("role", choices=("upstream", "introspection", "plain-proxy"))
+    parser.add_argument("role", choices=("upstream", "introspection", "plain-proxy",
+                                         "raw-proxy"))
     parser.add_argument("--tls", nargs=3, metavar=("CERT", "KEY", "CA"),
                         help="serve mutual TLS with this certificate, key and client CA")
     parser.add_argument("--tokens", type=Path, help="introspection: JSON {token: answer}")
@@ -227,6 +309,11 @@ def main() -> None:
     app: web.Application
     if args.role == "upstream" and ctx is None:
         run(serve_raw_upstream(args.max_seconds))
+        return
+    if args.role == "raw-proxy":
+        if ctx is None or not args.upstream:
+            parser.error("raw-proxy needs --tls and --upstream")
+        run(serve_raw_proxy(ctx, args.upstream, args.max_seconds))
         return
     if args.role == "upstream":
         app = upstream_app()
