@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 import yaml
+from aiohttp.http_parser import HttpRequestParser
 from cryptography.x509 import load_der_x509_certificate
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -54,6 +55,7 @@ from mtls_gateway.cert_headers import (
 from mtls_gateway.config import CacheConfig, IntrospectionProvider, PathMatch, Route
 from mtls_gateway.config_load import load_config, load_config_text
 from mtls_gateway.errors import DependencyDown, InvalidRequest, InvalidToken, NoRoute
+from mtls_gateway.fastlane import parse_plain
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.jwks import KeySet
 from mtls_gateway.jwt_verifier import JwtVerifier
@@ -355,6 +357,76 @@ def test_routing_refuses_or_matches_a_normal_path(path: str, raw: str) -> None:
     assert path.startswith("/") and "//" not in path and ";" not in path
     assert not any(seg in (".", "..") for seg in path.split("/"))
     assert route.name == ("admin" if path == "/admin" or path.startswith("/admin/") else "rest")
+
+
+# --- the fast lane's parser against aiohttp's (llhttp) -----------------------------------------
+
+_NAMES = [b"Host", b"host", b"Authorization", b"Content-Length", b"Transfer-Encoding",
+          b"Connection", b"Upgrade", b"Expect", b"X-A", b"Accept", b"X A", b"X-A ", b"",
+          b"X\x00", b"\xc3\xa9"]
+_CLEAN = st.text(alphabet="abcxyz019 ,;=-/", max_size=10).map(str.encode)
+_VALUES = st.one_of(*[_CLEAN] * 8, st.binary(max_size=8),
+                    st.sampled_from([b"close", b"upgrade", b"chunked", b"0", b" x ", b"\tx"]))
+
+
+def _often(common: bytes, *rare: bytes) -> st.SearchStrategy[bytes]:
+    return st.sampled_from([common] * (12 * len(rare)) + list(rare))
+
+
+@st.composite
+def _heads(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed request heads with a few wrong bytes in them."""
+    method = draw(_often(b"GET", b"HEAD", b"OPTIONS", b"DELETE", b"POST", b"get", b"CONNECT"))
+    target = draw(_often(b"/x", b"/", b"/a?b=1", b"/%2e/", b"*", b"http://h/x", b"/x#f",
+                         b"/?access_token=t", b"/a;b", b"//x", b"/a b"))
+    version = draw(_often(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/1.10", b"http/1.1"))
+    lines = [draw(_often(b" ", b"  ", b"\t")).join((method, target, version))]
+    for name, sep, value, eol in draw(st.lists(st.tuples(
+            _often(b"X-A", *_NAMES), _often(b": ", b":", b" :", b":\t", b""), _VALUES,
+            _often(b"\r\n", b"\n", b"\r\n ", b"\r")), max_size=6)):
+        lines.append(eol + name + sep + value)
+    if draw(st.integers(0, 3)):
+        lines.append(b"\r\nHost: h")
+    return b"".join(lines)
+
+
+def _aiohttp_parse(data: bytes) -> Any:
+    """What aiohttp's server parser (the reference path) makes of ``data``."""
+
+    class _Protocol:
+        _reading_paused = False
+
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+    async def parse() -> Any:
+        parser = HttpRequestParser(_Protocol(), asyncio.get_running_loop(), 2 ** 16,
+                                   max_line_size=8190, max_field_size=8190, max_headers=100)
+        return parser.feed_data(data)
+
+    return asyncio.run(parse())
+
+
+@settings(max_examples=settings().max_examples * 25)    # pure parsing: cheap examples
+@given(head=_heads())
+def test_fast_lane_takes_only_what_aiohttp_reads_the_same_way(head: bytes) -> None:
+    """A head the lane accepts is one aiohttp parses without error into the same single
+    bodiless HTTP/1.1 request, same method, target and header fields in the same order:
+    the two paths cannot disagree on where a request ends (no smuggling between them)."""
+    plain = parse_plain(head, max_headers=100, max_line=8190)
+    event("plain" if plain is not None else "not plain")
+    if plain is None:
+        return
+    messages, upgraded, tail = _aiohttp_parse(head + b"\r\n\r\n")
+    assert len(messages) == 1 and not upgraded and not tail
+    message, payload = messages[0]
+    assert (message.method, message.path, tuple(message.version)) == (
+        plain.method, plain.raw_path, (1, 1))
+    assert not message.chunked and not message.upgrade and payload.at_eof()
+    assert [(n.lower(), v) for n, v in message.raw_headers] == [
+        (lower, value) for _name, lower, value in plain.headers]
+    assert message.headers["Host"] == plain.host
 
 
 # --- end to end through the real gateway ------------------------------------------------------
