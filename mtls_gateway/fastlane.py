@@ -345,7 +345,6 @@ class FastLane:
         self._head = b""
         self._upstream_head = b""
         self._conn: _UpstreamConnection | None = None
-        self._reused = False
         self._retried = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -411,7 +410,8 @@ class FastLane:
         return False
 
     def _back_to_aiohttp(self) -> bool:
-        """Not for the lane after all (a refusal, a miss): aiohttp answers this request."""
+        """Not for the lane after all (an identity value aiohttp's client must refuse, an
+        internal error): aiohttp answers this request, and the rest of the connection."""
         data = self._head + self._pending
         self._finish_request()
         self._head = self._pending = b""
@@ -453,7 +453,7 @@ class FastLane:
         self._read_timeout = lane.read_timeout
         conn = lane.pool.take(admission.upstream)
         if conn is not None:
-            self._send(conn, reused=True)
+            self._send(conn)
         else:
             self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
 
@@ -474,11 +474,11 @@ class FastLane:
             lane = gateway.lane
             lane.pool.give_back(conn)
             return
-        self._send(conn, reused=False)
+        self._send(conn)
 
-    def _send(self, conn: _UpstreamConnection, *, reused: bool) -> None:
+    def _send(self, conn: _UpstreamConnection) -> None:
         assert conn.transport is not None
-        self._conn, self._reused = conn, reused
+        self._conn = conn
         conn.relay = self
         self._rbuf, self._state, self._status, self._head_sent = b"", _NONE, 0, False
         self._sent_at = time.perf_counter()
@@ -548,7 +548,8 @@ class FastLane:
                 raise _BadResponse("bad header line")
             lower, value = name.lower(), value.strip(b" \t")
             if lower == b"content-length":
-                if not value.isdigit() or (length is not None and int(value) != length):
+                if not value.isdigit() or len(value) > 18 or (
+                        length is not None and int(value) != length):
                     raise _BadResponse("bad Content-Length")
                 length = int(value)
             elif lower == b"transfer-encoding":
@@ -671,6 +672,8 @@ class FastLane:
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         self._conn = None
+        if not self._busy:
+            return
         if self._head_sent and self._state == _UNTIL_EOF:
             transport = self.host.transport
             if transport is not None:
@@ -678,7 +681,7 @@ class FastLane:
             self._state = _NONE
             self._complete()
             return
-        if not self._head_sent and not self._rbuf and not self._retried and self._busy:
+        if not self._head_sent and not self._rbuf and not self._retried:
             # Closed before any answer (often a kept-alive connection the upstream had just
             # closed): once more on a new connection, as aiohttp's client does for idempotent
             # requests (RFC 9112 section 9.3.1); a plain request has no body to resend.
@@ -691,6 +694,9 @@ class FastLane:
         if self._head_sent:
             log.warning("upstream broke off mid-response: %s", exc.reason)
             self._drop_conn()
+            gateway, admission = self._gateway, self._admission
+            if gateway is not None and admission is not None:
+                gateway.upstream_error(admission, "upstream_aborted")
             self._finish("upstream_aborted", self._status)
             transport = self.host.transport
             if transport is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -238,6 +239,7 @@ _H = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
     ("GET", [b"HTTP/1.1 2OO OK\r\nContent-Length: 2\r\n\r\nok"], 502, None),
     ("GET", [_H + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"], 502, None),
     ("GET", [_H + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\nok"], 502, None),
+    ("GET", [_H + b"Content-Length: " + b"9" * 5000 + b"\r\n\r\nok"], 502, None),
     ("GET", [_H + b"Transfer-Encoding: gzip\r\n\r\n"], 502, None),
     ("GET", [_H + b"X-Bad: a\nb\r\nContent-Length: 2\r\n\r\nok"], 502, None),
     ("GET", [b"HTTP/1.1 101 Switching Protocols\r\n\r\n"], 502, None),
@@ -333,3 +335,21 @@ async def test_read_timeout_holds_for_each_request_on_a_kept_alive_connection(
     finally:
         writer.close()
     assert _lane_connections(gw) >= 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_upstream_reset_mid_answer_is_counted_the_same_in_and_out_of_the_lane(
+        make_gateway: Any, pki: Pki, issuer: Issuer, raw_upstream: RawUpstream,
+        fast: bool) -> None:
+    raw_upstream.mode = "reset_mid_response"
+    gw = await _gateway(make_gateway, pki, issuer, raw_upstream.url, fast_lane=fast)
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    raw = await _exchange(gw, f"GET /x HTTP/1.1\nHost: h\nAuthorization: Bearer {token}\n\n")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and len(body) < 1048576
+    assert (_lane_connections(gw) == 1) is fast
+    metrics = gw.server.metrics.render().decode()
+    assert 'mtls_gateway_upstream_errors_total{reason="upstream_aborted",route="api"} 1.0' \
+        in metrics
+    assert re.search(r'mtls_gateway_requests_total\{decision="allow",reason="upstream_aborted",'
+                     r'route="api",status="200"\} 1\.0', metrics)
