@@ -64,3 +64,25 @@ async def test_required_client_cert_refuses_handshake_without_one(
         await gw.request("/public/x", cert=None)
     assert (await gw.request("/public/x", cert="a")).status == 200
     assert [s.path_qs for s in upstream.seen] == ["/public/x"]
+
+
+def test_a_certificate_is_parsed_once_however_often_it_reconnects(
+        pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mtls_gateway import tls
+
+    parsed: list[bytes] = []
+    real = tls.x509.load_der_x509_certificate
+
+    def counting(der: bytes) -> Any:
+        parsed.append(der)
+        return real(der)
+
+    monkeypatch.setattr(tls.x509, "load_der_x509_certificate", counting)
+    monkeypatch.setattr(tls, "_DESCRIBED", tls.LRUCache(maxsize=2))
+    a, b, c = (pki.clients[n].der for n in ("a", "b", "stranger"))
+    first = tls.describe_certificate(a)
+    assert tls.describe_certificate(bytes(a)) is first          # equal DER, new bytes object
+    assert first.thumbprint == pki.clients["a"].thumbprint and "CN=" in first.subject
+    for der in (b, c, a):                                       # bounded: a was evicted
+        tls.describe_certificate(der)
+    assert parsed == [a, b, c, a]
