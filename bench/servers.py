@@ -240,23 +240,15 @@ class _RawProxy(asyncio.Protocol):
 
 async def serve_raw_proxy(ctx: ssl.SSLContext, upstream: str, max_seconds: float) -> None:
     host, _, port = upstream.split("://", 1)[1].rstrip("/").rpartition(":")
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _RawProxy((host, int(port))), "127.0.0.1", 0,
-                                      ssl=ctx, backlog=1024)
-    print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), max_seconds)
-    server.close()
+    await serve_protocol(lambda: _RawProxy((host, int(port))), ctx, max_seconds)
 
 
 # --- process ------------------------------------------------------------------------------------
 
-async def serve_raw_upstream(max_seconds: float) -> None:
+async def serve_protocol(factory: Any, ctx: ssl.SSLContext | None, max_seconds: float) -> None:
+    """A bare asyncio server of ``factory`` protocols until SIGTERM/SIGINT or ``max_seconds``."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(RawUpstream, "127.0.0.1", 0, backlog=1024)
+    server = await loop.create_server(factory, "127.0.0.1", 0, ssl=ctx, backlog=1024)
     print(f"LISTENING {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -308,7 +300,7 @@ def main() -> None:
            if args.tls else None)
     app: web.Application
     if args.role == "upstream" and ctx is None:
-        run(serve_raw_upstream(args.max_seconds))
+        run(serve_protocol(RawUpstream, None, args.max_seconds))
         return
     if args.role == "raw-proxy":
         if ctx is None or not args.upstream:
