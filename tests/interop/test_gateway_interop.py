@@ -5,7 +5,8 @@ a real gateway on 127.0.0.1 verifies JWTs locally against the AS's JWKS and send
 to the AS's introspection endpoint; a recording upstream shows what got through. Every refusal
 asserts the status, the RFC 6750 error, the reason code and that the upstream saw nothing.
 
-Gateway layout (see :func:`gateway_config`, the same settings as the worked example in docs/authorization-servers.md):
+Gateway layout (see :func:`gateway_config`, the same settings as the worked example in
+docs/authorization-servers.md):
 
 =====================  =======================================================  ==========
 route                  provider chain                                           binding
