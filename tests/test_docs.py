@@ -18,7 +18,8 @@ from mtls_gateway.pki import issue_server, make_ca
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
-DOCS = sorted([README, REPO / "SECURITY.md", *(REPO / "docs").glob("*.md")])
+DOCS = sorted([README, REPO / "SECURITY.md", *(REPO / "docs").glob("*.md"),
+               REPO / "deploy" / "README.md", REPO / "bench" / "README.md"])
 MAX_README_LINES = 260
 
 _FENCE = re.compile(r"^```.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)
