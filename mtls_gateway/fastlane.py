@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp.http import SERVER_SOFTWARE
 
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
+from .framing import valid_host, valid_origin_form
 from .proxy import HOP_BY_HOP
 
 if TYPE_CHECKING:
@@ -98,7 +99,7 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
     target = parts[1]
     path, _, query = target.partition(b"?")
     if not target.startswith(b"/") or b"%" in target or b"#" in target \
-            or b"access_token" in query:
+            or b"access_token" in query or not valid_origin_form(target.decode("ascii")):
         return None
     headers: list[tuple[bytes, bytes, bytes]] = []
     hosts: list[bytes] = []
@@ -119,7 +120,8 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         elif lower == b"connection":
             connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
         headers.append((name, lower, value))
-    if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection:
+    if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection \
+            or not valid_host(hosts[0].decode("ascii")):   # framing.py refuses it (400)
         return None
     return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
                         auths[0].decode() if auths else None, frozenset(connection))
