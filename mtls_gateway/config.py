@@ -190,6 +190,8 @@ class UpstreamConfig:
     max_connections: int
     pass_authorization: bool
     identity_headers: IdentityHeaders
+    #: More inbound header names (lower case) never forwarded, besides the built-in list.
+    strip_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -591,9 +591,25 @@ def _upstream(sec: _Section) -> UpstreamConfig:
         pass_authorization=sec.boolean("pass_authorization", True),
         identity_headers=_identity_headers(sec.section("identity_headers", required=False),
                                            sec.problems, sec.at("identity_headers")),
+        strip_headers=_strip_headers(sec),
     )
     sec.finish()
     return upstream
+
+
+def _strip_headers(sec: _Section) -> tuple[str, ...]:
+    """``upstream.strip_headers``: exact header names the gateway needs are refused."""
+    names: list[str] = []
+    for name in sec.strings("strip_headers", ()):
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            sec.problem("strip_headers", f"{name!r} is not a valid header name")
+        elif name.lower() in ("host", "content-length", "transfer-encoding", "content-type",
+                              "connection", "authorization"):
+            sec.problem("strip_headers", f"{name!r} cannot be stripped (authorization: use "
+                        "pass_authorization: false)")
+        else:
+            names.append(name.lower())
+    return tuple(names)
 
 
 def _match(sec: _Section) -> PathMatch | None:

@@ -39,7 +39,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
 from .framing import valid_host, valid_origin_form
-from .proxy import HOP_BY_HOP
+from .proxy import HOP_BY_HOP, STRIPPED_NAMES, STRIPPED_PREFIXES
 
 if TYPE_CHECKING:
     from .gateway import Admission, Gateway
@@ -56,6 +56,10 @@ _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings"})
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+#: A header of a stripped family that the lane's exact strip set may not hold: aiohttp's path
+#: strips it (Forwarder.strips), so such a head is not plain. So is a name with "_".
+_FAMILIES = tuple(p.encode() for p in STRIPPED_PREFIXES)
+_EXACT = frozenset(n.encode() for n in STRIPPED_NAMES)
 #: An upstream answer head larger than this is refused (502), like aiohttp's client limits.
 _MAX_RESPONSE_HEAD = 64 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
@@ -110,7 +114,8 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         if not colon or not _TOKEN.fullmatch(name):
             return None
         lower = name.lower()
-        if lower in _NOT_PLAIN:
+        if lower in _NOT_PLAIN or b"_" in lower or (
+                lower.startswith(_FAMILIES) and lower not in _EXACT):
             return None
         value = value.strip(b" \t")
         if lower == b"host":
