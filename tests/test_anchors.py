@@ -142,12 +142,18 @@ def test_attack_a_the_old_readme_configuration_is_refused_at_start(
     assert "client_registries.partners.ca_file" in text
 
 
+@pytest.mark.parametrize("shape", [{"ca": False}, {"ca": None},
+                                   {"ca": True, "key_cert_sign": False}],
+                         ids=["CA:FALSE", "no basicConstraints", "CA:TRUE without keyCertSign"])
 async def test_attack_a_end_to_end_a_pinned_self_signed_client_issues_nothing(
-        make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
+        make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path,
+        shape: dict[str, Any]) -> None:
     """The new way: the self-signed client is registered (jwks) and not in the bundle; the
-    listener accepts exactly its certificate, which cannot issue: a certificate it signed with
-    client-a's DN fails the handshake, and its own certificate is client-s only."""
-    mine = openssl_req_x509("client-s", ca=False)
+    listener accepts exactly its certificate, which cannot issue (each shape can_issue calls
+    non-issuing, checked against OpenSSL here): a certificate it signed with client-a's DN
+    fails the handshake, and its own certificate is client-s only."""
+    mine = openssl_req_x509("client-s", **shape)
+    assert not can_issue(mine.cert)
     client_s = {"client_id": "client-s", "token_endpoint_auth_method":
                 "self_signed_tls_client_auth", "jwks": jwks_of(mine)}
     gw = await make_gateway(token_config(pki, upstream, pki.ca_file, [client_s, CLIENT_A],
