@@ -23,6 +23,7 @@ from aiohttp import web
 from cryptography import x509
 
 from .admin import build_admin_app
+from .anchors import handshake_warnings
 from .config import GatewayConfig, ListenConfig
 from .config_load import load_config
 from .connection import GuardedAppRunner, count_request
@@ -182,6 +183,8 @@ class GatewayServer:
             await web.TCPSite(self._admin_runner, admin.host, admin.port,
                               reuse_port=self._reuse_port or None).start()
             self.admin_port = self._admin_runner.addresses[0][1]
+        for warning in handshake_warnings(self.config):
+            log.warning("%s", warning)
         source = listen.client_certificate
         log.info("gateway listening on %s:%d (%s; client certificate %s)%s",
                  listen.host, self.port, "mutual TLS" if listen.tls else "plain HTTP",

@@ -70,9 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
         return 2
+    from .anchors import handshake_warnings
+
+    warnings = handshake_warnings(config)
+    for warning in warnings:
+        print(f"mtls-gateway: {args.config}: warning: {warning}", file=sys.stderr)
     if args.command == "check":
         print(f"{args.config}: OK ({len(config.routes)} routes, "
-              f"{len(config.providers)} providers)")
+              f"{len(config.providers)} providers"
+              f"{f', {len(warnings)} warnings' if warnings else ''})")
         return 0
     from .app import serve_forever
     from .decision_log import configure_logging

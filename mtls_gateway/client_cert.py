@@ -3,7 +3,8 @@
 :class:`TlsCertificates` (the default) reads the certificate verified in the
 handshake of the request's own connection. :class:`HeaderCertificates` reads it
 from a header, but only on a connection from a trusted front proxy (source CIDR
-and/or the proxy's own mutual-TLS identity; every configured rule must hold).
+and/or the proxy's own mutual-TLS identity, chained to ``trusted_proxies.ca_file``; every
+configured rule must hold).
 On any other connection the header earns nothing: the request has no client
 certificate, and the forwarder strips the header. There is no fallback to the
 connection's own certificate in header mode: on a trusted connection that is the
@@ -25,6 +26,7 @@ from aiohttp import web
 from cachetools import LRUCache
 from cryptography import x509
 
+from .anchors import chains_to
 from .cert_headers import (
     CertHeaderError,
     parse_client_cert,
@@ -106,6 +108,9 @@ class _ProxyTrust:
         self.cidrs = trusted.cidrs
         self.subjects = frozenset(x509.Name.from_rfc4514_string(s) for s in trusted.subjects)
         self.sans = frozenset(normalise_san(s) for s in trusted.sans)
+        # A name counts only on a certificate the proxies' own CA issued: a certificate the
+        # listener merely accepted may be of anyone's making (anchors.py).
+        self.anchors = [x509.load_der_x509_certificate(d) for d in trusted.ca_certs]
         self._verdicts: LRUCache[str, bool] = LRUCache(maxsize=256)
 
     def allows(self, request: web.Request) -> bool:
@@ -132,7 +137,8 @@ class _ProxyTrust:
         verdict = self._verdicts.get(proxy.thumbprint)
         if verdict is None:
             cert = x509.load_der_x509_certificate(proxy.der)
-            verdict = (cert.subject in self.subjects) or bool(san_strings(cert) & self.sans)
+            named = (cert.subject in self.subjects) or bool(san_strings(cert) & self.sans)
+            verdict = named and chains_to(cert, self.anchors)
             self._verdicts[proxy.thumbprint] = verdict
         return verdict
 

@@ -4,9 +4,9 @@ A registry holds client registrations (from ``gateway.yaml`` or a YAML file) and
 one question per token request: does this verified certificate authenticate this
 ``client_id``? Two methods, as registered:
 
-* ``tls_client_auth`` (section 2.1): the chain is valid (the TLS handshake checked it
-  against ``listen.client_ca_file``; a registry ``ca_file`` narrows it further) and the
-  certificate carries the one registered value:
+* ``tls_client_auth`` (section 2.1): the certificate chains to the registry's own
+  ``ca_file`` (required: the handshake's acceptance alone proves no name, see
+  :mod:`mtls_gateway.anchors`) and carries the one registered value:
 
   - ``tls_client_auth_subject_dn``: compared as a distinguished name, not as a string
     (RFC 4514 parsing; the RDN sequence in order, each RDN as a set; attribute types by
@@ -18,9 +18,7 @@ one question per token request: does this verified certificate authenticate this
     wildcard expansion; URI exactly; IP as an address, so ``::1`` equals ``0:0::1``;
     e-mail with the domain case-insensitive).
 
-  A self-issued certificate (subject equals issuer) never passes this method: with
-  self-signed client certificates added to the listener's bundle (for section 2.2
-  clients) it would otherwise "chain" with any subject it likes.
+  A self-issued certificate (subject equals issuer) never passes this method.
 
 * ``self_signed_tls_client_auth`` (section 2.2): the presented certificate is, byte for
   byte (DER), the first ``x5c`` certificate of a key in the client's ``jwks`` or in the
@@ -55,6 +53,7 @@ import aiohttp
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from .anchors import chains_to
 from .bodies import read_capped
 from .config import ClientRegistration, ClientRegistryConfig
 from .errors import DependencyDown, InvalidClient
@@ -388,29 +387,6 @@ def load_client_ca(data: bytes) -> list[x509.Certificate]:
     return certs
 
 
-def _chains_to(cert: x509.Certificate, anchors: list[x509.Certificate]) -> bool:
-    # Imported here: cryptography >= 45 (ExtensionPolicy) is needed only with a ca_file.
-    from cryptography.x509.verification import (
-        Criticality,
-        ExtensionPolicy,
-        PolicyBuilder,
-        Store,
-        VerificationError,
-    )
-
-    # Client certificates often have no subjectAltName; the Web PKI leaf profile wants one.
-    leaf = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-    verifier = (PolicyBuilder().store(Store(anchors))
-                .extension_policies(ca_policy=ExtensionPolicy.webpki_defaults_ca(), ee_policy=leaf)
-                .build_client_verifier())
-    try:
-        verifier.verify(cert, [])
-    except VerificationError:
-        return False
-    return True
-
-
 # --- the registry -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -472,8 +448,8 @@ class ClientRegistry:
         return client.client_id
 
     def _check_pki(self, expectation: _Expectation, cert: x509.Certificate, basic: bool) -> None:
-        if cert.subject == cert.issuer or (
-                self._anchors is not None and not _chains_to(cert, self._anchors)):
+        # Fail closed: without the registry's ca_file (config_load requires it) no name counts.
+        if self._anchors is None or not chains_to(cert, self._anchors):
             raise InvalidClient("client_cert_untrusted",
                                 "certificate is not issued by a trusted CA", basic=basic)
         if not expectation.matches(cert):

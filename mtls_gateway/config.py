@@ -62,12 +62,16 @@ class TrustedProxies:
 
     ``cidrs``: the connection's source address; ``subjects`` (RFC 4514, exact DN) and
     ``sans`` (``dns:``, ``uri:``, ``ip:``, ``email:``): the front proxy's own client
-    certificate on a mutual-TLS connection. Empty tuples are rules not configured.
+    certificate on a mutual-TLS connection, which must also chain to ``ca_file`` (a name
+    counts only when a CA the operator chose for proxies vouches for it). Empty tuples are
+    rules not configured.
     """
 
     cidrs: tuple[IpNetwork, ...]
     subjects: tuple[str, ...]
     sans: tuple[str, ...]
+    ca_file: Path | None = None
+    ca_certs: tuple[bytes, ...] = field(default=(), repr=False)   # DER, read from ca_file
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,9 @@ class ListenConfig:
     # "any": any issuer, self-signed too (pyOpenSSL, mtls_gateway.tls_any); binding only.
     client_ca: Literal["pki", "any"] = "pki"
     client_cert_validity: Literal["enforce", "ignore"] = "enforce"   # "any" only
+    #: "pki" only: DER of the registered self_signed_tls_client_auth certificates (inline
+    #: jwks) the handshake accepts as themselves; none of them can issue (anchors.py).
+    pinned_client_certs: tuple[bytes, ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,8 @@ class UpstreamConfig:
     max_connections: int
     pass_authorization: bool
     identity_headers: IdentityHeaders
+    #: More inbound header names (lower case) never forwarded, besides the built-in list.
+    strip_headers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -332,4 +341,8 @@ class GatewayConfig:
         files += [f for f in (self.listen.cert_file, self.listen.key_file,
                               self.listen.client_ca_file) if f is not None]
         files += [r.file for r in self.client_registries.values() if r.file is not None]
+        files += [r.ca_file for r in self.client_registries.values() if r.ca_file is not None]
+        source = self.listen.client_certificate
+        if source is not None and source.trusted.ca_file is not None:
+            files.append(source.trusted.ca_file)
         return tuple(files)

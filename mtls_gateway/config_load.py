@@ -15,6 +15,7 @@ import os
 import re
 import ssl
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
@@ -24,7 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from .client_registry import certificates_from_jwks, load_client_ca, parse_dn
+from .anchors import bundle_problems, can_issue, self_issued, spki
+from .client_registry import certificates_from_jwks, parse_dn
 from .config import (
     ASYMMETRIC_ALGORITHMS,
     AdminConfig,
@@ -251,6 +253,17 @@ def _check_jwks(data: bytes) -> None:
         raise ValueError('a JWKS must be an object with a "keys" list')
 
 
+def _ca_ders(path: Path | None) -> tuple[bytes, ...]:
+    """DER of each certificate of a readable PEM bundle (problems are reported by its check)."""
+    if path is None or not path.is_file():
+        return ()
+    try:
+        return tuple(c.public_bytes(serialization.Encoding.DER)
+                     for c in x509.load_pem_x509_certificates(path.read_bytes()))
+    except (OSError, ValueError):
+        return ()
+
+
 # --- sections --------------------------------------------------------------------------------
 
 _CERT_HEADER_DEFAULTS = {"rfc9440": "Client-Cert", "xfcc": "X-Forwarded-Client-Cert",
@@ -282,10 +295,19 @@ def _trusted_proxies(sec: _Section | None, path: str, problems: _Problems) -> Tr
                 ipaddress.ip_address(rest)
             except ValueError:
                 sec.problem("sans", f"{value!r} is not an IP address")
+    ca_file = sec.file("ca_file", None, check=_check_certs)
+    if (subjects or sans) and ca_file is None:
+        sec.problem("ca_file", "is required with subjects or sans: a name counts only on a "
+                    "certificate that the front proxies' own CA issued, never merely because "
+                    "the listener accepted it (anyone holding a trusted self-signed "
+                    "certificate could issue itself the proxy's name)")
+    elif ca_file is not None and not (subjects or sans):
+        sec.problem("ca_file", "is only used with subjects or sans")
     sec.finish()
     if any(n.prefixlen == 0 for n in cidrs):
         sec.problem("cidrs", "a /0 network trusts every address; list your front proxies")
-    return TrustedProxies(tuple(cidrs), subjects, sans)
+    return TrustedProxies(tuple(cidrs), subjects, sans, ca_file=ca_file,
+                          ca_certs=_ca_ders(ca_file))
 
 
 def _client_certificate(sec: _Section | None, problems: _Problems,
@@ -569,9 +591,25 @@ def _upstream(sec: _Section) -> UpstreamConfig:
         pass_authorization=sec.boolean("pass_authorization", True),
         identity_headers=_identity_headers(sec.section("identity_headers", required=False),
                                            sec.problems, sec.at("identity_headers")),
+        strip_headers=_strip_headers(sec),
     )
     sec.finish()
     return upstream
+
+
+def _strip_headers(sec: _Section) -> tuple[str, ...]:
+    """``upstream.strip_headers``: exact header names the gateway needs are refused."""
+    names: list[str] = []
+    for name in sec.strings("strip_headers", ()):
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            sec.problem("strip_headers", f"{name!r} is not a valid header name")
+        elif name.lower() in ("host", "content-length", "transfer-encoding", "content-type",
+                              "connection", "authorization"):
+            sec.problem("strip_headers", f"{name!r} cannot be stripped (authorization: use "
+                        "pass_authorization: false)")
+        else:
+            names.append(name.lower())
+    return tuple(names)
 
 
 def _match(sec: _Section) -> PathMatch | None:
@@ -664,29 +702,62 @@ def _auth_mtls_client(sec: _Section, value: Any,
     return policy
 
 
-def _check_registries_under_any_ca(routes: tuple[Route, ...],
-                                   registries: Mapping[str, ClientRegistryConfig],
-                                   problems: _Problems) -> None:
-    """Under ``client_ca: any`` the handshake vouches for no subject or SAN.
+def _registered_self_signed(registries: Mapping[str, ClientRegistryConfig],
+                            ) -> dict[str, list[tuple[str, x509.Certificate]]]:
+    """Per registry: (client id, certificate) of every inline self_signed_tls_client_auth key."""
+    found: dict[str, list[tuple[str, x509.Certificate]]] = {}
+    for name, registry in registries.items():
+        for client in registry.clients:
+            if client.jwks is None:
+                continue
+            try:
+                ders = certificates_from_jwks(client.jwks)
+            except ValueError:
+                continue                                  # reported where the client is read
+            found.setdefault(name, []).extend(
+                (client.client_id, x509.load_der_x509_certificate(d)) for d in sorted(ders))
+    return found
 
-    ``tls_client_auth`` matches a registered subject DN or SAN (RFC 8705 section 2.1), which
-    means something only if a trusted CA issued the certificate; without a registry
-    ``ca_file`` anyone could self-sign the registered name. Self-signed clients are fine:
-    they are matched by their exact certificate.
+
+def _check_trust(listen: ListenConfig, registries: Mapping[str, ClientRegistryConfig],
+                 problems: _Problems) -> ListenConfig:
+    """Nothing a client can make for itself may vouch for another certificate (anchors.py).
+
+    Every CA bundle holds real CAs and no registered self-signed client; the ``pki``
+    listener accepts registered self-signed certificates as exactly themselves, which needs
+    certificates that cannot issue. Returns ``listen`` with those pinned certificates.
     """
-    used = {r.auth.registry for r in routes if isinstance(r.auth, AuthMtlsClient)}
-    for name in sorted(used):
-        registry = registries.get(name)
-        if registry is None or registry.ca_file is not None:
-            continue
-        pki = [c.client_id for c in registry.clients if c.method == "tls_client_auth"]
-        if pki:
-            problems.add(f"client_registries.{name}.ca_file",
-                         "is required with listen.client_ca: any when the registry has "
-                         f"tls_client_auth clients ({', '.join(pki[:3])}"
-                         f"{', ...' if len(pki) > 3 else ''}): the handshake checks no "
-                         "issuer, so the registered subject/SAN must be checked against "
-                         "this CA bundle")
+    registered = _registered_self_signed(registries)
+    keys = {spki(cert): client for certs in registered.values() for client, cert in certs}
+    bundles: list[tuple[str, Path | None]] = [("listen.client_ca_file", listen.client_ca_file)]
+    if listen.client_certificate is not None:
+        bundles.append(("listen.client_certificate.trusted_proxies.ca_file",
+                        listen.client_certificate.trusted.ca_file))
+    bundles += [(f"client_registries.{n}.ca_file", r.ca_file) for n, r in registries.items()]
+    for path, file in bundles:
+        ders = _ca_ders(file)
+        entries = [x509.load_der_x509_certificate(d) for d in ders]
+        for problem in bundle_problems(entries, keys, pins=path == "listen.client_ca_file"):
+            problems.add(path, problem)
+    if not listen.tls or listen.client_ca != "pki" or listen.client_certificate is not None:
+        return listen
+    pins: list[bytes] = []
+    for name, clients in registered.items():
+        for client, cert in clients:
+            if not self_issued(cert):
+                continue            # issued by a CA: it passes the handshake if that CA is trusted
+            if can_issue(cert):
+                problems.add(
+                    f"client_registries.{name}.clients",
+                    f"client {client!r}: its certificate ({cert.subject.rfc4514_string()}) "
+                    "can issue certificates (basicConstraints CA:TRUE, as openssl req -x509 "
+                    "makes it, or no basicConstraints): the client_ca: pki listener could "
+                    "accept it only as a trust anchor for any name. Have the client re-issue it "
+                    "with basicConstraints CA:FALSE (openssl req -x509 -addext "
+                    "basicConstraints=critical,CA:FALSE), or use listen.client_ca: any")
+                continue
+            pins.append(cert.public_bytes(serialization.Encoding.DER))
+    return replace(listen, pinned_client_certs=tuple(dict.fromkeys(pins)))
 
 
 def _check_chain(sec: _Section, chain: list[Provider]) -> None:
@@ -855,18 +926,12 @@ def _client_registry(name: str, sec: _Section) -> ClientRegistryConfig:
             else:
                 clients = _clients(doc["clients"], f"{path.name}:clients", sec.problems)
     ca_file = sec.file("ca_file", None, check=_check_certs)
-    ca_certs: tuple[bytes, ...] = ()
-    if ca_file is not None and ca_file.is_file():
-        try:
-            from cryptography.x509 import verification
-
-            verification.ExtensionPolicy  # noqa: B018 - cryptography >= 45
-            ca_certs = tuple(c.public_bytes(serialization.Encoding.DER)
-                             for c in load_client_ca(ca_file.read_bytes()))
-        except (ImportError, AttributeError):
-            sec.problem("ca_file", "needs cryptography >= 45 (x509.verification)")
-        except ValueError:
-            pass  # reported by the file check
+    pki = [c.client_id for c in clients if c.method == "tls_client_auth"]
+    if pki and ca_file is None:
+        sec.problem("ca_file", f"is required when the registry has tls_client_auth clients "
+                    f"({', '.join(pki[:3])}{', ...' if len(pki) > 3 else ''}): a registered "
+                    "subject/SAN counts only on a certificate this CA bundle issued, never "
+                    "merely because the listener accepted it")
     registry = ClientRegistryConfig(
         name=name,
         clients=tuple(clients),
@@ -876,7 +941,7 @@ def _client_registry(name: str, sec: _Section) -> ClientRegistryConfig:
         jwks_refresh_interval=sec.duration("jwks_refresh_interval", 300.0),
         jwks_max_age=sec.duration("jwks_max_age", 3600.0),
         jwks_timeout=sec.duration("jwks_timeout", 5.0),
-        ca_certs=ca_certs,
+        ca_certs=_ca_ders(ca_file),
     )
     if registry.jwks_max_age < registry.jwks_refresh_interval:
         sec.problem("jwks_max_age", "must not be shorter than jwks_refresh_interval")
@@ -979,8 +1044,8 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     registries = _client_registries(top.section("client_registries", required=False))
     any_ca = listen is not None and listen.client_ca == "any"
     routes = _routes(top, providers, registries, binding_only=any_ca)
-    if any_ca:
-        _check_registries_under_any_ca(routes, registries, problems)
+    if listen is not None:
+        listen = _check_trust(listen, registries, problems)
     metadata = _metadata(top.section("metadata", required=False), providers, routes)
     logging_cfg = _logging(top.section("logging", required=False), problems)
     limits = _limits(top.section("limits", required=False), problems)

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from aiohttp.http import SERVER_SOFTWARE
 
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
-from .proxy import HOP_BY_HOP
+from .framing import valid_host, valid_origin_form
+from .proxy import HOP_BY_HOP, STRIPPED_NAMES, STRIPPED_PREFIXES
 
 if TYPE_CHECKING:
     from .gateway import Admission, Gateway
@@ -55,6 +56,10 @@ _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings"})
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
+#: A header of a stripped family that the lane's exact strip set may not hold: aiohttp's path
+#: strips it (Forwarder.strips), so such a head is not plain. So is a name with "_".
+_FAMILIES = tuple(p.encode() for p in STRIPPED_PREFIXES)
+_EXACT = frozenset(n.encode() for n in STRIPPED_NAMES)
 #: An upstream answer head larger than this is refused (502), like aiohttp's client limits.
 _MAX_RESPONSE_HEAD = 64 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
@@ -98,7 +103,7 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
     target = parts[1]
     path, _, query = target.partition(b"?")
     if not target.startswith(b"/") or b"%" in target or b"#" in target \
-            or b"access_token" in query:
+            or b"access_token" in query or not valid_origin_form(target.decode("ascii")):
         return None
     headers: list[tuple[bytes, bytes, bytes]] = []
     hosts: list[bytes] = []
@@ -109,7 +114,8 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         if not colon or not _TOKEN.fullmatch(name):
             return None
         lower = name.lower()
-        if lower in _NOT_PLAIN:
+        if lower in _NOT_PLAIN or b"_" in lower or (
+                lower.startswith(_FAMILIES) and lower not in _EXACT):
             return None
         value = value.strip(b" \t")
         if lower == b"host":
@@ -119,7 +125,8 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         elif lower == b"connection":
             connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
         headers.append((name, lower, value))
-    if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection:
+    if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection \
+            or not valid_host(hosts[0].decode("ascii")):   # framing.py refuses it (400)
         return None
     return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
                         auths[0].decode() if auths else None, frozenset(connection))

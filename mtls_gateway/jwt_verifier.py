@@ -8,6 +8,10 @@ refused because the gateway understands no JWS extensions.
 
 Checks PyJWT does not make (RFC 8725, RFC 9068), all before any signature work:
 a JWE (five segments) is refused without decryption (``token_encrypted``);
+each of the three segments must be canonical unpadded base64url (RFC 7515
+section 2: no ``=``, no ``+``/``/``, no white space, unused trailing bits zero),
+else ``token_malformed``: PyJWT's decoder accepts all of those, so one token had
+several accepted spellings, each with its own cache entry and log hash;
 ``cty`` (nested tokens), ``zip`` and ``b64`` are refused (``header_unsupported``);
 ``typ`` must be an access-token type (``at+jwt``, or also ``JWT``/absent unless
 ``require_typ_at_jwt``); header and payload are strict JSON (no duplicate
@@ -25,6 +29,7 @@ Binding and scope are checked by the gateway on every request, cached or not.
 from __future__ import annotations
 
 import base64
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +45,7 @@ from .metrics import Metrics
 from .strict_json import loads_object, numeric_date
 from .tokeninfo import TokenInfo, token_info_from_claims
 
-__all__ = ["JwtVerifier", "unverified_issuer"]
+__all__ = ["JwtVerifier", "canonical_jws", "unverified_issuer"]
 
 _AT_JWT_TYPES = ("at+jwt", "application/at+jwt")
 #: typ values accepted unless require_typ_at_jwt: RFC 9068 types, plain JWT, or none at all.
@@ -48,6 +53,7 @@ _ACCESS_TOKEN_TYPES = (*_AT_JWT_TYPES, "jwt", "application/jwt", None)
 #: A token is carried in one header line (limits.max_header_size); kids are names.
 _MAX_TOKEN_CHARS = 64 * 1024
 _MAX_KID_CHARS = 256
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 # pyjwt's exceptions, translated once into stable reason codes (most specific first).
 _PYJWT_REASONS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
@@ -69,6 +75,25 @@ class _Verified:
     keys: KeySet            # the key set the signature was checked with
     not_before: float | None
     expires: float          # exp + leeway, POSIX seconds
+
+
+def canonical_jws(token: str) -> bool:
+    """Is ``token`` three segments of canonical unpadded base64url (RFC 7515 section 2)?
+
+    Canonical: the alphabet ``A-Z a-z 0-9 - _`` only, no padding, a length that a
+    whole number of bytes can have, and zero bits after the last byte, so that the
+    segment is exactly what encoding its bytes gives back.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or len(token) > _MAX_TOKEN_CHARS:
+        return False
+    for part in parts:
+        if not _BASE64URL.fullmatch(part) or len(part) % 4 == 1:
+            return False
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != part:
+            return False
+    return True
 
 
 def _segment(token: str, index: int) -> dict[str, Any] | None:
@@ -203,6 +228,9 @@ class JwtVerifier:
     async def _verify_claims(self, token: str) -> tuple[TokenInfo, dict[str, Any], KeySet]:
         if token.count(".") == 4:
             raise InvalidToken("token_encrypted", "encrypted tokens (JWE) are not accepted")
+        if not canonical_jws(token):
+            raise InvalidToken("token_malformed", "token is not three segments of canonical "
+                               "unpadded base64url (RFC 7515 section 2)")
         header = _segment(token, 0)
         if header is None:
             raise InvalidToken("token_malformed", "token is not a valid JWT")

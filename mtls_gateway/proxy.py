@@ -2,8 +2,14 @@
 
 Bodies are never buffered whole. The gateway is the TLS terminator and the only
 source of identity, so every inbound header that could claim identity or
-forwarding facts (``X-Forwarded-*``, ``Forwarded``, client-certificate headers,
-and the configured identity header names) is removed before ours are added.
+forwarding facts is removed before ours are added: :data:`STRIPPED_NAMES` and
+every name starting with one of :data:`STRIPPED_PREFIXES` (the whole
+``X-Forwarded-`` family, the identity and client-certificate headers of common
+auth proxies, web servers and load balancers), the configured identity header
+names, ``upstream.strip_headers``, and the headers of the certificate source.
+Names are compared case-insensitively and with ``_`` read as ``-`` (CGI/WSGI
+servers turn both into ``HTTP_REMOTE_USER``). The list is in
+docs/self-signed-clients.md ("Headers the upstream never receives from a client").
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from yarl import URL
 from .config import LimitsConfig, UpstreamConfig
 from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, UpstreamTimeout
 
-__all__ = ["ABORTED", "HOP_BY_HOP", "UPSTREAM_SECONDS", "Forwarder", "strip_hop_by_hop"]
+__all__ = ["ABORTED", "HOP_BY_HOP", "STRIPPED_NAMES", "STRIPPED_PREFIXES", "UPSTREAM_SECONDS",
+           "Forwarder", "strip_hop_by_hop"]
 
 #: Set on a response whose upstream broke off after the headers were sent.
 ABORTED = web.ResponseKey("upstream_aborted", bool)
@@ -34,12 +41,40 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
 })
-#: Never accepted from a client: only the gateway may state these (RFC 9440, XFCC, RFC 7239).
-_ALWAYS_STRIPPED = frozenset({
+#: Never accepted from a client: only the gateway may state these. Exact names (lower case).
+STRIPPED_NAMES = frozenset({
+    "host", "expect",
+    # forwarding facts (RFC 7239) and client addresses
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-    "x-forwarded-port", "x-real-ip", "x-forwarded-client-cert", "client-cert",
-    "client-cert-chain", "ssl-client-cert", "x-ssl-client-cert", "host", "expect",
+    "x-forwarded-port", "x-real-ip", "x-client-ip", "true-client-ip", "x-cluster-client-ip",
+    "cf-connecting-ip", "fastly-client-ip",
+    # client certificates: RFC 9440, Envoy XFCC, nginx/HAProxy/Apache, Azure App Service
+    "client-cert", "client-cert-chain", "x-forwarded-client-cert", "x-client-cert",
+    "x-client-cert-chain", "x-client-verify", "x-client-dn", "x-client-s-dn", "x-client-i-dn",
+    "x-arr-clientcert",
+    # user identity: Apache/Authelia/oauth2-proxy nginx examples
+    "remote-user", "x-remote-user", "x-user", "x-email", "x-anonymous-consumer",
+    # another path or method than the one the route was chosen for (IIS, Symfony, Rails...)
+    "x-original-url", "x-rewrite-url", "x-original-uri", "x-original-method",
+    "x-http-method-override", "x-http-method", "x-method-override",
 })
+#: Open-ended families: every name starting with one of these (lower case).
+STRIPPED_PREFIXES: tuple[str, ...] = (
+    "x-forwarded-",            # X-Forwarded-User/-Email/-Groups/-Access-Token (oauth2-proxy),
+                               # -Tls-Client-Cert(-Info) (Traefik), -Prefix, -Uri, -Port ...
+    "x-auth-request-",         # oauth2-proxy --set-xauthrequest
+    "remote-",                 # Authelia: Remote-User, -Groups, -Email, -Name
+    "x-remote-",               # Kubernetes front proxy: X-Remote-User, -Group, -Extra-*
+    "x-ssl-", "ssl-client-",   # nginx/HAProxy examples: X-SSL-Client-Cert, -Verify, -S-DN ...
+    "x-amzn-mtls-", "x-amzn-oidc-", "x-amzn-tls-",     # AWS ALB mutual TLS and authentication
+    "cloudfront-viewer-cert-",                          # CloudFront viewer mTLS
+    "x-ms-client-principal", "x-ms-token-",             # Azure App Service authentication
+    "x-goog-authenticated-", "x-goog-iap-",             # Google Cloud IAP
+    "cf-access-",                                       # Cloudflare Access
+    "x-authentik-", "x-pomerium-", "tailscale-user-",   # authentik, Pomerium, Tailscale
+    "x-consumer-", "x-credential-", "x-authenticated-", # Kong
+    "x-envoy-",                                         # Envoy trust markers (x-envoy-internal)
+)
 _CHUNK = 64 * 1024
 
 
@@ -63,6 +98,10 @@ def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[st
     return [v for k, v in headers.items() if k.lower() == name.lower()]
 
 
+def _spelled(name: str) -> str:
+    return name.lower().replace("_", "-")
+
+
 class Forwarder:
     """Upstream connection pool and the forwarding of one request."""
 
@@ -71,16 +110,22 @@ class Forwarder:
                  limits: LimitsConfig | None = None) -> None:
         self.config = upstream
         self.limits = limits or LimitsConfig()
-        self._strip = (_ALWAYS_STRIPPED | {n.lower() for n in upstream.identity_headers.names()}
-                       | also_strip)
-        if not upstream.pass_authorization:
-            self._strip |= {"authorization"}
+        self._strip = frozenset(_spelled(n) for n in (
+            STRIPPED_NAMES | set(upstream.identity_headers.names()) | set(also_strip)
+            | set(upstream.strip_headers)
+            | (set() if upstream.pass_authorization else {"authorization"})))
         self._session: aiohttp.ClientSession | None = None
 
     @property
     def strip(self) -> frozenset[str]:
-        """Inbound header names (lower case) never forwarded, besides hop-by-hop ones."""
-        return frozenset(self._strip)
+        """Exact inbound header names (lower case) never forwarded, besides hop-by-hop ones
+        and the :data:`STRIPPED_PREFIXES` families (see :meth:`strips`)."""
+        return self._strip
+
+    def strips(self, name: str) -> bool:
+        """Is the inbound header ``name`` removed before forwarding?"""
+        spelled = _spelled(name)
+        return spelled in self._strip or spelled.startswith(STRIPPED_PREFIXES)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -98,7 +143,8 @@ class Forwarder:
 
     def upstream_headers(self, request: web.Request,
                          identity: Mapping[str, str]) -> CIMultiDict[str]:
-        headers = strip_hop_by_hop(request.headers, self._strip)
+        headers = CIMultiDict((k, v) for k, v in strip_hop_by_hop(request.headers).items()
+                              if not self.strips(k))
         headers.extend(identity)
         headers["X-Forwarded-For"] = request.remote or ""
         headers["X-Forwarded-Proto"] = request.scheme

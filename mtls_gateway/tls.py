@@ -33,7 +33,8 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
-    """A server context that asks for (or requires) a client certificate chained to the CA."""
+    """A server context that asks for (or requires) a client certificate chained to the CA,
+    or one of the registered self-signed client certificates."""
     if listen.cert_file is None or listen.key_file is None or listen.client_ca_file is None:
         raise ValueError("the TLS listener needs cert_file, key_file and client_ca_file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -42,6 +43,10 @@ def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
     ctx.load_cert_chain(listen.cert_file, listen.key_file)
     assert listen.client_ca_file is not None   # config_load requires it for client_ca: pki
     ctx.load_verify_locations(cafile=str(listen.client_ca_file))
+    if listen.pinned_client_certs:
+        # Registered self-signed client certificates, accepted as exactly themselves: config
+        # load admits only certificates OpenSSL will not take as issuers (anchors.can_issue).
+        ctx.load_verify_locations(cadata=b"".join(listen.pinned_client_certs))
     ctx.verify_mode = ssl.CERT_REQUIRED if listen.client_cert == "required" else ssl.CERT_OPTIONAL
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     # One TLS 1.3 session ticket per handshake instead of two: resumption still works and a

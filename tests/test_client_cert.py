@@ -35,6 +35,8 @@ def header_config(pki: Pki, issuer: Issuer, upstream: Upstream, *, fmt: str = "r
                   tls: bool = True, **trusted: Any) -> dict[str, Any]:
     config = base_config(pki, issuer, upstream)
     config["listen"]["tls"] = tls
+    if trusted.get("subjects") or trusted.get("sans"):   # names count only from the proxy CA
+        trusted = {**trusted, "ca_file": str(pki.ca_file)}
     config["listen"]["client_certificate"] = {"source": "header", "format": fmt,
                                               "trusted_proxies": trusted}
     return config
@@ -270,7 +272,8 @@ async def test_token_endpoint_behind_a_front_proxy(
     config = header_config(pki, issuer, upstream, fmt="xfcc", tls=False, cidrs=["127.0.0.1/32"])
     config["client_registries"] = {"partners": {"clients": [{
         "client_id": "client-a", "token_endpoint_auth_method": "tls_client_auth",
-        "tls_client_auth_subject_dn": "CN=client-a,O=mtls-gateway test"}]}}
+        "tls_client_auth_subject_dn": "CN=client-a,O=mtls-gateway test"}],
+        "ca_file": str(pki.ca_file)}}
     config["routes"].insert(0, {"name": "token", "path": "/token", "methods": ["POST"],
                                 "auth": {"mtls_client": {"registry": "partners"}}})
     gw = await make_gateway(config)

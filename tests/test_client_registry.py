@@ -151,7 +151,8 @@ PKI_CASES = [
 @pytest.mark.parametrize(("kind", "value"), PKI_CASES, ids=[c[0] for c in PKI_CASES])
 def test_tls_client_auth_accepts_the_registered_certificate_only(
         certs: Certs, kind: str, value: str) -> None:
-    reg = registry(ClientRegistration("client-a", "tls_client_auth", **{kind: value}))
+    reg = registry(ClientRegistration("client-a", "tls_client_auth", **{kind: value}),
+                   ca_certs=(certs.ca.cert_der,))
     assert reg.authenticate("client-a", peer(certs.a)) == "client-a"
     # same CA, different subject and SANs
     with pytest.raises(InvalidClient) as info:
@@ -164,7 +165,8 @@ def test_tls_client_auth_accepts_the_registered_certificate_only(
     ("san_ip", "2001:db8::8"), ("san_email", "ops@client-a.example"),   # local part is exact
 ])
 def test_san_mismatch(certs: Certs, kind: str, value: str) -> None:
-    reg = registry(ClientRegistration("client-a", "tls_client_auth", **{kind: value}))
+    reg = registry(ClientRegistration("client-a", "tls_client_auth", **{kind: value}),
+                   ca_certs=(certs.ca.cert_der,))
     with pytest.raises(InvalidClient) as info:
         reg.authenticate("client-a", peer(certs.a))
     assert info.value.reason == "client_cert_mismatch"
@@ -175,6 +177,14 @@ def test_self_issued_certificate_never_passes_tls_client_auth(certs: Certs) -> N
     reg = registry(ClientRegistration("client-a", "tls_client_auth", subject_dn=dn))
     with pytest.raises(InvalidClient) as info:
         reg.authenticate("client-a", peer(certs.self_signed))
+    assert info.value.reason == "client_cert_untrusted"
+
+
+def test_tls_client_auth_without_a_registry_ca_fails_closed(certs: Certs) -> None:
+    """config_load requires ca_file; a registry built without one trusts no name at all."""
+    reg = registry(A_BY_DNS)
+    with pytest.raises(InvalidClient) as info:
+        reg.authenticate("client-a", peer(certs.a))
     assert info.value.reason == "client_cert_untrusted"
 
 

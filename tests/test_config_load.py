@@ -273,7 +273,8 @@ _CLIENT_A = {"client_id": "client-a", "token_endpoint_auth_method": "tls_client_
 
 def _with_token_route(pki: Pki, **registry: Any) -> dict[str, Any]:
     data = _valid(pki)
-    data["client_registries"] = {"partners": registry or {"clients": [_CLIENT_A]}}
+    data["client_registries"] = {"partners": registry or {"clients": [_CLIENT_A],
+                                                          "ca_file": str(pki.ca_file)}}
     data["routes"].insert(0, {"name": "token", "path": "/token", "methods": ["POST"],
                               "auth": {"mtls_client": {"registry": "partners"}}})
     data["metadata"] = {"resource": "https://api.test"}
@@ -298,7 +299,7 @@ def test_token_route_registry_and_metadata(pki: Pki, tmp_path: Path) -> None:
 def test_auth_mtls_client_shorthand_and_registry_file(pki: Pki, tmp_path: Path) -> None:
     clients = tmp_path / "clients.yaml"
     clients.write_text(yaml.safe_dump({"clients": [_CLIENT_A]}))
-    data = _with_token_route(pki, file="clients.yaml")
+    data = _with_token_route(pki, file="clients.yaml", ca_file=str(pki.ca_file))
     data["routes"][0]["auth"] = "mtls_client"
     path = tmp_path / "gw.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -374,6 +375,7 @@ def test_token_endpoint_problems_have_their_yaml_path(pki: Pki, tmp_path: Path, 
 def test_mtls_client_shorthand_needs_one_registry(pki: Pki, tmp_path: Path) -> None:
     data = _with_token_route(pki)
     data["client_registries"]["more"] = {"clients": []}
+    data["client_registries"]["partners"]["ca_file"] = str(pki.ca_file)
     data["routes"][0]["auth"] = "mtls_client"
     assert _problems(data, tmp_path) == [
         "routes[0].auth: mtls_client without options needs exactly one entry in "
@@ -505,23 +507,24 @@ _SELF_SIGNED = {"client_id": "self", "token_endpoint_auth_method": "self_signed_
 
 
 @pytest.mark.parametrize(("clients", "ca_file", "expected"), [
-    ([_CLIENT_A], False, ["client_registries.partners.ca_file: is required with "
-                          "listen.client_ca: any when the registry has tls_client_auth clients "
-                          "(client-a)"]),
+    ([_CLIENT_A], False, ["client_registries.partners.ca_file: is required when the registry "
+                          "has tls_client_auth clients (client-a)"]),
     ([_CLIENT_A], True, []),
     ([_SELF_SIGNED], False, []),
 ])
-def test_tls_client_auth_under_any_ca_needs_registry_ca(
+@pytest.mark.parametrize("client_ca", ["any", "pki"])
+def test_tls_client_auth_needs_registry_ca_in_every_mode(
         pki: Pki, tmp_path: Path, clients: list[dict[str, Any]], ca_file: bool,
-        expected: list[str]) -> None:
+        expected: list[str], client_ca: str) -> None:
     registry: dict[str, Any] = {"clients": clients}
     if ca_file:
         registry["ca_file"] = str(pki.ca_file)
     data = _with_token_route(pki, **registry)
-    del data["listen"]["client_ca_file"]
-    data["listen"]["client_ca"] = "any"
+    if client_ca == "any":
+        del data["listen"]["client_ca_file"]
+        data["listen"]["client_ca"] = "any"
     try:
         problems = _load(data, tmp_path) and []
     except ConfigError as exc:
         problems = exc.problems
-    assert [p.split(": the handshake")[0] for p in problems] == expected
+    assert [p.split(": a registered")[0] for p in problems] == expected

@@ -140,7 +140,8 @@ async def _get(pki: Pki, url: str, cert: str, token: str,
 def _config(pki: Pki, issuer: Issuer, upstream: Upstream, fmt: str,
             mtls: bool) -> dict[str, Any]:
     config = base_config(pki, issuer, upstream)
-    trusted = {"sans": [f"uri:{PROXY_URI}"]} if mtls else {"cidrs": ["127.0.0.1/32"]}
+    trusted = ({"sans": [f"uri:{PROXY_URI}"], "ca_file": str(pki.ca_file)} if mtls
+               else {"cidrs": ["127.0.0.1/32"]})
     config["listen"].update(tls=mtls, client_cert="required", client_certificate={
         "source": "header", "format": fmt, "trusted_proxies": trusted})
     return config

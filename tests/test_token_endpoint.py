@@ -75,7 +75,7 @@ def test_basic_without_basic_is_none() -> None:
 def token_config(pki: Pki, upstream: Upstream, clients: list[dict[str, Any]],
                  **mtls_client: Any) -> dict[str, Any]:
     config = base_config(pki, None, upstream)
-    config["client_registries"] = {"partners": {"clients": clients}}
+    config["client_registries"] = {"partners": {"clients": clients, "ca_file": str(pki.ca_file)}}
     config["routes"] = [{"name": "token", "path": "/token", "methods": ["POST"],
                          "auth": {"mtls_client": {"registry": "partners", **mtls_client}}},
                         {"name": "public", "path_prefix": "/public", "auth": "none"}]
@@ -193,20 +193,23 @@ async def _post_token(gw: RunningGateway, ck: pki_mod.CertKey, client_id: str,
 
 async def test_self_signed_client_through_the_gateway(
         make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
-    """section 2.2: the listener trusts the self-signed certificate, the registry checks it
-    against the client's jwks; another self-signed certificate the listener also trusts is
-    refused."""
-    mine, other = pki_mod.self_signed_client("self-1"), pki_mod.self_signed_client("self-2")
+    """section 2.2: the listener accepts each registered self-signed certificate as itself
+    (never as a CA: the bundle is the test CA alone), the registry checks it against the
+    client's jwks; another registered self-signed certificate is refused for client-s."""
+    def ss(cn: str) -> pki_mod.CertKey:
+        return pki_mod.self_signed_client(cn)
+
+    def jwks(ck: pki_mod.CertKey) -> dict[str, Any]:
+        return {"keys": [{"kty": "EC", "x5c": [base64.b64encode(ck.cert_der).decode()]}]}
+
+    mine, other, unregistered = ss("self-1"), ss("self-2"), ss("self-3")
     # a self-signed certificate with the DN of a tls_client_auth client is not that client
-    impostor = pki_mod.self_signed_client("client-a")
-    bundle = tmp_path / "bundle.crt"
-    bundle.write_bytes(pki.ca_file.read_bytes() + mine.cert_pem + other.cert_pem
-                       + impostor.cert_pem)
-    client = {"client_id": "client-s", "token_endpoint_auth_method": "self_signed_tls_client_auth",
-              "jwks": {"keys": [{"kty": "EC", "x5c": [base64.b64encode(mine.cert_der).decode()]}]}}
-    config = token_config(pki, upstream, [client, CLIENT_A])
-    config["listen"]["client_ca_file"] = str(bundle)
-    gw = await make_gateway(config)
+    impostor = ss("client-a")
+    method = {"token_endpoint_auth_method": "self_signed_tls_client_auth"}
+    clients = [{"client_id": "client-s", **method, "jwks": jwks(mine)},
+               {"client_id": "client-o", **method, "jwks": jwks(other)},
+               {"client_id": "client-i", **method, "jwks": jwks(impostor)}, CLIENT_A]
+    gw = await make_gateway(token_config(pki, upstream, clients))
 
     def post(ck: pki_mod.CertKey, client_id: str) -> Awaitable[Reply]:
         return _post_token(gw, ck, client_id, tmp_path)
@@ -215,6 +218,8 @@ async def test_self_signed_client_through_the_gateway(
     assert (reply.status, reply.json()["reason"]) == (401, "client_cert_mismatch")
     reply = await post(impostor, "client-a")
     assert (reply.status, reply.json()["reason"]) == (401, "client_cert_untrusted")
+    with pytest.raises((aiohttp.ClientError, ssl.SSLError)):    # not registered: no handshake
+        await post(unregistered, "client-s")
     assert upstream.seen == []
     reply = await post(mine, "client-s")
     assert reply.status == 200

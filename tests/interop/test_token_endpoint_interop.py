@@ -90,13 +90,11 @@ async def token_gateway(start_oidc_provider: Callable[..., OidcProvider],
     provider = start_oidc_provider(client_cert_header_listener=True)
     info = provider.info
     assert info.header_listener_url is not None
-    bundle = tmp_path / "client-ca.pem"   # the CA, plus the self-signed client's certificate
-    bundle.write_bytes(interop_pki.ca_file.read_bytes()
-                       + interop_pki.self_signed.cert.read_bytes())
     config = {
         "realm": "interop",
         "listen": {"host": "127.0.0.1", "port": 0, "cert_file": str(interop_pki.server_cert),
-                   "key_file": str(interop_pki.server_key), "client_ca_file": str(bundle),
+                   "key_file": str(interop_pki.server_key),
+                   "client_ca_file": str(interop_pki.ca_file),
                    "client_cert": "required"},
         "admin": {"enabled": False},
         "providers": {"as-jwt": {
@@ -104,7 +102,9 @@ async def token_gateway(start_oidc_provider: Callable[..., OidcProvider],
             "algorithms": ["RS256"], "jwks_uri": info.jwks_uri,
             "jwks_ca_file": str(interop_pki.ca_file), "require_typ_at_jwt": True}},
         "client_registries": {"as-clients": {"clients": [
-            registry_entry(interop_pki.client_a), registry_entry(interop_pki.self_signed)]}},
+            registry_entry(interop_pki.client_a), registry_entry(interop_pki.self_signed)],
+            # the registered self-signed certificate is accepted as itself, not put in a bundle
+            "ca_file": str(interop_pki.ca_file)}},
         "upstream": {"url": upstream.url, "connect_timeout": "2s", "read_timeout": "10s"},
         "routes": [
             {"name": "token", "path": "/token", "methods": ["POST"],
