@@ -28,6 +28,7 @@ from .config_load import load_config
 from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
+from .handshake import HandshakeFailures
 from .metrics import FLUSH_SECONDS, Metrics
 from .tls import TlsContextSwitch, server_ssl_context
 from .tls_any import AnyCertSite, any_cert_context
@@ -68,6 +69,8 @@ class GatewayServer:
         self.config = config
         self.metrics = metrics or Metrics()
         self.gateway = Gateway(config, self.metrics)
+        self.handshake_failures = HandshakeFailures(
+            lambda reason: self.metrics.tls_handshake_failures.labels(reason).inc())
         self.port = 0
         self.admin_port = 0
         self.draining = False
@@ -166,9 +169,10 @@ class GatewayServer:
         elif listen.client_ca == "any":     # any issuer: pyOpenSSL, see tls_any.py
             site = self._tls = AnyCertSite(self._runner, listen.host, listen.port,
                                            context=any_cert_context(listen),
-                                           reuse_port=reuse_port)
+                                           reuse_port=reuse_port,
+                                           failures=self.handshake_failures)
         else:
-            self._tls = TlsContextSwitch(server_ssl_context(listen))
+            self._tls = TlsContextSwitch(server_ssl_context(listen, self.handshake_failures))
             site = web.TCPSite(self._runner, listen.host, listen.port,
                                ssl_context=self._tls.base, reuse_port=reuse_port)
         await site.start()
@@ -291,7 +295,7 @@ class GatewayServer:
             context = any_cert_context(listen)
             return lambda: tls.update(context)
         assert tls is not None
-        ssl_context = server_ssl_context(listen)
+        ssl_context = server_ssl_context(listen, self.handshake_failures)
         return lambda: tls.update(ssl_context)
 
     def _warn_restart_only(self, new: GatewayConfig) -> None:
