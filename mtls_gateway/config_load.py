@@ -49,6 +49,7 @@ from .config import (
     Route,
     TrustedProxies,
     UpstreamConfig,
+    UpstreamTls,
 )
 from .errors import ConfigError
 from .jwks import KeySet
@@ -569,9 +570,70 @@ def _upstream(sec: _Section) -> UpstreamConfig:
         pass_authorization=sec.boolean("pass_authorization", True),
         identity_headers=_identity_headers(sec.section("identity_headers", required=False),
                                            sec.problems, sec.at("identity_headers")),
+        tls=_upstream_tls(sec),
     )
+    _check_upstream_tls_scheme(sec, upstream.url, upstream.tls)
     sec.finish()
     return upstream
+
+
+# --- TLS to the upstream (docs/upstream-tls.md) ---------------------------------------------
+
+_SERVER_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?"
+                          r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?$")
+
+
+def _upstream_tls(sec: _Section, inherit: UpstreamTls | None = None) -> UpstreamTls:
+    """``ca_file``, ``client_cert_file``/``client_key_file`` and ``server_name`` of an upstream;
+    what ``inherit`` gives is used where the section says nothing (not ``server_name``)."""
+    base = inherit or UpstreamTls()
+    ca_file = sec.file("ca_file", None, check=_check_certs)
+    cert = sec.file("client_cert_file", None, check=_check_certs)
+    key = sec.file("client_key_file", None, check=_check_key)
+    if (cert is None) != (key is None):
+        missing = "client_key_file" if key is None else "client_cert_file"
+        sec.problem(missing, "mutual TLS to the upstream needs both client_cert_file and "
+                    "client_key_file")
+    elif cert is not None and key is not None and cert.is_file() and key.is_file():
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            sec.problem("client_key_file", f"does not match client_cert_file ({exc})")
+    server_name = sec.string("server_name", None)
+    if isinstance(server_name, str) and not _SERVER_NAME.match(server_name):
+        sec.problem("server_name", f"{server_name!r} is not a DNS name (no scheme, port or "
+                    "path; an IP address needs no server_name)")
+    if cert is None and key is None:
+        cert, key = base.client_cert_file, base.client_key_file
+    return UpstreamTls(ca_file=ca_file or base.ca_file, client_cert_file=cert,
+                       client_key_file=key, server_name=server_name)
+
+
+def _check_upstream_tls_scheme(sec: _Section, url: object, tls: UpstreamTls) -> None:
+    if isinstance(url, str) and urlsplit(url).scheme == "http":
+        for key in ("ca_file", "client_cert_file", "client_key_file", "server_name"):
+            if key in sec.data:
+                sec.problem(key, "only applies to an https:// upstream")
+
+
+def _route_upstream(sec: _Section, inherit: UpstreamTls | None
+                    ) -> tuple[str | None, UpstreamTls | None]:
+    """``routes[].upstream``: a URL (TLS settings from ``upstream``, but not its
+    server_name), or a mapping with ``url`` and its own TLS settings."""
+    value = sec.data.get("upstream")
+    if not isinstance(value, dict):
+        url = sec.url("upstream", None, schemes=("http", "https"))
+        if not isinstance(url, str) or inherit is None:
+            return url, None
+        return url, UpstreamTls(inherit.ca_file, inherit.client_cert_file,
+                                inherit.client_key_file)
+    sec.has("upstream")
+    usec = _Section(value, sec.at("upstream"), sec.problems)
+    url = usec.url("url", schemes=("http", "https"))
+    tls = _upstream_tls(usec, inherit)
+    _check_upstream_tls_scheme(usec, url, tls)
+    usec.finish()
+    return url, tls
 
 
 def _match(sec: _Section) -> PathMatch | None:
@@ -706,7 +768,8 @@ def _check_chain(sec: _Section, chain: list[Provider]) -> None:
 
 def _routes(top: _Section, providers: Mapping[str, Provider],
             registries: Mapping[str, ClientRegistryConfig] | None = None, *,
-            binding_only: bool = False) -> tuple[Route, ...]:
+            binding_only: bool = False,
+            upstream_tls: UpstreamTls | None = None) -> tuple[Route, ...]:
     present, value = top._raw("routes", _REQUIRED)
     if not present:
         return ()
@@ -728,12 +791,12 @@ def _routes(top: _Section, providers: Mapping[str, Provider],
             for m in sorted(methods - _HTTP_METHODS):
                 sec.problem("methods", f"unknown HTTP method {m!r}")
         auth = _auth(sec, providers, registries, binding_only=binding_only)
-        upstream_url = sec.url("upstream", None, schemes=("http", "https"))
+        upstream_url, route_tls = _route_upstream(sec, upstream_tls)
         forward_cert = sec.boolean("forward_client_cert", False)
         sec.finish()
         if match is not None and auth is not None:
             routes.append(Route(name, match, methods, auth, upstream_url,
-                                forward_client_cert=forward_cert))
+                                forward_client_cert=forward_cert, upstream_tls=route_tls))
     return tuple(routes)
 
 
@@ -978,7 +1041,8 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     upstream = _upstream(upstream_sec) if upstream_sec else None
     registries = _client_registries(top.section("client_registries", required=False))
     any_ca = listen is not None and listen.client_ca == "any"
-    routes = _routes(top, providers, registries, binding_only=any_ca)
+    routes = _routes(top, providers, registries, binding_only=any_ca,
+                     upstream_tls=upstream.tls if upstream is not None else None)
     if any_ca:
         _check_registries_under_any_ca(routes, registries, problems)
     metadata = _metadata(top.section("metadata", required=False), providers, routes)

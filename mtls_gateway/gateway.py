@@ -34,6 +34,7 @@ from .errors import (
     Refusal,
     RequestTimeout,
     TokenEndpointRefusal,
+    UpstreamFailed,
 )
 from .fastlane import PlainRequest, TokenMemo, UpstreamPool, http_date
 from .framing import check_framing
@@ -42,11 +43,12 @@ from .jwt_verifier import JwtVerifier
 from .metadata import MetadataEndpoint
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
-from .proxy import ABORTED, HOP_BY_HOP, UPSTREAM_SECONDS, Forwarder
+from .proxy import ABORTED, HOP_BY_HOP, UPSTREAM_ERROR, UPSTREAM_SECONDS, Forwarder
 from .routing import Router
 from .tls import PeerCertificate, peer_certificate
 from .token_endpoint import TokenEndpoint, token_refusal_response
 from .tokeninfo import TokenInfo
+from .upstream_tls import UpstreamTargets
 
 __all__ = ["Admission", "Gateway", "Lane", "build_verifier", "refusal_response"]
 
@@ -88,6 +90,9 @@ def refusal_response(exc: Refusal, realm: str,
         body["error_description"] = exc.description
     return web.json_response(body, status=exc.status, headers=headers)
 
+
+_LANE_CAUSES = {"upstream_timeout": "timeout", "upstream_unavailable": "unreachable_or_bad_answer",
+                "upstream_aborted": "broke_off_mid_response"}
 
 _GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 408: "request_timeout",
                    413: "request_too_large", 502: "bad_gateway",
@@ -180,6 +185,7 @@ class Gateway:
                                    also_strip=self.certificates.strip | client_headers,
                                    limits=config.limits)
         self._identity = config.upstream.identity_headers
+        self.upstreams = UpstreamTargets(config)    # TLS contexts: once per generation
         self.lane = self._build_lane(config) if config.fast_lane and isinstance(
             self.certificates, TlsCertificates) and config.listen.tls else None
         self._in_flight = 0
@@ -287,21 +293,25 @@ class Gateway:
             if route.forward_client_cert and peer is not None and peer.der:
                 identity["Client-Cert"] = encode_client_cert(peer.der)
             authorized = True
-            upstream_url = route.upstream_url or self.config.upstream.url
+            up = self.upstreams.of(route)
             response: web.StreamResponse
             if self.metadata is not None and self.metadata.rewrites(request):
-                response = await self.metadata.rewritten(self.forwarder, request, upstream_url,
-                                                         identity)
+                response = await self.metadata.rewritten(self.forwarder, request, up.url,
+                                                         identity, up.context, up.server_name)
             else:
-                response = await self.forwarder.forward(request, upstream_url, identity,
-                                                        body_bytes=body)
+                response = await self.forwarder.forward(request, up.url, identity,
+                                                        body_bytes=body, context=up.context,
+                                                        server_name=up.server_name)
             self.metrics.observe(self.metrics.upstream_seconds, route.name,
                                  response[UPSTREAM_SECONDS])
             if response.get(ABORTED):
                 reason = "upstream_aborted"
+                fields["upstream_error"] = response.get(UPSTREAM_ERROR)
         except Refusal as exc:
             response = refusal_response(exc, self.config.realm, self._metadata_url)
             reason = exc.reason
+            if isinstance(exc, UpstreamFailed) and exc.cause:
+                fields["upstream_error"] = exc.cause
             if isinstance(exc, BodyTooLarge | RequestTimeout):
                 response.force_close()  # the rest of the body is not worth reading
             if request.version not in (HttpVersion10, HttpVersion11):
@@ -406,6 +416,8 @@ class Gateway:
 
     def upstream_error(self, admission: Admission, reason: str) -> None:
         self.metrics.upstream_errors.labels(admission.route.name, reason).inc()
+        # The lane does not pass its exception here: a coarse cause, never none at all.
+        admission.fields.setdefault("upstream_error", _LANE_CAUSES.get(reason, reason))
 
     def record_plain(self, admission: Admission, reason: str, status: int, *,
                      allowed: bool) -> None:

@@ -17,6 +17,7 @@ through unchanged.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -105,11 +106,13 @@ class MetadataEndpoint:
         return request.method == "GET" and request.path in self.rewrite_paths
 
     async def rewritten(self, forwarder: Forwarder, request: web.Request, base_url: str,
-                        identity: Mapping[str, str]) -> web.Response:
+                        identity: Mapping[str, str], context: ssl.SSLContext | None = None,
+                        server_name: str | None = None) -> web.Response:
         """Fetch the AS document through the forwarder and answer with the rewritten one."""
         started = time.perf_counter()
         status, headers, body = await forwarder.fetch(request, base_url, identity,
-                                                      max_bytes=_MAX_AS_METADATA_BYTES)
+                                                      max_bytes=_MAX_AS_METADATA_BYTES,
+                                                      context=context, server_name=server_name)
         elapsed = time.perf_counter() - started
         doc: Any = None
         if status == 200:
