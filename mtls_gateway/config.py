@@ -255,6 +255,7 @@ class Route:
     upstream_url: str | None                 # None: the global upstream
     forward_client_cert: bool = False        # send the caller's certificate as RFC 9440 Client-Cert
     upstream_tls: UpstreamTls | None = None  # with upstream_url: its TLS (None: upstream.tls)
+    resource: str | None = None              # own RFC 9728 resource (None: metadata.resource)
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from .config import (
     UpstreamConfig,
     UpstreamTls,
 )
+from .dn_forms import from_openssl_form
 from .errors import ConfigError
 from .jwks import KeySet
 
@@ -501,7 +502,7 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
         ca_file=sec.file("ca_file", None, check=_check_certs),
         timeout=sec.duration("timeout", 2.0),
         issuer=sec.string("issuer", None),
-        audiences=sec.strings("audiences", ()),
+        audiences=_introspection_audiences(sec),
         leeway=sec.duration("leeway", 30.0, positive=False),
         cache=cache,
         failure_threshold=sec.integer("failure_threshold", 5, low=1, high=1000),
@@ -510,6 +511,56 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
     sec.string("type")
     sec.finish()
     return provider
+
+
+def _introspection_audiences(sec: _Section) -> tuple[str, ...]:
+    """Required: the resource identifiers accepted, or ``any`` (() after loading).
+
+    Opaque tokens carry no audience the gateway can see without asking; an endpoint that
+    answers for every resource of the authorization server would otherwise make a token
+    meant for another API good here.
+    """
+    if sec.data.get("audiences") == "any":
+        sec.has("audiences")
+        return ()
+    if sec.data.get("audiences") is None:
+        sec.has("audiences")
+        sec.problem("audiences", "is required: list the resource identifiers (aud values) "
+                    "this gateway accepts, or write audiences: any to accept tokens meant "
+                    "for any resource of the authorization server")
+        return ()
+    audiences: tuple[str, ...] = sec.strings("audiences")
+    if audiences == () and isinstance(sec.data.get("audiences"), list):
+        sec.problem("audiences", "must list at least one audience (or be: any)")
+    return audiences
+
+
+def _route_resource(sec: _Section) -> str | None:
+    """``routes[].resource``: this route's RFC 9728 resource identifier (its own metadata)."""
+    resource = sec.url("resource", None)
+    if isinstance(resource, str) and (urlsplit(resource).query or urlsplit(resource).fragment):
+        sec.problem("resource", "must have no query or fragment (RFC 9728 section 1.2)")
+    if isinstance(resource, str) and urlsplit(resource).path.rstrip("/") == "":
+        sec.problem("resource", "needs a path (its metadata is served at "
+                    "/.well-known/oauth-protected-resource/<path>); the host's root is "
+                    "metadata.resource")
+    return resource if isinstance(resource, str) else None
+
+
+def _check_route_resources(routes: tuple[Route, ...], metadata: MetadataConfig | None,
+                           problems: _Problems) -> None:
+    for i, route in enumerate(routes):
+        if route.resource is None:
+            continue
+        if metadata is None:
+            problems.add(f"routes[{i}].resource", "needs the metadata section (RFC 9728 "
+                         "documents are served only with metadata.resource set)")
+        elif route.resource.rstrip("/") == metadata.resource.rstrip("/"):
+            problems.add(f"routes[{i}].resource", "equals metadata.resource; leave it out "
+                         "(routes without resource use metadata.resource)")
+        if not isinstance(route.auth, AuthPolicy):
+            problems.add(f"routes[{i}].resource", "only a route with token auth (provider) "
+                         "is a protected resource")
 
 
 def _providers(sec: _Section | None) -> dict[str, Provider]:
@@ -793,10 +844,12 @@ def _routes(top: _Section, providers: Mapping[str, Provider],
         auth = _auth(sec, providers, registries, binding_only=binding_only)
         upstream_url, route_tls = _route_upstream(sec, upstream_tls)
         forward_cert = sec.boolean("forward_client_cert", False)
+        resource = _route_resource(sec)
         sec.finish()
         if match is not None and auth is not None:
             routes.append(Route(name, match, methods, auth, upstream_url,
-                                forward_client_cert=forward_cert, upstream_tls=route_tls))
+                                forward_client_cert=forward_cert, upstream_tls=route_tls,
+                                resource=resource))
     return tuple(routes)
 
 
@@ -827,9 +880,20 @@ _SUBJECT_KEYS = {"tls_client_auth_subject_dn": "subject_dn", "tls_client_auth_sa
                  "tls_client_auth_san_email": "san_email"}
 
 
+def _subject_dn_form(value: str) -> str | None:
+    """A problem for a subject DN in OpenSSL's slash form, naming the RFC 4514 form meant."""
+    meant = from_openssl_form(value)
+    if meant is None:
+        return None
+    return (f"{value!r} is OpenSSL's /C=../O=../CN=.. form, not RFC 4514 (it would never "
+            f'match); you meant: "{meant}"')
+
+
 def _check_subject_value(sec: _Section, key: str, value: str) -> None:
     try:
         if key == "tls_client_auth_subject_dn":
+            if (form := _subject_dn_form(value)) is not None:
+                raise ValueError(form)
             parse_dn(value)
         elif key == "tls_client_auth_san_ip":
             ipaddress.ip_address(value)
@@ -1046,6 +1110,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     if any_ca:
         _check_registries_under_any_ca(routes, registries, problems)
     metadata = _metadata(top.section("metadata", required=False), providers, routes)
+    _check_route_resources(routes, metadata, problems)
     logging_cfg = _logging(top.section("logging", required=False), problems)
     limits = _limits(top.section("limits", required=False), problems)
     realm = top.string("realm", "mtls-gateway")

@@ -194,9 +194,13 @@ class Gateway:
 
     def _build_lane(self, config: GatewayConfig) -> Lane:
         targets = {}
+        # A route with its own RFC 9728 resource stays off the lane: the lane's refusals are
+        # answered by refusal_bytes, which does not know the route's resource_metadata URL.
+        own = self.metadata.routes_with_own_resource if self.metadata else frozenset()
         for route in config.routes:
             target = _target(route.upstream_url or config.upstream.url)
-            if target is not None and not isinstance(route.auth, AuthMtlsClient):
+            if target is not None and not isinstance(route.auth, AuthMtlsClient) \
+                    and id(route) not in own:
                 targets[id(route)] = target
         return Lane(pool=UpstreamPool(config.upstream.max_connections,
                                       config.upstream.connect_timeout),
@@ -258,11 +262,12 @@ class Gateway:
         peer: PeerCertificate | None = None
         authorized = False
         if self.metadata is not None and self.metadata.serves(request):
-            return self._serve_metadata(self.metadata, fields, started)
+            return self._serve_metadata(self.metadata, fields, started, request.path)
         body: bytes | None = None   # set when the gateway read the body (token endpoint)
+        matched: Route | None = None    # for the challenge's resource_metadata (RFC 9728)
         try:
             check_framing(request, self.config.limits)
-            route = self.router.match(request.method, request.path, request.raw_path)
+            route = matched = self.router.match(request.method, request.path, request.raw_path)
             fields["route"] = route.name
             peer = self.certificates.peer(request)
             identity: dict[str, str] = {}
@@ -308,7 +313,9 @@ class Gateway:
                 reason = "upstream_aborted"
                 fields["upstream_error"] = response.get(UPSTREAM_ERROR)
         except Refusal as exc:
-            response = refusal_response(exc, self.config.realm, self._metadata_url)
+            response = refusal_response(exc, self.config.realm,
+                                        self.metadata.url_for(matched) if self.metadata
+                                        else self._metadata_url)
             reason = exc.reason
             if isinstance(exc, UpstreamFailed) and exc.cause:
                 fields["upstream_error"] = exc.cause
@@ -340,7 +347,7 @@ class Gateway:
         started = time.perf_counter()
         lane = self.lane
         if lane is None or (self.metadata is not None and (
-                request.path == self.metadata.path
+                request.path in self.metadata.paths
                 or request.path in self.metadata.rewrite_paths)):
             return None
         try:
@@ -438,10 +445,10 @@ class Gateway:
         return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
     def _serve_metadata(self, endpoint: MetadataEndpoint, fields: dict[str, object],
-                        started: float) -> web.StreamResponse:
+                        started: float, path: str) -> web.StreamResponse:
         """RFC 9728 protected resource metadata: public, answered by the gateway itself."""
         fields["route"] = "metadata"
-        response = endpoint.document_response()
+        response = endpoint.document_response(path)
         self._record(fields, True, "metadata", response.status, None, started)
         return response
 

@@ -125,7 +125,8 @@ def test_provider_chains_without_unreachable_members(pki: Pki, tmp_path: Path,
     secret = tmp_path / "secret"
     secret.write_text("s")
     data["providers"]["opaque"] = {"type": "introspection", "endpoint": "https://as.test/i",
-                                   "client_id": "gw", "client_secret_file": str(secret)}
+                                   "client_id": "gw", "client_secret_file": str(secret),
+                                   "audiences": "any"}
     data["routes"][1]["auth"]["provider"] = chain
     problems = _problems(data, tmp_path)
     assert problems == [f"routes[1].auth.provider: {expected} https://i.test"
