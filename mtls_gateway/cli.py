@@ -71,6 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
+        from .config_advice import config_warnings
+
+        for warning in config_warnings(config):
+            print(f"warning: {warning}")
         print(f"{args.config}: OK ({len(config.routes)} routes, "
               f"{len(config.providers)} providers)")
         return 0
