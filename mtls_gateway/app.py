@@ -32,6 +32,7 @@ from .handshake import HandshakeFailures
 from .metrics import FLUSH_SECONDS, Metrics
 from .tls import TlsContextSwitch, server_ssl_context
 from .tls_any import AnyCertSite, any_cert_context
+from .upstream_tls import UpstreamTargets
 
 __all__ = ["SERVER", "GatewayServer", "serve_forever"]
 
@@ -263,6 +264,10 @@ class GatewayServer:
                 install_tls = await asyncio.to_thread(self._prepare_tls, config.listen)
                 expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
                 new = Gateway(config, self.metrics) if config != self.config else None
+                # Same config, maybe rotated upstream CA or client certificate files: new
+                # contexts for new upstream connections (upstream_tls.py).
+                upstreams = (await asyncio.to_thread(UpstreamTargets, config)
+                             if new is None else None)
             except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
                 self.metrics.config_reloads.labels("failure").inc()
                 log.error("reload (%s) refused, keeping the current config and TLS material: %s",
@@ -275,6 +280,8 @@ class GatewayServer:
                 task = asyncio.create_task(old.retire(config.shutdown_grace))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+            if upstreams is not None:
+                self.gateway.upstreams = upstreams
             install_tls()
             self._set_expiry(expiry)
             self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())

@@ -201,7 +201,6 @@ async def test_route_url_inherits_upstream_tls_but_not_server_name(
     up, url = tls_upstream
     config = config_for(pki, upstream, url, ca_file=cas["ca_file"],
                         server_name="upstream.internal")
-    assert up.seen == []
     config["routes"] = [{"name": "alias", "path_prefix": "/", "auth": "none",
                          "upstream": url}]
     status, line = await call(make_gateway, config, caplog)
@@ -304,3 +303,20 @@ def test_route_tls_resolution(pki: Pki, cas: dict[str, Any]) -> None:
     assert own.upstream_tls.server_name == "c.example"
     assert own.upstream_tls.client_key_file == cas["dir"] / "gw.key"
     assert cas["dir"] / "gw.key" in cfg.watched_files()
+
+
+async def test_reload_picks_up_a_rotated_ca_file(make_gateway: GatewayFactory, pki: Pki,
+                                                 upstream: Upstream, cas: dict[str, Any],
+                                                 tls_upstream: tuple[TlsUpstream, str],
+                                                 tmp_path: Path) -> None:
+    """Only the CA file's content changes (the config is equal): new connections use it."""
+    up, url = tls_upstream
+    ca_file = tmp_path / "rotating-ca.pem"
+    ca_file.write_bytes(trustme.CA().cert_pem.bytes())          # not the upstream's CA
+    gw = await make_gateway(config_for(pki, upstream, url, ca_file=str(ca_file),
+                                       server_name="upstream.internal"))
+    assert (await gw.request("/x")).status == 502
+    ca_file.write_bytes(cas["server_ca"].cert_pem.bytes())
+    assert await gw.server.reload("test")
+    assert (await gw.request("/y")).status == 200
+    assert up.seen == [("/y", None)]
