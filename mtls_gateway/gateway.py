@@ -424,7 +424,10 @@ class Gateway:
     def upstream_error(self, admission: Admission, reason: str) -> None:
         self.metrics.upstream_errors.labels(admission.route.name, reason).inc()
         # The lane does not pass its exception here: a coarse cause, never none at all.
-        admission.fields.setdefault("upstream_error", _LANE_CAUSES.get(reason, reason))
+        cause = _LANE_CAUSES.get(reason, reason)
+        admission.fields.setdefault("upstream_error", cause)
+        host, port = admission.upstream
+        self.forwarder.warn(f"http://{host}:{port}", cause)
 
     def record_plain(self, admission: Admission, reason: str, status: int, *,
                      allowed: bool) -> None:

@@ -86,20 +86,24 @@ class Forwarder:
         self._warned: dict[tuple[str, str], float] = {}
         self._quiet: dict[tuple[str, str], int] = {}
 
+    def warn(self, upstream: str, cause: str) -> None:
+        """A WARNING for a failed upstream request: at most one per kind of cause and
+        upstream every WARN_INTERVAL seconds, with the number of those left out."""
+        key = (cause.partition(":")[0], upstream)
+        now = time.monotonic()
+        if now < self._warned.get(key, float("-inf")):
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._warned[key] = now + WARN_INTERVAL
+        quiet = self._quiet.pop(key, 0)
+        log.warning("upstream %s failed: %s%s", upstream, cause,
+                    f" ({quiet} more like it in the last {WARN_INTERVAL:.0f}s)" if quiet else "")
+
     def _failed(self, exc: BaseException, base_url: str, *, timeout: bool = False
                 ) -> UpstreamFailed:
         """The refusal for a failed upstream request, its cause logged (rate-limited)."""
         cause = upstream_error(exc)
-        key = (cause.partition(":")[0], base_url)
-        now = time.monotonic()
-        if now >= self._warned.get(key, float("-inf")):
-            self._warned[key] = now + WARN_INTERVAL
-            quiet = self._quiet.pop(key, 0)
-            log.warning("upstream %s failed: %s%s", base_url, cause,
-                        f" ({quiet} more like it in the last {WARN_INTERVAL:.0f}s)"
-                        if quiet else "")
-        else:
-            self._quiet[key] = self._quiet.get(key, 0) + 1
+        self.warn(base_url, cause)
         if timeout:
             return UpstreamTimeout("upstream_timeout", "upstream did not answer in time",
                                    cause=cause)

@@ -230,9 +230,12 @@ async def test_connection_refused_is_named(make_gateway: GatewayFactory, pki: Pk
 async def test_fast_lane_failure_has_a_cause(make_gateway: GatewayFactory, pki: Pki,
                                              upstream: Upstream,
                                              caplog: pytest.LogCaptureFixture) -> None:
+    port = closed_port()
     status, line = await call(make_gateway, config_for(
-        pki, upstream, f"http://127.0.0.1:{closed_port()}"), caplog)
+        pki, upstream, f"http://127.0.0.1:{port}"), caplog)
     assert status == 502 and line["upstream_error"] == "unreachable_or_bad_answer"
+    warnings = [r.getMessage() for r in caplog.records if r.name == "mtls_gateway.proxy"]
+    assert warnings == [f"upstream http://127.0.0.1:{port} failed: unreachable_or_bad_answer"]
 
 
 async def test_read_timeout_is_named(make_gateway: GatewayFactory, pki: Pki,
