@@ -125,6 +125,17 @@ class AlertingSSLObject(ssl.SSLObject):
 
     failures: HandshakeFailures | None = None
     _failed: ssl.SSLError | None = None
+    _outgoing: ssl.MemoryBIO | None = None
+
+    @classmethod
+    def _create(cls, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                server_side: bool = False, server_hostname: str | None = None,
+                session: ssl.SSLSession | None = None,
+                context: ssl.SSLContext | None = None) -> AlertingSSLObject:
+        obj: AlertingSSLObject = super()._create(  # type: ignore[misc]
+            incoming, outgoing, server_side, server_hostname, session, context)
+        obj._outgoing = outgoing
+        return obj
 
     def do_handshake(self) -> None:
         if self._failed is not None:
@@ -139,6 +150,8 @@ class AlertingSSLObject(ssl.SSLObject):
                 self.failures.failed(reason_from_ssl_error(exc), None,
                                      str(getattr(exc, "verify_message", "") or exc.reason
                                          or exc))
+            if self._outgoing is None or not self._outgoing.pending:
+                raise           # no alert to send (plain HTTP, say): close at once
             # "more data, please": the protocol writes out what OpenSSL queued, the alert
             raise ssl.SSLWantReadError("handshake failed; sending the alert") from exc
 

@@ -193,3 +193,43 @@ def test_reason_labels(reason_text: str, code: int | None, expected: str) -> Non
     exc.reason = reason_text
     exc.verify_code = code  # type: ignore[attr-defined]
     assert reason_from_ssl_error(exc) == expected
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_plain_http_to_the_tls_port_is_closed_at_once(pki: Pki, hs_pki: dict[str, Path],
+                                                      tmp_path: Path, loop: str) -> None:
+    """No alert to send: the connection is not kept waiting for the handshake timeout."""
+    import socket
+    import time
+
+    def plain_http(port: int) -> tuple[bytes, float]:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                data = raw.recv(100)
+            except ConnectionResetError:
+                data = b"reset"
+        return data, time.monotonic() - started
+
+    async def case() -> tuple[tuple[bytes, float], dict[str, float]]:
+        path = tmp_path / "gw.yaml"
+        path.write_text(yaml.safe_dump(pki_config(pki, hs_pki, "http://127.0.0.1:9")))
+        server = GatewayServer(load_config(path))
+        await server.start()
+        try:
+            got = await asyncio.to_thread(plain_http, server.port)
+            await asyncio.sleep(0.05)
+            counts = {s.labels["reason"]: s.value
+                      for m in server.metrics.registry.collect()
+                      if m.name == "mtls_gateway_tls_handshake_failures"
+                      for s in m.samples if s.name.endswith("_total")}
+            return got, counts
+        finally:
+            await server.stop()
+
+    factory = uvloop.new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        (data, seconds), counts = runner.run(case())
+    assert data in (b"", b"reset") and seconds < 10      # the handshake timeout is 60 s
+    assert counts == {"protocol": 1.0}
