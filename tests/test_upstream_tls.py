@@ -323,3 +323,48 @@ async def test_reload_picks_up_a_rotated_ca_file(make_gateway: GatewayFactory, p
     assert await gw.server.reload("test")
     assert (await gw.request("/y")).status == 200
     assert up.seen == [("/y", None)]
+
+
+def test_contexts_are_built_once_per_distinct_setting(pki: Pki, cas: dict[str, Any]) -> None:
+    from mtls_gateway.upstream_tls import UpstreamTargets
+
+    cfg = load(pki, cas["dir"], {"url": "https://a.internal", "ca_file": "server-ca.pem"}, [
+        {"name": "a", "path_prefix": "/a", "auth": "none", "upstream": "https://b.internal"},
+        {"name": "b", "path_prefix": "/b", "auth": "none",
+         "upstream": {"url": "https://c.internal", "server_name": "c.example"}},
+        {"name": "c", "path_prefix": "/c", "auth": "none",
+         "upstream": {"url": "https://d.internal", "client_cert_file": "gw.crt",
+                      "client_key_file": "gw.key"}},
+        {"name": "plain", "path_prefix": "/", "auth": "none", "upstream": "http://e.internal"},
+    ])
+    targets = UpstreamTargets(cfg)
+    a, b, c, plain = (targets.of(r) for r in cfg.routes)
+    # same CA, no client certificate: one context (server_name is per request, not per context)
+    assert a.context is b.context is targets.default.context is not None
+    assert c.context is not None and c.context is not a.context
+    assert (b.server_name, a.server_name) == ("c.example", None)
+    assert plain.context is None and len(targets.contexts) == 2
+    assert all(ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+               for ctx in targets.contexts)
+
+
+async def test_no_context_is_built_per_request(make_gateway: GatewayFactory, pki: Pki,
+                                               upstream: Upstream, cas: dict[str, Any],
+                                               tls_upstream: tuple[TlsUpstream, str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import mtls_gateway.upstream_tls as upstream_tls
+
+    built: list[object] = []
+    real = upstream_tls.client_context
+
+    def counting(tls: Any) -> ssl.SSLContext:
+        built.append(tls)
+        return real(tls)
+
+    monkeypatch.setattr(upstream_tls, "client_context", counting)
+    up, url = tls_upstream
+    gw = await make_gateway(config_for(pki, upstream, url, ca_file=cas["ca_file"],
+                                       server_name="upstream.internal"))
+    for i in range(3):
+        assert (await gw.request(f"/r{i}")).status == 200
+    assert len(built) == 1 and len(up.seen) == 3
