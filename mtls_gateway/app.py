@@ -29,9 +29,11 @@ from .config_load import load_config
 from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
+from .handshake import HandshakeFailures
 from .metrics import FLUSH_SECONDS, Metrics
 from .tls import TlsContextSwitch, server_ssl_context
 from .tls_any import AnyCertSite, any_cert_context
+from .upstream_tls import UpstreamTargets
 
 __all__ = ["SERVER", "GatewayServer", "serve_forever"]
 
@@ -69,6 +71,8 @@ class GatewayServer:
         self.config = config
         self.metrics = metrics or Metrics()
         self.gateway = Gateway(config, self.metrics)
+        self.handshake_failures = HandshakeFailures(
+            lambda reason: self.metrics.tls_handshake_failures.labels(reason).inc())
         self.port = 0
         self.admin_port = 0
         self.draining = False
@@ -167,9 +171,10 @@ class GatewayServer:
         elif listen.client_ca == "any":     # any issuer: pyOpenSSL, see tls_any.py
             site = self._tls = AnyCertSite(self._runner, listen.host, listen.port,
                                            context=any_cert_context(listen),
-                                           reuse_port=reuse_port)
+                                           reuse_port=reuse_port,
+                                           failures=self.handshake_failures)
         else:
-            self._tls = TlsContextSwitch(server_ssl_context(listen))
+            self._tls = TlsContextSwitch(server_ssl_context(listen, self.handshake_failures))
             site = web.TCPSite(self._runner, listen.host, listen.port,
                                ssl_context=self._tls.base, reuse_port=reuse_port)
         await site.start()
@@ -262,6 +267,10 @@ class GatewayServer:
                 install_tls = await asyncio.to_thread(self._prepare_tls, config.listen)
                 expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
                 new = Gateway(config, self.metrics) if config != self.config else None
+                # Same config, maybe rotated upstream CA or client certificate files: new
+                # contexts for new upstream connections (upstream_tls.py).
+                upstreams = (await asyncio.to_thread(UpstreamTargets, config)
+                             if new is None else None)
             except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
                 self.metrics.config_reloads.labels("failure").inc()
                 log.error("reload (%s) refused, keeping the current config and TLS material: %s",
@@ -274,6 +283,8 @@ class GatewayServer:
                 task = asyncio.create_task(old.retire(config.shutdown_grace))
                 self._retiring.add(task)
                 task.add_done_callback(self._retiring.discard)
+            if upstreams is not None:
+                self.gateway.upstreams = upstreams
             install_tls()
             self._set_expiry(expiry)
             self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())
@@ -294,7 +305,7 @@ class GatewayServer:
             context = any_cert_context(listen)
             return lambda: tls.update(context)
         assert tls is not None
-        ssl_context = server_ssl_context(listen)
+        ssl_context = server_ssl_context(listen, self.handshake_failures)
         return lambda: tls.update(ssl_context)
 
     def _warn_restart_only(self, new: GatewayConfig) -> None:

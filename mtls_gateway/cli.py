@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in warnings:
         print(f"mtls-gateway: {args.config}: warning: {warning}", file=sys.stderr)
     if args.command == "check":
+        from .config_advice import config_warnings
+
+        for warning in config_warnings(config):
+            print(f"warning: {warning}")
         print(f"{args.config}: OK ({len(config.routes)} routes, "
               f"{len(config.providers)} providers"
               f"{f', {len(warnings)} warnings' if warnings else ''})")

@@ -43,6 +43,7 @@ __all__ = [
     "TlsClientAuthMethod",
     "TrustedProxies",
     "UpstreamConfig",
+    "UpstreamTls",
 ]
 
 #: Signature algorithms a provider may allow. Never HMAC, never ``none`` (RFC 8725, RFC 9068).
@@ -183,6 +184,26 @@ class IdentityHeaders:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """How the gateway meets an ``https://`` upstream (docs/upstream-tls.md).
+
+    ``ca_file``: the CAs its certificate must chain to (None: the system trust store);
+    ``client_cert_file``/``client_key_file``: the gateway's certificate for mutual TLS to
+    the upstream (None: none sent); ``server_name``: SNI and the name its certificate must
+    carry (None: the URL's host).
+    """
+
+    ca_file: Path | None = None
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    server_name: str | None = None
+
+    def files(self) -> tuple[Path, ...]:
+        return tuple(f for f in (self.ca_file, self.client_cert_file, self.client_key_file)
+                     if f is not None)
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     url: str
     connect_timeout: float
@@ -192,6 +213,7 @@ class UpstreamConfig:
     identity_headers: IdentityHeaders
     #: More inbound header names (lower case) never forwarded, besides the built-in list.
     strip_headers: tuple[str, ...] = ()
+    tls: UpstreamTls = field(default_factory=UpstreamTls)
 
 
 @dataclass(frozen=True)
@@ -241,6 +263,8 @@ class Route:
     auth: AuthNone | AuthPolicy | AuthMtlsClient
     upstream_url: str | None                 # None: the global upstream
     forward_client_cert: bool = False        # send the caller's certificate as RFC 9440 Client-Cert
+    upstream_tls: UpstreamTls | None = None  # with upstream_url: its TLS (None: upstream.tls)
+    resource: str | None = None              # own RFC 9728 resource (None: metadata.resource)
 
 
 @dataclass(frozen=True)
@@ -345,4 +369,6 @@ class GatewayConfig:
         source = self.listen.client_certificate
         if source is not None and source.trusted.ca_file is not None:
             files.append(source.trusted.ca_file)
+        files += [f for tls in (self.upstream.tls, *(r.upstream_tls for r in self.routes))
+                  if tls is not None for f in tls.files() if f not in files]
         return tuple(files)

@@ -51,7 +51,9 @@ from .config import (
     Route,
     TrustedProxies,
     UpstreamConfig,
+    UpstreamTls,
 )
+from .dn_forms import from_openssl_form
 from .errors import ConfigError
 from .jwks import KeySet
 
@@ -522,7 +524,7 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
         ca_file=sec.file("ca_file", None, check=_check_certs),
         timeout=sec.duration("timeout", 2.0),
         issuer=sec.string("issuer", None),
-        audiences=sec.strings("audiences", ()),
+        audiences=_introspection_audiences(sec),
         leeway=sec.duration("leeway", 30.0, positive=False),
         cache=cache,
         failure_threshold=sec.integer("failure_threshold", 5, low=1, high=1000),
@@ -531,6 +533,56 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
     sec.string("type")
     sec.finish()
     return provider
+
+
+def _introspection_audiences(sec: _Section) -> tuple[str, ...]:
+    """Required: the resource identifiers accepted, or ``any`` (() after loading).
+
+    Opaque tokens carry no audience the gateway can see without asking; an endpoint that
+    answers for every resource of the authorization server would otherwise make a token
+    meant for another API good here.
+    """
+    if sec.data.get("audiences") == "any":
+        sec.has("audiences")
+        return ()
+    if sec.data.get("audiences") is None:
+        sec.has("audiences")
+        sec.problem("audiences", "is required: list the resource identifiers (aud values) "
+                    "this gateway accepts, or write audiences: any to accept tokens meant "
+                    "for any resource of the authorization server")
+        return ()
+    audiences: tuple[str, ...] = sec.strings("audiences")
+    if audiences == () and isinstance(sec.data.get("audiences"), list):
+        sec.problem("audiences", "must list at least one audience (or be: any)")
+    return audiences
+
+
+def _route_resource(sec: _Section) -> str | None:
+    """``routes[].resource``: this route's RFC 9728 resource identifier (its own metadata)."""
+    resource = sec.url("resource", None)
+    if isinstance(resource, str) and (urlsplit(resource).query or urlsplit(resource).fragment):
+        sec.problem("resource", "must have no query or fragment (RFC 9728 section 1.2)")
+    if isinstance(resource, str) and urlsplit(resource).path.rstrip("/") == "":
+        sec.problem("resource", "needs a path (its metadata is served at "
+                    "/.well-known/oauth-protected-resource/<path>); the host's root is "
+                    "metadata.resource")
+    return resource if isinstance(resource, str) else None
+
+
+def _check_route_resources(routes: tuple[Route, ...], metadata: MetadataConfig | None,
+                           problems: _Problems) -> None:
+    for i, route in enumerate(routes):
+        if route.resource is None:
+            continue
+        if metadata is None:
+            problems.add(f"routes[{i}].resource", "needs the metadata section (RFC 9728 "
+                         "documents are served only with metadata.resource set)")
+        elif route.resource.rstrip("/") == metadata.resource.rstrip("/"):
+            problems.add(f"routes[{i}].resource", "equals metadata.resource; leave it out "
+                         "(routes without resource use metadata.resource)")
+        if not isinstance(route.auth, AuthPolicy):
+            problems.add(f"routes[{i}].resource", "only a route with token auth (provider) "
+                         "is a protected resource")
 
 
 def _providers(sec: _Section | None) -> dict[str, Provider]:
@@ -592,7 +644,9 @@ def _upstream(sec: _Section) -> UpstreamConfig:
         identity_headers=_identity_headers(sec.section("identity_headers", required=False),
                                            sec.problems, sec.at("identity_headers")),
         strip_headers=_strip_headers(sec),
+        tls=_upstream_tls(sec),
     )
+    _check_upstream_tls_scheme(sec, upstream.url, upstream.tls)
     sec.finish()
     return upstream
 
@@ -610,6 +664,63 @@ def _strip_headers(sec: _Section) -> tuple[str, ...]:
         else:
             names.append(name.lower())
     return tuple(names)
+# --- TLS to the upstream (docs/upstream-tls.md) ---------------------------------------------
+
+_SERVER_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?"
+                          r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})?)*\.?$")
+
+
+def _upstream_tls(sec: _Section, inherit: UpstreamTls | None = None) -> UpstreamTls:
+    """``ca_file``, ``client_cert_file``/``client_key_file`` and ``server_name`` of an upstream;
+    what ``inherit`` gives is used where the section says nothing (not ``server_name``)."""
+    base = inherit or UpstreamTls()
+    ca_file = sec.file("ca_file", None, check=_check_certs)
+    cert = sec.file("client_cert_file", None, check=_check_certs)
+    key = sec.file("client_key_file", None, check=_check_key)
+    if (cert is None) != (key is None):
+        missing = "client_key_file" if key is None else "client_cert_file"
+        sec.problem(missing, "mutual TLS to the upstream needs both client_cert_file and "
+                    "client_key_file")
+    elif cert is not None and key is not None and cert.is_file() and key.is_file():
+        try:
+            ssl.create_default_context().load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            sec.problem("client_key_file", f"does not match client_cert_file ({exc})")
+    server_name = sec.string("server_name", None)
+    if isinstance(server_name, str) and not _SERVER_NAME.match(server_name):
+        sec.problem("server_name", f"{server_name!r} is not a DNS name (no scheme, port or "
+                    "path; an IP address needs no server_name)")
+    if cert is None and key is None:
+        cert, key = base.client_cert_file, base.client_key_file
+    return UpstreamTls(ca_file=ca_file or base.ca_file, client_cert_file=cert,
+                       client_key_file=key, server_name=server_name)
+
+
+def _check_upstream_tls_scheme(sec: _Section, url: object, tls: UpstreamTls) -> None:
+    if isinstance(url, str) and urlsplit(url).scheme == "http":
+        for key in ("ca_file", "client_cert_file", "client_key_file", "server_name"):
+            if key in sec.data:
+                sec.problem(key, "only applies to an https:// upstream")
+
+
+def _route_upstream(sec: _Section, inherit: UpstreamTls | None
+                    ) -> tuple[str | None, UpstreamTls | None]:
+    """``routes[].upstream``: a URL (TLS settings from ``upstream``, but not its
+    server_name), or a mapping with ``url`` and its own TLS settings."""
+    value = sec.data.get("upstream")
+    if not isinstance(value, dict):
+        url = sec.url("upstream", None, schemes=("http", "https"))
+        if not isinstance(url, str) or inherit is None:
+            return url, None
+        return url, UpstreamTls(inherit.ca_file, inherit.client_cert_file,
+                                inherit.client_key_file)
+    sec.has("upstream")
+    usec = _Section(value, sec.at("upstream"), sec.problems)
+    url = usec.url("url", schemes=("http", "https"))
+    tls = _upstream_tls(usec, inherit)
+    _check_upstream_tls_scheme(usec, url, tls)
+    usec.finish()
+    return url, tls
 
 
 def _match(sec: _Section) -> PathMatch | None:
@@ -777,7 +888,8 @@ def _check_chain(sec: _Section, chain: list[Provider]) -> None:
 
 def _routes(top: _Section, providers: Mapping[str, Provider],
             registries: Mapping[str, ClientRegistryConfig] | None = None, *,
-            binding_only: bool = False) -> tuple[Route, ...]:
+            binding_only: bool = False,
+            upstream_tls: UpstreamTls | None = None) -> tuple[Route, ...]:
     present, value = top._raw("routes", _REQUIRED)
     if not present:
         return ()
@@ -799,12 +911,14 @@ def _routes(top: _Section, providers: Mapping[str, Provider],
             for m in sorted(methods - _HTTP_METHODS):
                 sec.problem("methods", f"unknown HTTP method {m!r}")
         auth = _auth(sec, providers, registries, binding_only=binding_only)
-        upstream_url = sec.url("upstream", None, schemes=("http", "https"))
+        upstream_url, route_tls = _route_upstream(sec, upstream_tls)
         forward_cert = sec.boolean("forward_client_cert", False)
+        resource = _route_resource(sec)
         sec.finish()
         if match is not None and auth is not None:
             routes.append(Route(name, match, methods, auth, upstream_url,
-                                forward_client_cert=forward_cert))
+                                forward_client_cert=forward_cert, upstream_tls=route_tls,
+                                resource=resource))
     return tuple(routes)
 
 
@@ -835,9 +949,20 @@ _SUBJECT_KEYS = {"tls_client_auth_subject_dn": "subject_dn", "tls_client_auth_sa
                  "tls_client_auth_san_email": "san_email"}
 
 
+def _subject_dn_form(value: str) -> str | None:
+    """A problem for a subject DN in OpenSSL's slash form, naming the RFC 4514 form meant."""
+    meant = from_openssl_form(value)
+    if meant is None:
+        return None
+    return (f"{value!r} is OpenSSL's /C=../O=../CN=.. form, not RFC 4514 (it would never "
+            f'match); you meant: "{meant}"')
+
+
 def _check_subject_value(sec: _Section, key: str, value: str) -> None:
     try:
         if key == "tls_client_auth_subject_dn":
+            if (form := _subject_dn_form(value)) is not None:
+                raise ValueError(form)
             parse_dn(value)
         elif key == "tls_client_auth_san_ip":
             ipaddress.ip_address(value)
@@ -1043,10 +1168,12 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     upstream = _upstream(upstream_sec) if upstream_sec else None
     registries = _client_registries(top.section("client_registries", required=False))
     any_ca = listen is not None and listen.client_ca == "any"
-    routes = _routes(top, providers, registries, binding_only=any_ca)
+    routes = _routes(top, providers, registries, binding_only=any_ca,
+                     upstream_tls=upstream.tls if upstream is not None else None)
     if listen is not None:
         listen = _check_trust(listen, registries, problems)
     metadata = _metadata(top.section("metadata", required=False), providers, routes)
+    _check_route_resources(routes, metadata, problems)
     logging_cfg = _logging(top.section("logging", required=False), problems)
     limits = _limits(top.section("limits", required=False), problems)
     realm = top.string("realm", "mtls-gateway")

@@ -149,9 +149,16 @@ class DependencyDown(Refusal):
 
 
 class UpstreamFailed(Refusal):
-    """The upstream could not serve the request: 502 unreachable or broken."""
+    """The upstream could not serve the request: 502 unreachable or broken.
+
+    ``cause``: why, in a few safe words for the decision line (never shown to the client).
+    """
 
     status = 502
+
+    def __init__(self, reason: str, description: str = "", *, cause: str = "") -> None:
+        super().__init__(reason, description)
+        self.cause = cause
 
 
 class UpstreamTimeout(UpstreamFailed):

@@ -34,6 +34,7 @@ from .errors import (
     Refusal,
     RequestTimeout,
     TokenEndpointRefusal,
+    UpstreamFailed,
 )
 from .fastlane import PlainRequest, TokenMemo, UpstreamPool, http_date
 from .framing import check_framing
@@ -42,11 +43,12 @@ from .jwt_verifier import JwtVerifier
 from .metadata import MetadataEndpoint
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
-from .proxy import ABORTED, HOP_BY_HOP, UPSTREAM_SECONDS, Forwarder
+from .proxy import ABORTED, HOP_BY_HOP, UPSTREAM_ERROR, UPSTREAM_SECONDS, Forwarder
 from .routing import Router
 from .tls import PeerCertificate, peer_certificate
 from .token_endpoint import TokenEndpoint, token_refusal_response
 from .tokeninfo import TokenInfo
+from .upstream_tls import UpstreamTargets
 
 __all__ = ["Admission", "Gateway", "Lane", "build_verifier", "refusal_response"]
 
@@ -88,6 +90,9 @@ def refusal_response(exc: Refusal, realm: str,
         body["error_description"] = exc.description
     return web.json_response(body, status=exc.status, headers=headers)
 
+
+_LANE_CAUSES = {"upstream_timeout": "timeout", "upstream_unavailable": "unreachable_or_bad_answer",
+                "upstream_aborted": "broke_off_mid_response"}
 
 _GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 408: "request_timeout",
                    413: "request_too_large", 502: "bad_gateway",
@@ -180,6 +185,7 @@ class Gateway:
                                    also_strip=self.certificates.strip | client_headers,
                                    limits=config.limits)
         self._identity = config.upstream.identity_headers
+        self.upstreams = UpstreamTargets(config)    # TLS contexts: once per generation
         self.lane = self._build_lane(config) if config.fast_lane and isinstance(
             self.certificates, TlsCertificates) and config.listen.tls else None
         self._in_flight = 0
@@ -188,9 +194,13 @@ class Gateway:
 
     def _build_lane(self, config: GatewayConfig) -> Lane:
         targets = {}
+        # A route with its own RFC 9728 resource stays off the lane: the lane's refusals are
+        # answered by refusal_bytes, which does not know the route's resource_metadata URL.
+        own = self.metadata.routes_with_own_resource if self.metadata else frozenset()
         for route in config.routes:
             target = _target(route.upstream_url or config.upstream.url)
-            if target is not None and not isinstance(route.auth, AuthMtlsClient):
+            if target is not None and not isinstance(route.auth, AuthMtlsClient) \
+                    and id(route) not in own:
                 targets[id(route)] = target
         return Lane(pool=UpstreamPool(config.upstream.max_connections,
                                       config.upstream.connect_timeout),
@@ -252,11 +262,12 @@ class Gateway:
         peer: PeerCertificate | None = None
         authorized = False
         if self.metadata is not None and self.metadata.serves(request):
-            return self._serve_metadata(self.metadata, fields, started)
+            return self._serve_metadata(self.metadata, fields, started, request.path)
         body: bytes | None = None   # set when the gateway read the body (token endpoint)
+        matched: Route | None = None    # for the challenge's resource_metadata (RFC 9728)
         try:
             check_framing(request, self.config.limits)
-            route = self.router.match(request.method, request.path, request.raw_path)
+            route = matched = self.router.match(request.method, request.path, request.raw_path)
             fields["route"] = route.name
             peer = self.certificates.peer(request)
             identity: dict[str, str] = {}
@@ -287,21 +298,27 @@ class Gateway:
             if route.forward_client_cert and peer is not None and peer.der:
                 identity["Client-Cert"] = encode_client_cert(peer.der)
             authorized = True
-            upstream_url = route.upstream_url or self.config.upstream.url
+            up = self.upstreams.of(route)
             response: web.StreamResponse
             if self.metadata is not None and self.metadata.rewrites(request):
-                response = await self.metadata.rewritten(self.forwarder, request, upstream_url,
-                                                         identity)
+                response = await self.metadata.rewritten(self.forwarder, request, up.url,
+                                                         identity, up.context, up.server_name)
             else:
-                response = await self.forwarder.forward(request, upstream_url, identity,
-                                                        body_bytes=body)
+                response = await self.forwarder.forward(request, up.url, identity,
+                                                        body_bytes=body, context=up.context,
+                                                        server_name=up.server_name)
             self.metrics.observe(self.metrics.upstream_seconds, route.name,
                                  response[UPSTREAM_SECONDS])
             if response.get(ABORTED):
                 reason = "upstream_aborted"
+                fields["upstream_error"] = response.get(UPSTREAM_ERROR)
         except Refusal as exc:
-            response = refusal_response(exc, self.config.realm, self._metadata_url)
+            response = refusal_response(exc, self.config.realm,
+                                        self.metadata.url_for(matched) if self.metadata
+                                        else self._metadata_url)
             reason = exc.reason
+            if isinstance(exc, UpstreamFailed) and exc.cause:
+                fields["upstream_error"] = exc.cause
             if isinstance(exc, BodyTooLarge | RequestTimeout):
                 response.force_close()  # the rest of the body is not worth reading
             if request.version not in (HttpVersion10, HttpVersion11):
@@ -330,7 +347,7 @@ class Gateway:
         started = time.perf_counter()
         lane = self.lane
         if lane is None or (self.metadata is not None and (
-                request.path == self.metadata.path
+                request.path in self.metadata.paths
                 or request.path in self.metadata.rewrite_paths)):
             return None
         try:
@@ -406,6 +423,11 @@ class Gateway:
 
     def upstream_error(self, admission: Admission, reason: str) -> None:
         self.metrics.upstream_errors.labels(admission.route.name, reason).inc()
+        # The lane does not pass its exception here: a coarse cause, never none at all.
+        cause = _LANE_CAUSES.get(reason, reason)
+        admission.fields.setdefault("upstream_error", cause)
+        host, port = admission.upstream
+        self.forwarder.warn(f"http://{host}:{port}", cause)
 
     def record_plain(self, admission: Admission, reason: str, status: int, *,
                      allowed: bool) -> None:
@@ -426,10 +448,10 @@ class Gateway:
         return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
     def _serve_metadata(self, endpoint: MetadataEndpoint, fields: dict[str, object],
-                        started: float) -> web.StreamResponse:
+                        started: float, path: str) -> web.StreamResponse:
         """RFC 9728 protected resource metadata: public, answered by the gateway itself."""
         fields["route"] = "metadata"
-        response = endpoint.document_response()
+        response = endpoint.document_response(path)
         self._record(fields, True, "metadata", response.status, None, started)
         return response
 

@@ -17,6 +17,7 @@ through unchanged.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -24,12 +25,13 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from .config import AsMetadataRewrite, AuthPolicy, GatewayConfig, MetadataConfig
+from .config import AsMetadataRewrite, AuthPolicy, GatewayConfig, MetadataConfig, Route
 from .proxy import UPSTREAM_SECONDS, Forwarder
 
 __all__ = [
     "WELL_KNOWN",
     "MetadataEndpoint",
+    "guarding_routes",
     "metadata_path",
     "protected_resource_document",
     "rewrite_as_metadata",
@@ -50,17 +52,29 @@ def _metadata_url(resource: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{metadata_path(resource)}"
 
 
-def protected_resource_document(config: GatewayConfig) -> dict[str, Any]:
-    """The RFC 9728 section 2 document for ``config.metadata``."""
+def protected_resource_document(config: GatewayConfig,
+                                resource: str | None = None) -> dict[str, Any]:
+    """The RFC 9728 section 2 document for ``resource``: a route's own (``routes[].resource``,
+    describing the routes that name it) or, by default, ``metadata.resource`` (describing the
+    token routes without a resource of their own)."""
     meta = config.metadata
     assert meta is not None
-    bound = any(isinstance(r.auth, AuthPolicy) and r.auth.binding != "off"
-                for r in config.routes)
-    doc: dict[str, Any] = {"resource": meta.resource}
-    if meta.authorization_servers:
-        doc["authorization_servers"] = list(meta.authorization_servers)
-    if meta.scopes_supported:
-        doc["scopes_supported"] = list(meta.scopes_supported)
+    guarded = guarding_routes(config, resource)
+    bound = any(isinstance(r.auth, AuthPolicy) and r.auth.binding != "off" for r in guarded)
+    doc: dict[str, Any] = {"resource": resource or meta.resource}
+    servers = list(meta.authorization_servers)
+    scopes = list(meta.scopes_supported)
+    if resource is not None:
+        issuers = {p.issuer for r in guarded if isinstance(r.auth, AuthPolicy)
+                   for name in r.auth.providers
+                   if (p := config.providers.get(name)) is not None and p.issuer}
+        servers = [s for s in servers if s in issuers] or servers
+        scopes = sorted({s for r in guarded if isinstance(r.auth, AuthPolicy)
+                         for s in r.auth.scopes})
+    if servers:
+        doc["authorization_servers"] = servers
+    if scopes:
+        doc["scopes_supported"] = scopes
     doc["bearer_methods_supported"] = ["header"]   # the only method the gateway accepts
     doc["tls_client_certificate_bound_access_tokens"] = bound
     if meta.resource_name:
@@ -68,6 +82,13 @@ def protected_resource_document(config: GatewayConfig) -> dict[str, Any]:
     if meta.resource_documentation:
         doc["resource_documentation"] = meta.resource_documentation
     return doc
+
+
+def guarding_routes(config: GatewayConfig, resource: str | None) -> list[Route]:
+    """The routes a resource's document speaks for: those naming it, or (None) the rest."""
+    if resource is None:
+        return [r for r in config.routes if r.resource is None]
+    return [r for r in config.routes if r.resource == resource]
 
 
 def rewrite_as_metadata(doc: Mapping[str, Any], rewrite: AsMetadataRewrite) -> dict[str, Any]:
@@ -83,7 +104,13 @@ def rewrite_as_metadata(doc: Mapping[str, Any], rewrite: AsMetadataRewrite) -> d
 
 
 class MetadataEndpoint:
-    """The resource metadata document (prebuilt) and the AS-metadata rewrite."""
+    """The resource metadata documents (prebuilt) and the AS-metadata rewrite.
+
+    One document for ``metadata.resource`` and one per distinct ``routes[].resource``
+    (RFC 9728 section 3.1: the well-known prefix inserted before the resource's path), so
+    that a client that follows a route's challenge asks its authorization server for a
+    token with that route's audience.
+    """
 
     def __init__(self, config: GatewayConfig) -> None:
         meta: MetadataConfig | None = config.metadata
@@ -91,25 +118,45 @@ class MetadataEndpoint:
         self.config = meta
         self.path = metadata_path(meta.resource)
         self.url = _metadata_url(meta.resource)
-        self._body = json.dumps(protected_resource_document(config)).encode()
+        self._bodies = {self.path: json.dumps(protected_resource_document(config)).encode()}
+        self._urls: dict[int, str] = {}
+        for route in config.routes:
+            if route.resource is not None:
+                path = metadata_path(route.resource)
+                if path not in self._bodies:
+                    self._bodies[path] = json.dumps(
+                        protected_resource_document(config, route.resource)).encode()
+                self._urls[id(route)] = _metadata_url(route.resource)
+        self.paths = frozenset(self._bodies)
         self.rewrite_paths = frozenset(meta.as_metadata.paths if meta.as_metadata else ())
 
-    def serves(self, request: web.Request) -> bool:
-        return request.path == self.path and request.method in ("GET", "HEAD")
+    def url_for(self, route: Route | None) -> str:
+        """The ``resource_metadata`` URL for a refusal on ``route`` (None: no route)."""
+        return self._urls.get(id(route), self.url) if route is not None else self.url
 
-    def document_response(self) -> web.Response:
-        return web.Response(body=self._body, content_type="application/json",
+    @property
+    def routes_with_own_resource(self) -> frozenset[int]:
+        return frozenset(self._urls)
+
+    def serves(self, request: web.Request) -> bool:
+        return request.path in self._bodies and request.method in ("GET", "HEAD")
+
+    def document_response(self, path: str | None = None) -> web.Response:
+        return web.Response(body=self._bodies[path or self.path],
+                            content_type="application/json",
                             headers={"Cache-Control": "max-age=300"})
 
     def rewrites(self, request: web.Request) -> bool:
         return request.method == "GET" and request.path in self.rewrite_paths
 
     async def rewritten(self, forwarder: Forwarder, request: web.Request, base_url: str,
-                        identity: Mapping[str, str]) -> web.Response:
+                        identity: Mapping[str, str], context: ssl.SSLContext | None = None,
+                        server_name: str | None = None) -> web.Response:
         """Fetch the AS document through the forwarder and answer with the rewritten one."""
         started = time.perf_counter()
         status, headers, body = await forwarder.fetch(request, base_url, identity,
-                                                      max_bytes=_MAX_AS_METADATA_BYTES)
+                                                      max_bytes=_MAX_AS_METADATA_BYTES,
+                                                      context=context, server_name=server_name)
         elapsed = time.perf_counter() - started
         doc: Any = None
         if status == 200:

@@ -56,6 +56,10 @@ class Metrics:
             "mtls_gateway_introspection_cache", "Introspection cache lookups: hit, miss, "
             "coalesced (waited for a call already under way), short_circuited (breaker open).",
             ["provider", "outcome"], registry=r)
+        self.tls_handshake_failures = Counter(
+            "mtls_gateway_tls_handshake_failures", "Failed TLS handshakes on the listener by "
+            "reason (no_certificate, unknown_ca, expired, ...; see docs/upstream-tls.md).",
+            ["reason"], registry=r)
         self.config_reloads = Counter(
             "mtls_gateway_config_reloads", "Reloads of config and TLS material by result.",
             ["result"], registry=r)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -26,14 +27,19 @@ from yarl import URL
 
 from .config import LimitsConfig, UpstreamConfig
 from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, UpstreamTimeout
+from .upstream_tls import upstream_error
 
-__all__ = ["ABORTED", "HOP_BY_HOP", "STRIPPED_NAMES", "STRIPPED_PREFIXES", "UPSTREAM_SECONDS",
-           "Forwarder", "strip_hop_by_hop"]
+__all__ = ["ABORTED", "HOP_BY_HOP", "STRIPPED_NAMES", "STRIPPED_PREFIXES", "UPSTREAM_ERROR",
+           "UPSTREAM_SECONDS", "Forwarder", "strip_hop_by_hop"]
 
 #: Set on a response whose upstream broke off after the headers were sent.
 ABORTED = web.ResponseKey("upstream_aborted", bool)
 #: Seconds until the upstream's response headers arrived.
 UPSTREAM_SECONDS = web.ResponseKey("upstream_seconds", float)
+#: Why the upstream broke off (with ABORTED), for the decision line.
+UPSTREAM_ERROR = web.ResponseKey("upstream_error", str)
+#: Seconds between two WARNING lines for the same kind of upstream failure and upstream.
+WARN_INTERVAL = 10.0
 
 log = logging.getLogger("mtls_gateway.proxy")
 
@@ -115,6 +121,31 @@ class Forwarder:
             | set(upstream.strip_headers)
             | (set() if upstream.pass_authorization else {"authorization"})))
         self._session: aiohttp.ClientSession | None = None
+        self._warned: dict[tuple[str, str], float] = {}
+        self._quiet: dict[tuple[str, str], int] = {}
+
+    def warn(self, upstream: str, cause: str) -> None:
+        """A WARNING for a failed upstream request: at most one per kind of cause and
+        upstream every WARN_INTERVAL seconds, with the number of those left out."""
+        key = (cause.partition(":")[0], upstream)
+        now = time.monotonic()
+        if now < self._warned.get(key, float("-inf")):
+            self._quiet[key] = self._quiet.get(key, 0) + 1
+            return
+        self._warned[key] = now + WARN_INTERVAL
+        quiet = self._quiet.pop(key, 0)
+        log.warning("upstream %s failed: %s%s", upstream, cause,
+                    f" ({quiet} more like it in the last {WARN_INTERVAL:.0f}s)" if quiet else "")
+
+    def _failed(self, exc: BaseException, base_url: str, *, timeout: bool = False
+                ) -> UpstreamFailed:
+        """The refusal for a failed upstream request, its cause logged (rate-limited)."""
+        cause = upstream_error(exc)
+        self.warn(base_url, cause)
+        if timeout:
+            return UpstreamTimeout("upstream_timeout", "upstream did not answer in time",
+                                   cause=cause)
+        return UpstreamFailed("upstream_unavailable", "upstream is unavailable", cause=cause)
 
     @property
     def strip(self) -> frozenset[str]:
@@ -174,7 +205,8 @@ class Forwarder:
             yield chunk
 
     async def fetch(self, request: web.Request, base_url: str, identity: Mapping[str, str],
-                    *, max_bytes: int) -> tuple[int, CIMultiDict[str], bytes]:
+                    *, max_bytes: int, context: ssl.SSLContext | None = None,
+                    server_name: str | None = None) -> tuple[int, CIMultiDict[str], bytes]:
         """Like :meth:`forward`, but the answer is read whole (at most ``max_bytes``, else
         502) and returned, uncompressed, for the gateway to change (metadata documents)."""
         assert self._session is not None, "Forwarder.start() was not awaited"
@@ -183,7 +215,9 @@ class Forwarder:
         headers["Accept-Encoding"] = "identity"
         try:
             async with self._session.request(request.method, target, headers=headers,
-                                              allow_redirects=False) as upstream:
+                                              allow_redirects=False,
+                                              ssl=True if context is None else context,
+                                              server_hostname=server_name) as upstream:
                 chunks, size = [], 0
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     size += len(chunk)
@@ -192,16 +226,19 @@ class Forwarder:
                     chunks.append(chunk)
                 return upstream.status, strip_hop_by_hop(upstream.headers), b"".join(chunks)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream_timeout", "upstream did not answer in time") from exc
+            raise self._failed(exc, base_url, timeout=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
+            raise self._failed(exc, base_url) from exc
 
     async def forward(self, request: web.Request, base_url: str,
                       identity: Mapping[str, str], *, body_bytes: bytes | None = None,
+                      context: ssl.SSLContext | None = None, server_name: str | None = None,
                       ) -> web.StreamResponse:
         """Send the request upstream and stream the answer back; 502/504 on failure.
 
         ``body_bytes``: the request body, already read by the gateway (token endpoint).
+        ``context``/``server_name``: TLS to an https upstream (upstream_tls.py; None: the
+        system trust store and the URL's host).
         """
         assert self._session is not None, "Forwarder.start() was not awaited"
         target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
@@ -214,15 +251,16 @@ class Forwarder:
                 request.method, target, headers=self.upstream_headers(request, identity),
                 data=body, allow_redirects=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type", "Accept"),
+                ssl=True if context is None else context, server_hostname=server_name,
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout("upstream_timeout", "upstream did not answer in time") from exc
+            raise self._failed(exc, base_url, timeout=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             # The client's own fault while its body streamed (too large, too slow) is its
             # refusal; the upstream request was aborted, never completed with a short body.
             if isinstance(exc.__cause__, Refusal):
                 raise exc.__cause__ from exc
-            raise UpstreamFailed("upstream_unavailable", "upstream is unavailable") from exc
+            raise self._failed(exc, base_url) from exc
         async with upstream:
             small = upstream.content_length is not None and upstream.content_length <= _CHUNK
             response = (_HeadersWithBody if small else web.StreamResponse)(
@@ -237,6 +275,7 @@ class Forwarder:
                 # Headers are gone already: the only honest signal left is a cut connection.
                 log.warning("upstream broke off mid-response: %s", type(exc).__name__)
                 response[ABORTED] = True
+                response[UPSTREAM_ERROR] = upstream_error(exc)
                 if request.transport is not None:
                     request.transport.close()
                 return response

@@ -18,6 +18,7 @@ from cachetools import LRUCache
 from cryptography import x509
 
 from .config import ListenConfig
+from .handshake import HandshakeFailures, alerting_class
 from .thumbprint import x5t_s256
 
 __all__ = [
@@ -32,9 +33,12 @@ __all__ = [
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
-def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
+def server_ssl_context(listen: ListenConfig,
+                       failures: HandshakeFailures | None = None) -> ssl.SSLContext:
     """A server context that asks for (or requires) a client certificate chained to the CA,
-    or one of the registered self-signed client certificates."""
+    or one of the registered self-signed client certificates.
+
+    A failed handshake sends its alert and is reported to ``failures`` (handshake.py)."""
     if listen.cert_file is None or listen.key_file is None or listen.client_ca_file is None:
         raise ValueError("the TLS listener needs cert_file, key_file and client_ca_file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -52,6 +56,7 @@ def server_ssl_context(listen: ListenConfig) -> ssl.SSLContext:
     # One TLS 1.3 session ticket per handshake instead of two: resumption still works and a
     # full handshake costs about 10% less CPU (measured in bench/).
     ctx.num_tickets = 1
+    ctx.sslobject_class = alerting_class(failures)
     return ctx
 
 

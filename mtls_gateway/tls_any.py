@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
 from .config import ListenConfig
+from .handshake import HandshakeFailures, reason_from_openssl
 from .tls import PEER_CERTIFICATE, PeerCertificate, describe_certificate
 
 __all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context"]
@@ -61,9 +62,12 @@ def _refused_errors(validity: str) -> frozenset[int]:
 def _verify_callback(refused: frozenset[int]) -> Callable[..., bool]:
     """Accept any issuer (unknown CA, self-signed, chain errors) but not ``refused`` at the leaf."""
 
-    def verify(_conn: SSL.Connection, _cert: crypto.X509, errnum: int, depth: int,
+    def verify(conn: SSL.Connection, _cert: crypto.X509, errnum: int, depth: int,
                ok: int) -> bool:
-        return bool(ok) or not (depth == 0 and errnum in refused)
+        if ok or not (depth == 0 and errnum in refused):
+            return True
+        conn.set_app_data(errnum)       # why, for the handshake failure's reason label
+        return False
 
     return verify
 
@@ -234,6 +238,7 @@ class TlsAnyConnection(asyncio.Protocol):
             self._flush()
             return False
         except SSL.Error as exc:
+            self._handshake_failed(tls, exc)
             self._fail("TLS handshake failed", exc)
             return False
         self._flush()
@@ -248,6 +253,15 @@ class TlsAnyConnection(asyncio.Protocol):
         self._app = app
         app.connection_made(self._transport)
         return True
+
+    def _handshake_failed(self, tls: SSL.Connection, exc: SSL.Error) -> None:
+        failures = self._site.failures
+        if failures is None:
+            return
+        code = tls.get_app_data()
+        reason = reason_from_openssl(exc, code if isinstance(code, int) else None)
+        peer = self.raw.get_extra_info("peername") if self.raw is not None else None
+        failures.failed(reason, peer, str(exc))
 
     def _extra(self, tls: SSL.Connection, peer: PeerCertificate | None) -> dict[str, Any]:
         raw = self.raw
@@ -268,7 +282,11 @@ class TlsAnyConnection(asyncio.Protocol):
     def _timed_out(self) -> None:  # the handshake's timer
         self._timer = None
         if self._app is None and self.raw is not None:
-            log.debug("TLS handshake timed out from %s", self.raw.get_extra_info("peername"))
+            peer = self.raw.get_extra_info("peername")
+            log.debug("TLS handshake timed out from %s", peer)
+            if self._site.failures is not None:
+                self._site.failures.failed("timeout", peer, "handshake not finished in "
+                                           f"{self._site.handshake_timeout:g}s")
             self.abort()
 
     def _cancel_timer(self) -> None:
@@ -383,7 +401,8 @@ class AnyCertSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, context: SSL.Context,
                  reuse_port: bool | None = None, backlog: int = 128,
-                 handshake_timeout: float = 60.0, shutdown_timeout: float = 30.0) -> None:
+                 handshake_timeout: float = 60.0, shutdown_timeout: float = 30.0,
+                 failures: HandshakeFailures | None = None) -> None:
         super().__init__(runner, backlog=backlog)
         self._host = host
         self._port = port
@@ -392,6 +411,7 @@ class AnyCertSite(web.BaseSite):
         self.handshake_timeout = handshake_timeout     # asyncio's defaults for TLS
         self.shutdown_timeout = shutdown_timeout
         self.handshaking: set[TlsAnyConnection] = set()
+        self.failures = failures
 
     @property
     def name(self) -> str:

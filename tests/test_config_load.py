@@ -125,7 +125,8 @@ def test_provider_chains_without_unreachable_members(pki: Pki, tmp_path: Path,
     secret = tmp_path / "secret"
     secret.write_text("s")
     data["providers"]["opaque"] = {"type": "introspection", "endpoint": "https://as.test/i",
-                                   "client_id": "gw", "client_secret_file": str(secret)}
+                                   "client_id": "gw", "client_secret_file": str(secret),
+                                   "audiences": "any"}
     data["routes"][1]["auth"]["provider"] = chain
     problems = _problems(data, tmp_path)
     assert problems == [f"routes[1].auth.provider: {expected} https://i.test"
@@ -528,3 +529,76 @@ def test_tls_client_auth_needs_registry_ca_in_every_mode(
     except ConfigError as exc:
         problems = exc.problems
     assert [p.split(": a registered")[0] for p in problems] == expected
+
+
+# --- introspection audiences, routes[].resource, subject DN forms (issue 21) ----------------
+
+def _with_introspection(pki: Pki, tmp_path: Path, **fields: Any) -> dict[str, Any]:
+    data = _valid(pki)
+    secret = tmp_path / "secret"
+    secret.write_text("s")
+    data["providers"]["opaque"] = {"type": "introspection", "endpoint": "https://as.test/i",
+                                   "client_id": "gw", "client_secret_file": str(secret),
+                                   **fields}
+    data["routes"][1]["auth"]["provider"] = ["corp", "opaque"]
+    return data
+
+
+@pytest.mark.parametrize(("audiences", "loaded", "problem"), [
+    (None, None, "providers.opaque.audiences: is required: list the resource identifiers"),
+    ([], None, "providers.opaque.audiences: must list at least one audience (or be: any)"),
+    ("all", ("all",), None),          # a string is one audience, not a keyword
+    ("any", (), None),                # () after loading: any audience, said explicitly
+    (["https://api.test"], ("https://api.test",), None),
+])
+def test_introspection_needs_audiences(pki: Pki, tmp_path: Path, audiences: Any,
+                                       loaded: tuple[str, ...] | None,
+                                       problem: str | None) -> None:
+    fields = {} if audiences is None else {"audiences": audiences}
+    data = _with_introspection(pki, tmp_path, **fields)
+    if problem is None:
+        assert _load(data, tmp_path).providers["opaque"].audiences == loaded
+    else:
+        problems = _problems(data, tmp_path)
+        assert len(problems) == 1 and problems[0].startswith(problem), problems
+
+
+@pytest.mark.parametrize(("resource", "with_metadata", "auth", "problem"), [
+    ("https://api.test/accounts", True, None, None),
+    ("https://api.test/accounts", False, None, "routes[1].resource: needs the metadata section"),
+    ("https://api.test", True, None, "routes[1].resource: needs a path"),
+    ("https://api.test/x?y=1", True, None, "routes[1].resource: must have no query"),
+    ("https://api.test/root", True, None, "routes[1].resource: equals metadata.resource"),
+    ("https://api.test/accounts", True, "none", "routes[1].resource: only a route with token"),
+])
+def test_route_resource(pki: Pki, tmp_path: Path, resource: str, with_metadata: bool,
+                        auth: str | None, problem: str | None) -> None:
+    data = _valid(pki)
+    data["routes"][1]["resource"] = resource
+    if auth is not None:
+        data["routes"][1]["auth"] = auth
+    if with_metadata:
+        data["metadata"] = {"resource": "https://api.test/root"}
+    if problem is None:
+        assert _load(data, tmp_path).routes[1].resource == resource
+    else:
+        problems = _problems(data, tmp_path)
+        assert any(p.startswith(problem) for p in problems), problems
+
+
+def _registry_with_dn(pki: Pki, dn: str) -> dict[str, Any]:
+    data = _valid(pki)
+    data["client_registries"] = {"main": {"ca_file": data["listen"]["client_ca_file"],
+                                          "clients": [{
+        "client_id": "c1", "token_endpoint_auth_method": "tls_client_auth",
+        "tls_client_auth_subject_dn": dn}]}}
+    data["routes"].insert(0, {"path": "/token", "auth": "mtls_client"})
+    return data
+
+
+def test_subject_dn_in_openssl_form_names_the_rfc4514_form(pki: Pki, tmp_path: Path) -> None:
+    problems = _problems(_registry_with_dn(pki, "/C=US/O=Example, Inc./CN=client-1"), tmp_path)
+    assert problems == [
+        "client_registries.main.clients[0].tls_client_auth_subject_dn: '/C=US/O=Example, "
+        "Inc./CN=client-1' is OpenSSL's /C=../O=../CN=.. form, not RFC 4514 (it would never "
+        'match); you meant: "CN=client-1,O=Example\\, Inc.,C=US"']

@@ -201,3 +201,54 @@ def test_rewrite_does_not_touch_the_input() -> None:
     assert json.dumps(doc, sort_keys=True) == before
     assert out["mtls_endpoint_aliases"] == {"a": "https://x.test/a",
                                             "token_endpoint": "https://g.test/t"}
+
+
+# --- a document per route (RFC 9728 section 3.1), issue 21 ------------------------------------
+
+def per_route_config(pki: Pki, issuer: Issuer, upstream: Upstream) -> dict[str, Any]:
+    config = meta_config(pki, issuer, upstream)
+    config["routes"].insert(1, {
+        "name": "payments", "path_prefix": "/payments", "resource": "https://api.test/payments",
+        "auth": {"provider": "corp", "scopes": ["payments:write"]}})
+    return config
+
+
+async def test_route_resource_has_its_own_document(make_gateway: GatewayFactory, pki: Pki,
+                                                   issuer: Issuer, upstream: Upstream) -> None:
+    gw = await make_gateway(per_route_config(pki, issuer, upstream))
+    own = (await gw.request("/.well-known/oauth-protected-resource/payments", cert=None)).json()
+    jsonschema.validate(own, RFC9728_SCHEMA)
+    assert own == {"resource": "https://api.test/payments", "authorization_servers": [ISSUER],
+                   "scopes_supported": ["payments:write"],
+                   "bearer_methods_supported": ["header"],
+                   "tls_client_certificate_bound_access_tokens": True}
+    main = (await gw.request("/.well-known/oauth-protected-resource", cert=None)).json()
+    assert main["resource"] == "https://api.test"
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize("why", ["no_token", "unbound", "scope"])
+async def test_route_challenge_names_its_own_document(make_gateway: GatewayFactory, pki: Pki,
+                                                      issuer: Issuer, upstream: Upstream,
+                                                      why: str) -> None:
+    """Whichever step refuses (the fast lane would refuse an unbound token), the challenge
+    names the route's document; other routes keep the gateway's."""
+    gw = await make_gateway(per_route_config(pki, issuer, upstream))
+    token = {"no_token": None,
+             "unbound": issuer.mint(pki.clients["b"].thumbprint, scope="payments:write"),
+             "scope": issuer.mint(pki.clients["a"].thumbprint, scope="other")}[why]
+    own = 'resource_metadata="https://api.test/.well-known/oauth-protected-resource/payments"'
+    main = 'resource_metadata="https://api.test/.well-known/oauth-protected-resource"'
+    reply = await gw.request("/payments/1", token=token)
+    assert reply.status in (401, 403) and own in reply.headers["WWW-Authenticate"]
+    reply = await gw.request("/accounts", token=token)
+    assert reply.status in (401, 403) and main in reply.headers["WWW-Authenticate"]
+    assert upstream.seen == []
+
+
+async def test_route_with_its_own_resource_still_forwards(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    gw = await make_gateway(per_route_config(pki, issuer, upstream))
+    token = issuer.mint(pki.clients["a"].thumbprint, scope="payments:write")
+    assert (await gw.request("/payments/1", token=token)).status == 200
+    assert [s.path_qs for s in upstream.seen] == ["/payments/1"]
