@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,24 @@ def _not_after(cert_file: Path | None) -> float | None:
     if cert_file is None:          # plain-HTTP listener behind a front proxy
         return None
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc.timestamp()
+
+
+async def _bind(start: Awaitable[None], section: str, host: str, port: int) -> None:
+    """Open a listening socket; a failure is a :class:`ConfigError` naming the field and the
+    fix (a message at start-up, not a traceback)."""
+    try:
+        await start
+    except socket.gaierror as exc:
+        raise ConfigError([f"{section}.host: cannot resolve {host!r} ({exc.strerror}); use an "
+                           "IP address or a name this machine resolves"]) from exc
+    except OSError as exc:
+        fix = {errno.EADDRINUSE: "another process listens there: stop it or choose another "
+                                 "port",
+               errno.EACCES: "ports below 1024 need privileges: choose a port above 1023",
+               errno.EADDRNOTAVAIL: f"{host} is not an address of this machine"}.get(
+                   exc.errno or 0, "check the address")
+        raise ConfigError([f"{section}.port: cannot listen on {host}:{port} "
+                           f"({exc.strerror or exc}); {fix}"]) from exc
 
 
 class GatewayServer:
@@ -170,6 +190,19 @@ class GatewayServer:
                                         on_refusal=self._count_refusal,
                                         gateway_of=lambda: self.gateway)
         await self._runner.setup()
+        try:
+            await self._open_sites()
+        except BaseException:
+            await self._runner.cleanup()       # close what setup() started (JWKS sessions...)
+            self._runner = None
+            if self._admin_runner is not None:
+                await self._admin_runner.cleanup()
+                self._admin_runner = None
+            raise
+
+    async def _open_sites(self) -> None:
+        assert self._runner is not None
+        listen = self.config.listen
         reuse_port = self._reuse_port or None
         site: web.BaseSite
         if not listen.tls:      # behind a front proxy: certificates come in a header
@@ -182,7 +215,7 @@ class GatewayServer:
             self._tls = TlsContextSwitch(server_ssl_context(listen))
             site = web.TCPSite(self._runner, listen.host, listen.port,
                                ssl_context=self._tls.base, reuse_port=reuse_port)
-        await site.start()
+        await _bind(site.start(), "listen", listen.host, listen.port)
         self.port = self._runner.addresses[0][1]
         if self._serve_admin:
             admin = self.config.admin
@@ -190,8 +223,9 @@ class GatewayServer:
                 build_admin_app(readiness=self.readiness, render_metrics=self.metrics.render),
                 access_log=None, handle_signals=False)
             await self._admin_runner.setup()
-            await web.TCPSite(self._admin_runner, admin.host, admin.port,
-                              reuse_port=self._reuse_port or None).start()
+            await _bind(web.TCPSite(self._admin_runner, admin.host, admin.port,
+                                    reuse_port=self._reuse_port or None).start(),
+                        "admin", admin.host, admin.port)
             self.admin_port = self._admin_runner.addresses[0][1]
         source = listen.client_certificate
         log.info("gateway listening on %s:%d (%s; client certificate %s)%s",
