@@ -722,10 +722,18 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
         cache=cache,
         failure_threshold=sec.integer("failure_threshold", 5, low=1, high=1000),
         failure_cooldown=sec.duration("failure_cooldown", 5.0),
+        **_introspection_pool(sec),
     )
     sec.string("type")
     sec.finish()
     return provider
+
+
+def _introspection_pool(sec: _Section) -> dict[str, Any]:
+    """The gateway's own connection pool for an introspection endpoint (see introspection.py)."""
+    return {"max_connections": sec.integer("max_connections", 100, low=1, high=10_000),
+            "max_waiting": sec.integer("max_waiting", 1000, low=0, high=1_000_000),
+            "queue_timeout": sec.duration("queue_timeout", 5.0)}
 
 
 def _providers(sec: _Section | None) -> dict[str, Provider]:
