@@ -30,6 +30,7 @@ from .config_load import load_config
 from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
+from .memtrim import configure_allocator, trim_forever
 from .metrics import FLUSH_SECONDS, Metrics
 from .reload_carry import Carried, carry_over, provider_files_digest
 from .tls import TlsContextSwitch, server_ssl_context
@@ -140,10 +141,12 @@ class GatewayServer:
             if self.config.reload_interval > 0:
                 self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
             flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
+            trimmer = asyncio.create_task(trim_forever(), name="malloc-trim")
             yield
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, trimmer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self.metrics.flush()
             if self._watch_task is not None:
                 self._watch_task.cancel()
@@ -424,6 +427,7 @@ async def serve_forever(config: GatewayConfig, *, reuse_port: bool = False,
                         serve_admin: bool = True,
                         on_ready_change: Callable[[bool], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (then drain and return); SIGHUP reloads."""
+    configure_allocator()   # before any helper thread starts (memtrim.py)
     server = GatewayServer(config, reuse_port=reuse_port, serve_admin=serve_admin,
                            on_ready_change=on_ready_change)
     await server.start()
