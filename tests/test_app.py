@@ -294,8 +294,12 @@ async def test_unexpected_reload_error_is_counted_and_watching_goes_on(
     gw = await make_gateway(base_config(pki, issuer, upstream))
     gw.server.settle_seconds = 0.05
     config = yaml.safe_load(gw.config_path.read_text())
-    config["providers"]["corp"]["jwks_uri"] = issuer.jwks_uri + "?v=2"
+    config["providers"]["second"] = {**config["providers"]["corp"],
+                                     "issuer": "https://second.test"}     # corp: unchanged
+    config["routes"].insert(0, {"name": "second", "path_prefix": "/second",
+                                "auth": {"provider": "second"}})
     gw.config_path.write_text(yaml.safe_dump(config))
+    corp = gw.server.gateway.verifiers["corp"]
 
     async def boom(self: object) -> None:
         raise RuntimeError("a bug while starting a verifier")
@@ -307,8 +311,11 @@ async def test_unexpected_reload_error_is_counted_and_watching_goes_on(
     assert gw.server.metrics.config_reloads.labels("failure")._value.get() == 1
     assert gw.server.gateway is before
     monkeypatch.undo()
+    # the failed gateway did not close the verifier it was handed (it still refreshes)
+    session = corp.keys._session    # type: ignore[attr-defined]
+    assert session is not None and not session.closed
     assert (await gw.request("/x", token=issuer.mint(pki.clients["a"].thumbprint))).status \
-        == 200          # the running gateway's verifier was not closed by the failed one
+        == 200
     config["routes"].insert(0, {"name": "open", "path_prefix": "/open", "auth": "none"})
     gw.config_path.write_text(yaml.safe_dump(config))
     assert await gw.server.reload("test") is True
