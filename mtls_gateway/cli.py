@@ -91,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from .workers import run_workers
 
-        return run_workers(config, args.workers)
+        try:
+            return run_workers(config, args.workers)
+        except ConfigError as exc:
+            print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
+            return 2
     if args.workers < 1:
         print("mtls-gateway: --workers must be at least 1", file=sys.stderr)
         return 2
