@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/memory.py connections [--count 10000] [--haproxy]
     .venv/bin/python bench/memory.py tokens [--count 1000000]
+    .venv/bin/python bench/memory.py churn [--count 2000] [--rounds 6] [--no-trim]
 
 ``connections``: the gateway started as a user would (``mtls-gateway run``, pinned to one core
 like in run.py) behind the bench's upstream; ``bench/mtlsload -idle`` opens ``--count``
@@ -11,6 +12,14 @@ gateway's resident memory (VmRSS) is read before and once all connections are up
 result is MiB per 1,000 connections. RLIMIT_NOFILE is raised to its hard limit first.
 ``--haproxy``: the same against HAProxy with bench/haproxy.cfg.template (maxconn raised to
 the count), for comparison.
+
+``churn``: the gateway started as for ``connections``; ``--rounds`` times, ``--count``
+mutual-TLS connections are opened (a Python client in this process, 200 handshakes at a
+time), each sends one request with alice's bound ES256 token, and all are closed again.
+The gateway's RSS is printed with the connections open and again once they are closed and
+the gateway had ``TRIM_INTERVAL`` + 2 s to trim (mtls_gateway/memtrim.py); flat means the
+memory comes back. ``--no-trim`` runs the gateway with ``MTLS_GATEWAY_MALLOC_TRIM=0`` (the
+behaviour before memtrim.py), for comparison.
 
 ``tokens``: in one process, the gateway's own ``JwtVerifier`` (built from a config by
 ``Gateway``, default ``verify_cache_size``) verifies ``--count`` distinct valid ES256 tokens
@@ -27,6 +36,7 @@ import json
 import os
 import resource
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -151,6 +161,76 @@ def connections(count: int, timeout: float, haproxy: bool = False) -> int:
             procs.stop_all()
 
 
+# --- connection churn ----------------------------------------------------------------------
+
+async def _one_connection(port: int, ctx: ssl.SSLContext, token: str,
+                          gate: asyncio.Semaphore) -> asyncio.StreamWriter | None:
+    async with gate:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                           server_hostname="localhost")
+            writer.write(f"GET /jwt/x HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer {token}"
+                         "\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            return writer if head.startswith(b"HTTP/1.1 200") else None
+        except (OSError, asyncio.IncompleteReadError, ssl.SSLError):
+            return None
+
+
+def churn(count: int, rounds: int, trim: bool) -> int:
+    from mtls_gateway.memtrim import TRIM_INTERVAL
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pin = pinning(True)
+    with tempfile.TemporaryDirectory(prefix="mtls-gateway-memory-") as tmp:
+        work = Path(tmp)
+        procs = Procs(work)
+        try:
+            m = make_material(work / "pki")
+            _up, up_port = start_helper(procs, pin.load, "upstream", "upstream")
+            config = gateway_config(m, f"http://127.0.0.1:{up_port}", "https://127.0.0.1:9/")
+            del config["providers"]["opaque"]
+            config["routes"] = [r for r in config["routes"] if r["name"] != "opaque"]
+            config["logging"]["level"] = "WARNING"
+            env = {**os.environ, "MTLS_GATEWAY_MALLOC_TRIM": "1" if trim else "0"}
+            gateway, port = start_gateway(procs, pin.sut, "gateway", config, work / "gw.yaml",
+                                          env=env)
+            time.sleep(1)
+            cert, key = m.certs["alice"]
+            ctx = ssl.create_default_context(cafile=str(m.ca))
+            ctx.load_cert_chain(cert, key)
+            token = m.tokens["es256"].read_text().strip()
+            print(f"gateway pid {gateway.pid}, malloc_trim {'on' if trim else 'OFF'}: "
+                  f"RSS at start {rss_mib(gateway.pid):.1f} MiB")
+
+            async def one_round() -> int:
+                gate = asyncio.Semaphore(200)
+                writers = await asyncio.gather(*(_one_connection(port, ctx, token, gate)
+                                                 for _ in range(count)))
+                ok = [w for w in writers if w is not None]
+                print(f"  {len(ok)}/{count} connections open: RSS "
+                      f"{rss_mib(gateway.pid):7.1f} MiB", end="", flush=True)
+                for w in ok:
+                    w.close()
+                await asyncio.gather(*(w.wait_closed() for w in ok), return_exceptions=True)
+                return len(ok)
+
+            for i in range(rounds):
+                opened = asyncio.run(one_round())
+                time.sleep(TRIM_INTERVAL + 2)
+                print(f"; round {i + 1}: all closed, RSS {rss_mib(gateway.pid):7.1f} MiB",
+                      flush=True)
+                if opened != count:
+                    return 1
+            return 0
+        finally:
+            procs.stop_all()
+
+
 # --- many tokens ----------------------------------------------------------------------------
 
 def _b64(data: bytes) -> str:
@@ -202,7 +282,10 @@ def tokens(count: int) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("connections", "tokens"))
+    p.add_argument("what", choices=("connections", "tokens", "churn"))
+    p.add_argument("--rounds", type=int, default=6, help="churn: rounds (default 6)")
+    p.add_argument("--no-trim", action="store_true",
+                   help="churn: run the gateway with MTLS_GATEWAY_MALLOC_TRIM=0")
     p.add_argument("--count", type=int, default=None,
                    help="connections (default 10000) or distinct tokens (default 1000000)")
     p.add_argument("--haproxy", action="store_true",
@@ -210,6 +293,8 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=240,
                    help="connections: seconds allowed to open them all (default 240)")
     args = p.parse_args()
+    if args.what == "churn":
+        return churn(args.count or 2_000, args.rounds, not args.no_trim)
     if args.what == "connections":
         return connections(args.count or 10_000, args.timeout, args.haproxy)
     return tokens(args.count or 1_000_000)

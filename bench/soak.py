@@ -13,7 +13,11 @@ RSS and open file descriptors after warm-up and at the end.
 
 Timeline (fractions of the run): 0.4 the client switches to a new certificate (tokens bound
 to it); 0.5 the issuer publishes a new signing key first and signs with it (the old key stays
-published); 0.6 the gateway's server certificate and key are replaced on disk (hot reload).
+published); 0.6 the gateway's server certificate and key are replaced on disk (hot reload);
+0.7 to 0.85 the authorization server is down: its JWKS and its introspection endpoint answer
+503; at 0.75, in the middle of that outage, the config is edited (a public route added, the
+file replaced by an atomic rename): the reload keeps the last good keys and the caches, so
+the traffic sees no difference (issue 20).
 """
 
 from __future__ import annotations
@@ -95,9 +99,14 @@ def _mint(state: State, thumbprint: str, **override: Any) -> str:
                       algorithm="RS256", headers={"kid": kid, "typ": "at+jwt"})
 
 
-def _tokens(state: State) -> dict[str, str]:
+def _tokens(state: State, opaque: dict[str, dict[str, Any]]) -> dict[str, str]:
     now = int(time.time())
+    token = uuid.uuid4().hex + uuid.uuid4().hex
+    opaque[token] = {"active": True, "sub": "soak", "client_id": "soak", "iat": now,
+                     "exp": now + 600, "scope": "accounts:read", "iss": ISSUER, "aud": AUDIENCE,
+                     "cnf": {"x5t#S256": state.client.thumbprint}}
     return {"valid": _mint(state, state.client.thumbprint),
+            "opaque": token,
             "other_cert": _mint(state, state.other.thumbprint),
             "expired": _mint(state, state.client.thumbprint, exp=now - 600, iat=now - 900),
             "wrong_aud": _mint(state, state.client.thumbprint, aud="https://elsewhere.test")}
@@ -107,6 +116,7 @@ def _tokens(state: State) -> dict[str, str]:
 KINDS: list[tuple[str, str, str, str | None, int, int]] = [
     ("valid_get", "GET", "/api/accounts/1", "valid", 0, 200),
     ("valid_post", "POST", "/api/payments", "valid", 4096, 200),
+    ("opaque", "GET", "/api/accounts/2", "opaque", 0, 200),
     ("public", "GET", "/public/health", None, 0, 200),
     ("no_token", "GET", "/api/accounts/1", None, 0, 401),
     ("other_cert", "GET", "/api/accounts/1", "other_cert", 0, 401),
@@ -117,7 +127,7 @@ KINDS: list[tuple[str, str, str, str | None, int, int]] = [
     ("bad_path", "GET", "/api/a/%2e%2e/admin", "valid", 0, 400),
     ("too_large", "POST", "/api/upload", "valid", BODY_CAP + 1, 413),
 ]
-WEIGHTS = [30, 10, 10, 8, 6, 6, 4, 8, 4, 6, 2]
+WEIGHTS = [30, 10, 10, 10, 8, 6, 6, 4, 8, 4, 6, 2]
 
 
 async def _traffic(stop: float, port: int, holder: dict[str, State], results: Counter[str],
@@ -172,7 +182,7 @@ def _start_gateway(config_file: Path, err: Path) -> subprocess.Popen[bytes]:
     with err.open("wb") as stderr:
         return subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-m", "mtls_gateway", "run", "--config", str(config_file)],
-            stdout=subprocess.DEVNULL, stderr=stderr)
+            stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "SOAK_SECRET": "s"})
 
 
 async def soak(minutes: float, concurrency: int) -> int:
@@ -184,11 +194,15 @@ async def soak(minutes: float, concurrency: int) -> int:
             ("k2", rsa.generate_private_key(public_exponent=65537, key_size=2048))]
     state = State(_client(ca, work, "client-a", ca_file), _client(ca, work, "client-b", ca_file),
                   keys[0], [keys[0]])
-    state.tokens = _tokens(state)
+    opaque: dict[str, dict[str, Any]] = {}
+    state.tokens = _tokens(state, opaque)
     holder = {"state": state}
+    outage = {"on": False}
 
-    # the issuer's JWKS (HTTPS) and the upstream (plain HTTP), in this process
+    # the issuer's JWKS and introspection (HTTPS) and the upstream (plain HTTP), in this process
     async def jwks(_: web.Request) -> web.Response:
+        if outage["on"]:
+            return web.Response(status=503, text="down")
         published = holder["state"].published
         return web.json_response({"keys": [
             {**json.loads(RSAAlgorithm.to_jwk(k.public_key())), "kid": kid, "alg": "RS256",
@@ -201,7 +215,14 @@ async def soak(minutes: float, concurrency: int) -> int:
         return web.json_response({"ok": True, "size": size})
 
     issuer_app, upstream_app = web.Application(), web.Application(client_max_size=1 << 30)
+    async def introspect(request: web.Request) -> web.Response:
+        form = await request.post()
+        if outage["on"]:
+            return web.Response(status=503, text="down")
+        return web.json_response(opaque.get(str(form.get("token")), {"active": False}))
+
     issuer_app.router.add_get("/jwks", jwks)
+    issuer_app.router.add_post("/introspect", introspect)
     upstream_app.router.add_route("*", "/{p:.*}", upstream)
     runners = []
     ports = {}
@@ -228,11 +249,16 @@ async def soak(minutes: float, concurrency: int) -> int:
         "providers": {"corp": {
             "type": "jwt", "issuer": ISSUER, "audiences": [AUDIENCE], "algorithms": ["RS256"],
             "jwks_uri": f"https://127.0.0.1:{ports['issuer']}/jwks",
-            "jwks_ca_file": str(ca_file), "jwks_refetch_cooldown": "1s"}},
+            "jwks_ca_file": str(ca_file), "jwks_refetch_cooldown": "1s"},
+            "opaque": {
+                "type": "introspection", "client_id": "soak", "client_secret_env": "SOAK_SECRET",
+                "endpoint": f"https://127.0.0.1:{ports['issuer']}/introspect",
+                "ca_file": str(ca_file), "issuer": ISSUER, "audiences": [AUDIENCE],
+                "cache": {"ttl": "10m", "negative_ttl": "10m"}}},
         "upstream": {"url": f"http://127.0.0.1:{ports['upstream']}"},
         "routes": [{"name": "public", "path_prefix": "/public", "auth": "none"},
                    {"name": "api", "path_prefix": "/api",
-                    "auth": {"provider": "corp", "scopes": ["accounts:read"]}}],
+                    "auth": {"provider": ["corp", "opaque"], "scopes": ["accounts:read"]}}],
     }
     config_file = work / "gateway.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -271,14 +297,14 @@ async def soak(minutes: float, concurrency: int) -> int:
         await at(0.4)
         new = State(_client(ca, work, "client-a-rotated", ca_file), state.other,
                     state.signing, state.published)
-        new.tokens = _tokens(new)
+        new.tokens = _tokens(new, opaque)
         holder["state"] = new
         print(f"t={time.monotonic() - started:.0f}s client certificate rotated", flush=True)
         await at(0.5)
         rotated = State(new.client, new.other, keys[1], [keys[1], keys[0]])
         holder["state"] = rotated   # publish first: the JWKS serves k2 before any token uses it
         await asyncio.sleep(0)
-        rotated.tokens = _tokens(rotated)
+        rotated.tokens = _tokens(rotated, opaque)
         print(f"t={time.monotonic() - started:.0f}s JWKS key rotated (k2 signs, k1 kept)",
               flush=True)
         await at(0.6)
@@ -289,6 +315,19 @@ async def soak(minutes: float, concurrency: int) -> int:
         os.replace(tmp_dir / "server.crt", server_cert)
         print(f"t={time.monotonic() - started:.0f}s server certificate rotated on disk",
               flush=True)
+        await at(0.7)
+        outage["on"] = True
+        print(f"t={time.monotonic() - started:.0f}s authorization server down (JWKS and "
+              "introspection answer 503)", flush=True)
+        await at(0.75)
+        config["routes"].insert(0, {"name": "status", "path": "/status", "auth": "none"})
+        (work / "gateway.yaml.tmp").write_text(yaml.safe_dump(config))
+        os.replace(work / "gateway.yaml.tmp", config_file)
+        print(f"t={time.monotonic() - started:.0f}s config edited during the outage (a "
+              "public route added)", flush=True)
+        await at(0.85)
+        outage["on"] = False
+        print(f"t={time.monotonic() - started:.0f}s authorization server back", flush=True)
         await asyncio.gather(*tasks)
         await asyncio.sleep(1.0)            # let the gateway settle (idle connections close)
         rss1, fds1 = _proc_stats(gateway.pid)
@@ -304,7 +343,14 @@ async def soak(minutes: float, concurrency: int) -> int:
         print(f"gateway RSS: {rss0:.1f} MiB after warm-up -> {rss1:.1f} MiB at the end "
               f"({rss1 - rss0:+.1f} MiB)")
         print(f"gateway open fds: {fds0} after warm-up -> {fds1} at the end")
-        return 0 if not unexpected and gateway.poll() is None else 1
+        async with aiohttp.ClientSession() as probe, probe.get(
+                f"http://127.0.0.1:{admin}/metrics") as resp:
+            reloads = {line.split('"')[1]: float(line.split()[-1])
+                       for line in (await resp.text()).splitlines()
+                       if line.startswith("mtls_gateway_config_reloads_total{")}
+        print(f"reloads: {reloads}")
+        edited = reloads.get("success", 0) >= 2 and not reloads.get("failure", 0)
+        return 0 if not unexpected and edited and gateway.poll() is None else 1
     finally:
         gateway.send_signal(signal.SIGTERM)
         try:

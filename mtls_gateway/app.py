@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,25 @@ from .connection import GuardedAppRunner, count_request
 from .errors import ConfigError
 from .gateway import Gateway
 from .handshake import HandshakeFailures
+from .memtrim import configure_allocator, trim_forever
 from .metrics import FLUSH_SECONDS, Metrics
+from .reload_carry import Carried, carry_over, provider_files_digest
 from .tls import TlsContextSwitch, server_ssl_context
 from .tls_any import AnyCertSite, any_cert_context
 from .upstream_tls import UpstreamTargets
 
-__all__ = ["SERVER", "GatewayServer", "serve_forever"]
+__all__ = ["RELOAD_SETTLE_SECONDS", "SERVER", "GatewayServer", "serve_forever"]
 
 log = logging.getLogger("mtls_gateway.app")
 
 # A front proxy's certificate header (XFCC with Cert= and Chain=, URL-encoded PEM) carries a
 # whole chain, so header mode allows at least this much per field (limits.max_header_size).
 _MAX_FIELD_SIZE_CERT_HEADER = 64 * 1024
+#: A changed file is loaded only once two reads this far apart agree: a file caught mid-write
+#: (truncate, then write) is not loaded half-written. Writers that replace the file in one
+#: step (rename, Kubernetes' ..data symlink swap) never show a half-written file at all.
+RELOAD_SETTLE_SECONDS = 1.0
+RELOAD_SETTLE_MAX_SECONDS = 10.0
 
 
 def _fingerprint(paths: tuple[Path, ...]) -> bytes:
@@ -60,6 +69,24 @@ def _not_after(cert_file: Path | None) -> float | None:
     if cert_file is None:          # plain-HTTP listener behind a front proxy
         return None
     return x509.load_pem_x509_certificate(cert_file.read_bytes()).not_valid_after_utc.timestamp()
+
+
+async def _bind(start: Awaitable[None], section: str, host: str, port: int) -> None:
+    """Open a listening socket; a failure is a :class:`ConfigError` naming the field and the
+    fix (a message at start-up, not a traceback)."""
+    try:
+        await start
+    except socket.gaierror as exc:
+        raise ConfigError([f"{section}.host: cannot resolve {host!r} ({exc.strerror}); use an "
+                           "IP address or a name this machine resolves"]) from exc
+    except OSError as exc:
+        fix = {errno.EADDRINUSE: "another process listens there: stop it or choose another "
+                                 "port",
+               errno.EACCES: "ports below 1024 need privileges: choose a port above 1023",
+               errno.EADDRNOTAVAIL: f"{host} is not an address of this machine"}.get(
+                   exc.errno or 0, "check the address")
+        raise ConfigError([f"{section}.port: cannot listen on {host}:{port} "
+                           f"({exc.strerror or exc}); {fix}"]) from exc
 
 
 class GatewayServer:
@@ -86,6 +113,9 @@ class GatewayServer:
         self._watch_task: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
         self._fingerprint = b""
+        self._provider_files: dict[str, bytes] = {}
+        self._pending: set[str] = set()     # providers a reload added that have no keys yet
+        self.settle_seconds = RELOAD_SETTLE_SECONDS
 
     # --- start and stop -------------------------------------------------------------------------
 
@@ -111,13 +141,17 @@ class GatewayServer:
             await self.gateway.start()
             self._fingerprint = await asyncio.to_thread(_fingerprint,
                                                         self.config.watched_files())
+            self._provider_files = await asyncio.to_thread(provider_files_digest,
+                                                           self.config.providers)
             if self.config.reload_interval > 0:
                 self._watch_task = asyncio.create_task(self._watch(), name="config-watch")
             flusher = asyncio.create_task(self._flush_metrics(), name="metrics-flush")
+            trimmer = asyncio.create_task(trim_forever(), name="malloc-trim")
             yield
-            flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await flusher
+            for task in (flusher, trimmer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             self.metrics.flush()
             if self._watch_task is not None:
                 self._watch_task.cancel()
@@ -164,6 +198,19 @@ class GatewayServer:
                                         on_refusal=self._count_refusal,
                                         gateway_of=lambda: self.gateway)
         await self._runner.setup()
+        try:
+            await self._open_sites()
+        except BaseException:
+            await self._runner.cleanup()       # close what setup() started (JWKS sessions...)
+            self._runner = None
+            if self._admin_runner is not None:
+                await self._admin_runner.cleanup()
+                self._admin_runner = None
+            raise
+
+    async def _open_sites(self) -> None:
+        assert self._runner is not None
+        listen = self.config.listen
         reuse_port = self._reuse_port or None
         site: web.BaseSite
         if not listen.tls:      # behind a front proxy: certificates come in a header
@@ -177,7 +224,7 @@ class GatewayServer:
             self._tls = TlsContextSwitch(server_ssl_context(listen, self.handshake_failures))
             site = web.TCPSite(self._runner, listen.host, listen.port,
                                ssl_context=self._tls.base, reuse_port=reuse_port)
-        await site.start()
+        await _bind(site.start(), "listen", listen.host, listen.port)
         self.port = self._runner.addresses[0][1]
         if self._serve_admin:
             admin = self.config.admin
@@ -185,8 +232,9 @@ class GatewayServer:
                 build_admin_app(readiness=self.readiness, render_metrics=self.metrics.render),
                 access_log=None, handle_signals=False)
             await self._admin_runner.setup()
-            await web.TCPSite(self._admin_runner, admin.host, admin.port,
-                              reuse_port=self._reuse_port or None).start()
+            await _bind(web.TCPSite(self._admin_runner, admin.host, admin.port,
+                                    reuse_port=self._reuse_port or None).start(),
+                        "admin", admin.host, admin.port)
             self.admin_port = self._admin_runner.addresses[0][1]
         for warning in handshake_warnings(self.config):
             log.warning("%s", warning)
@@ -206,7 +254,10 @@ class GatewayServer:
 
     def readiness(self) -> dict[str, bool]:
         return {"listener": self._runner is not None and self.port != 0,
-                "keys_loaded": self.gateway.ready,
+                # every provider has keys, except one a reload added that has none yet
+                # (its routes answer 503; the other routes must keep their pod in service)
+                "keys_loaded": all(v.ready or name in self._pending
+                                   for name, v in self.gateway.verifiers.items()),
                 "not_draining": not self.draining}
 
     @property
@@ -240,60 +291,118 @@ class GatewayServer:
     # --- reload -----------------------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        """Poll the watched files; survives every failure of a reload (logged and counted)."""
         while True:
             await asyncio.sleep(self.config.reload_interval)
-            fingerprint = await asyncio.to_thread(_fingerprint, self.config.watched_files())
-            if fingerprint != self._fingerprint:
-                self._fingerprint = fingerprint  # a broken file is reported once, not each poll
-                await self.reload("files changed")
+            try:
+                fingerprint = await asyncio.to_thread(_fingerprint, self.config.watched_files())
+                if fingerprint != self._fingerprint:
+                    await self.reload("files changed")
+            except Exception:   # the watcher must outlive any reload bug
+                self.metrics.config_reloads.labels("failure").inc()
+                log.exception("reload (files changed) failed; keeping the current config")
+
+    async def _settled(self) -> bytes | None:
+        """The watched files' fingerprint once two reads ``RELOAD_SETTLE_SECONDS`` apart agree
+        (a writer caught mid-write is not loaded half-written); None: they kept changing."""
+        paths = self.config.watched_files()
+        before = await asyncio.to_thread(_fingerprint, paths)
+        waited = 0.0
+        while waited < RELOAD_SETTLE_MAX_SECONDS:
+            await asyncio.sleep(self.settle_seconds)
+            waited += self.settle_seconds
+            now = await asyncio.to_thread(_fingerprint, paths)
+            if now == before:
+                return now
+            before = now
+        return None
 
     async def reload(self, trigger: str) -> bool:
         """Load config and TLS material anew; swap only if all of it is good.
 
-        When only TLS files changed (cert-manager rotation), the running :class:`Gateway`
-        and its warm caches stay; just new handshakes get the new material.
+        Every failure is logged and counted and leaves the current config serving; the
+        watcher picks up later edits. What still holds is kept (reload_carry.py). When only
+        TLS files changed (cert-manager rotation), the running :class:`Gateway` and its warm
+        caches stay; just new handshakes get the new material.
         """
         async with self._reload_lock:
             try:
-                config = (await asyncio.to_thread(load_config, self.config.source)
-                          if self.config.source else self.config)
-                if config.listen.client_ca != self.config.listen.client_ca:
-                    # The listener's TLS stack is chosen at start. Refused rather than
-                    # deferred: routes valid under pki (binding off) must never run on an
-                    # "any" listener.
-                    raise ConfigError(["listen.client_ca: changed from "
-                                       f"{self.config.listen.client_ca} to "
-                                       f"{config.listen.client_ca}; this needs a restart"])
-                install_tls = await asyncio.to_thread(self._prepare_tls, config.listen)
-                expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
-                new = Gateway(config, self.metrics) if config != self.config else None
-                # Same config, maybe rotated upstream CA or client certificate files: new
-                # contexts for new upstream connections (upstream_tls.py).
-                upstreams = (await asyncio.to_thread(UpstreamTargets, config)
-                             if new is None else None)
-            except (ConfigError, ssl.SSLError, OSError, ValueError) as exc:
+                return await self._reload(trigger)
+            except Exception as exc:   # a reload never kills its caller
+                self._fingerprint = await asyncio.to_thread(
+                    _fingerprint, self.config.watched_files())   # reported once, not each poll
                 self.metrics.config_reloads.labels("failure").inc()
-                log.error("reload (%s) refused, keeping the current config and TLS material: %s",
-                          trigger, exc)
+                expected = isinstance(exc, ConfigError | ssl.SSLError | OSError | ValueError)
+                log.error("reload (%s) refused, keeping the current config and TLS material: "
+                          "%s", trigger, exc, exc_info=not expected)
                 return False
-            if new is not None:
-                self._warn_restart_only(config)
+
+    async def _reload(self, trigger: str) -> bool:
+        for _attempt in range(3):
+            settled = await self._settled()
+            if settled is None:
+                raise ConfigError([f"(files): still changing after "
+                                   f"{RELOAD_SETTLE_MAX_SECONDS:.0f}s; write the config "
+                                   "with an atomic rename "
+                                   "(see docs/operations-reload.md)"])
+            config = (await asyncio.to_thread(load_config, self.config.source)
+                      if self.config.source else self.config)
+            if config.listen.client_ca != self.config.listen.client_ca:
+                # The listener's TLS stack is chosen at start. Refused rather than
+                # deferred: routes valid under pki (binding off) must never run on an
+                # "any" listener.
+                raise ConfigError(["listen.client_ca: changed from "
+                                   f"{self.config.listen.client_ca} to "
+                                   f"{config.listen.client_ca}; this needs a restart"])
+            install_tls = await asyncio.to_thread(self._prepare_tls, config.listen)
+            expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
+            files = await asyncio.to_thread(provider_files_digest, config.providers)
+            if await asyncio.to_thread(_fingerprint, self.config.watched_files()) == settled:
+                break       # nothing changed while we read: one consistent set of files
+            log.info("reload (%s): files changed while being read; reading them again", trigger)
+        else:
+            raise ConfigError(["(files): kept changing while being read; write the config "
+                               "with an atomic rename (see docs/operations-reload.md)"])
+        carried: Carried | None = None
+        new: Gateway | None = None
+        if config != self.config or files != self._provider_files:
+            carried = carry_over(self.gateway, config, self.metrics, self._provider_files, files)
+            new = Gateway(config, self.metrics, verifiers=carried.verifiers)
+            try:
                 await new.start()
-                old, self.gateway, self.config = self.gateway, new, config
-                task = asyncio.create_task(old.retire(config.shutdown_grace))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
-            if upstreams is not None:
-                self.gateway.upstreams = upstreams
-            install_tls()
-            self._set_expiry(expiry)
-            self._fingerprint = await asyncio.to_thread(_fingerprint, config.watched_files())
-            self.metrics.config_reloads.labels("success").inc()
-            log.info("reloaded (%s): %s", trigger,
-                     f"{len(config.routes)} routes, {len(config.providers)} providers"
-                     if new is not None else "TLS material only, configuration unchanged")
-            self._notify_ready()
-            return True
+            except BaseException:
+                new.release(carried.handed_over)    # still the running gateway's
+                await new.close()
+                raise
+        if new is not None and carried is not None:
+            self._warn_restart_only(config)
+            old, self.gateway, self.config = self.gateway, new, config
+            old.release(carried.handed_over)
+            self._provider_files = files
+            self._pending = {n for n, v in new.verifiers.items()
+                             if not v.ready and (n in carried.fresh or n in self._pending)}
+            task = asyncio.create_task(old.retire(config.shutdown_grace))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        else:
+            # Same config, maybe rotated upstream CA or client certificate files: new
+            # contexts for new upstream connections (upstream_tls.py).
+            self.gateway.upstreams = await asyncio.to_thread(UpstreamTargets, config)
+        install_tls()
+        self._set_expiry(expiry)
+        self._fingerprint = settled
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("reloaded (%s): %s", trigger,
+                 f"{len(config.routes)} routes, {len(config.providers)} providers "
+                 f"(kept: {', '.join(carried.kept) or '-'}; keys kept: "
+                 f"{', '.join(carried.keys_only) or '-'}; new: {', '.join(carried.fresh) or '-'})"
+                 if carried is not None else "TLS material only, configuration unchanged")
+        for name in sorted(self._pending):
+            log.warning("provider %s has no signing keys yet: its tokens get 503 "
+                        "jwks_unavailable until they load; readiness does not wait for a "
+                        "provider added by a reload", name)
+        self._notify_ready()
+        return True
 
     def _prepare_tls(self, listen: ListenConfig) -> Callable[[], None]:
         """Build new TLS material for the running listener (blocking: run in a thread); the
@@ -330,6 +439,7 @@ async def serve_forever(config: GatewayConfig, *, reuse_port: bool = False,
                         serve_admin: bool = True,
                         on_ready_change: Callable[[bool], None] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (then drain and return); SIGHUP reloads."""
+    configure_allocator()   # before any helper thread starts (memtrim.py)
     server = GatewayServer(config, reuse_port=reuse_port, serve_admin=serve_admin,
                            on_ready_change=on_ready_change)
     await server.start()

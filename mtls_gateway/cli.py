@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config_load import load_config
+from .config_load import load_config, unreadable_files
 from .errors import ConfigError
 
 __all__ = ["main"]
 
 _COMMANDS = ("run", "check", "thumbprint", "demo")
 _CONFIG_ENV = "MTLS_GATEWAY_CONFIG"
+#: USER of the Dockerfile's final stage: the files the config names must be readable by it.
+IMAGE_USER = (65532, 65532)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +40,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: $MTLS_GATEWAY_WORKERS or 1)")
     check = sub.add_parser("check", help="validate a config file and list every problem")
     _config_arg(check)
+    check.add_argument("--run-as", metavar="UID:GID", default=None,
+                       help="also fail when a file the config names is unreadable by this "
+                            f"user (without it: warn for the container image's user, "
+                            f"{IMAGE_USER[0]}:{IMAGE_USER[1]})")
     thumb = sub.add_parser("thumbprint", help="print the x5t#S256 of a certificate")
     thumb.add_argument("cert", type=Path, help="PEM or DER certificate file")
     demo = sub.add_parser("demo", help="a complete local setup to try with curl")
@@ -65,8 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(directory=args.dir, port=args.port)
+    files: list[tuple[str, Path]] = []
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, read_files=files)
     except ConfigError as exc:
         print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
         return 2
@@ -78,12 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         from .config_advice import config_warnings
 
-        for warning in config_warnings(config):
-            print(f"warning: {warning}")
-        print(f"{args.config}: OK ({len(config.routes)} routes, "
-              f"{len(config.providers)} providers"
-              f"{f', {len(warnings)} warnings' if warnings else ''})")
-        return 0
+        advice = config_warnings(config)
+        for warning in advice:
+            print(f"mtls-gateway: {args.config}: warning: {warning}", file=sys.stderr)
+        return _check_files(args.config, files, args.run_as, config.routes,
+                            len(config.providers), len(warnings) + len(advice))
     from .app import serve_forever
     from .decision_log import configure_logging
 
@@ -94,13 +101,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from .workers import run_workers
 
-        return run_workers(config, args.workers)
+        try:
+            return run_workers(config, args.workers)
+        except ConfigError as exc:
+            print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
+            return 2
     if args.workers < 1:
         print("mtls-gateway: --workers must be at least 1", file=sys.stderr)
         return 2
     from .eventloop import run
 
-    run(serve_forever(config))
+    try:
+        run(serve_forever(config))
+    except ConfigError as exc:      # what only starting shows: a port in use, a bad host...
+        print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        print(f"mtls-gateway: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_files(config: Path, files: list[tuple[str, Path]], run_as: str | None,
+                 routes: Sequence[object], providers: int, warned: int = 0) -> int:
+    """``check``'s last step: files the gateway's user could not read at run time."""
+    if run_as is None:
+        for line in unreadable_files(files, *IMAGE_USER):
+            print(f"warning: {line} (the container image runs as "
+                  f"{IMAGE_USER[0]}:{IMAGE_USER[1]}; check with --run-as to fail on this)",
+                  file=sys.stderr)
+    else:
+        uid, _, gid = run_as.partition(":")
+        if not uid.isdigit() or not (gid or uid).isdigit():
+            print(f"mtls-gateway: --run-as {run_as!r}: expected UID:GID (numbers)",
+                  file=sys.stderr)
+            return 2
+        problems = unreadable_files(files, int(uid), int(gid or uid))
+        if problems:
+            print(f"mtls-gateway: {config}: {ConfigError(problems)}", file=sys.stderr)
+            return 2
+    print(f"{config}: OK ({len(routes)} routes, {providers} providers"
+          f"{f', {warned} warnings' if warned else ''})")
     return 0
 
 

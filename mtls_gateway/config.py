@@ -163,6 +163,10 @@ class IntrospectionProvider:
     failure_threshold: int
     failure_cooldown: float
     kind: Literal["introspection"] = "introspection"
+    # The gateway's own pool (introspection.py): waiting here is never an endpoint failure.
+    max_connections: int = 100          # calls in flight at once
+    max_waiting: int = 1000             # calls queued for a connection; beyond: shed at once
+    queue_timeout: float = 5.0          # longest wait for a connection; then shed (503)
 
 
 Provider = JwtProvider | IntrospectionProvider

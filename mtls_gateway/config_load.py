@@ -57,7 +57,15 @@ from .dn_forms import from_openssl_form
 from .errors import ConfigError
 from .jwks import KeySet
 
-__all__ = ["KNOWN_FIELDS", "load_config", "load_config_text", "parse_duration"]
+__all__ = [
+    "KNOWN_FIELDS",
+    "decode_utf8",
+    "load_config",
+    "load_config_text",
+    "parse_duration",
+    "unreadable_files",
+    "yaml_load",
+]
 
 T = TypeVar("T")
 _REQUIRED: Any = object()
@@ -93,6 +101,7 @@ class _Problems:
     def __init__(self, base_dir: Path) -> None:
         self.items: list[str] = []
         self.base_dir = base_dir
+        self.files: list[tuple[str, Path]] = []     # (yaml path, file) of every file read
 
     def add(self, path: str, message: str) -> None:
         self.items.append(f"{path}: {message}")
@@ -151,6 +160,13 @@ class _Section:
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
+        value = self.data.get(key)
+        if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+            self.seen.add(key)
+            KNOWN_FIELDS.add(key)
+            self.problem(key, f"expected true or false (got the string {value!r}: this file "
+                         "is read as YAML 1.2, where only true and false are booleans)")
+            return default
         return bool(self.typed(key, bool, default))
 
     def integer(self, key: str, default: Any = _REQUIRED, *, low: int = 0,
@@ -201,6 +217,7 @@ class _Section:
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.problems.base_dir / path
+        self.problems.files.append((self.at(key), path))
         try:
             data = path.read_bytes()
         except OSError as exc:
@@ -226,6 +243,115 @@ class _Section:
         for key in self.data:
             if key not in self.seen:
                 self.problem(str(key), "unknown field")
+
+
+# --- the YAML reader: YAML 1.2 scalars, no duplicate keys, bounded nesting -----------------
+#
+# PyYAML reads YAML 1.1, where an unquoted off/on/yes/no is a boolean, 0777 is octal and
+# 1:30 is 90; and a key written twice silently keeps the last value. A security config must
+# mean what it shows: scalars are resolved as in YAML 1.2's core schema (booleans are only
+# true/false, in any of the cases True/TRUE; off/on/yes/no stay strings), and every duplicate
+# key is an error with its YAML path.
+
+_MAX_YAML_DEPTH = 64
+_BOOL_TAG, _INT_TAG, _FLOAT_TAG = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:int",
+                                   "tag:yaml.org,2002:float")
+_YAML11_ONLY = {_BOOL_TAG, _INT_TAG, _FLOAT_TAG, "tag:yaml.org,2002:timestamp"}
+
+
+class _TooDeep(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with the YAML 1.2 core schema's scalars and a nesting bound."""
+
+    yaml_implicit_resolvers = {  # noqa: RUF012 - PyYAML's own class-level table
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_ONLY]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > _MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise _TooDeep(f"nested deeper than {_MAX_YAML_DEPTH} levels (line "
+                               f"{mark.line + 1}); check the indentation")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_core_int(self, node: yaml.ScalarNode) -> int:
+        value = str(self.construct_scalar(node))
+        if value.startswith(("0x", "0o")):
+            return int(value[2:], 16 if value[1] == "x" else 8)
+        return int(value, 10)
+
+
+_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_Loader.add_implicit_resolver(_INT_TAG, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    _FLOAT_TAG, re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                           r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"))
+_Loader.add_constructor(_INT_TAG, _Loader.construct_core_int)
+
+
+def _duplicates(node: yaml.Node, path: str, out: list[str], seen: set[int]) -> None:
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value) if isinstance(key, yaml.ScalarNode) else "?"
+            at = f"{path}.{name}" if path else name
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                line = key.start_mark.line + 1
+                if (key.tag, name) in first:
+                    out.append(f"{at}: duplicate key (lines {first[(key.tag, name)]} and "
+                               f"{line}); YAML would silently keep the last one: remove one")
+                first.setdefault((key.tag, name), line)
+            _duplicates(value, at, out, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _duplicates(item, f"{path}[{i}]", out, seen)
+
+
+def yaml_load(text: str, where: str = "(yaml)") -> Any:
+    """Parse YAML text for the gateway; :class:`ConfigError` for bad YAML, duplicate keys
+    and deep nesting (``where`` prefixes the syntax errors)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        problems: list[str] = []
+        _duplicates(node, "", problems, set())
+        if problems:
+            raise ConfigError(problems)
+        return loader.construct_document(node)
+    except _TooDeep as exc:
+        raise ConfigError([f"{where}: {exc}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{where}: {exc}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{where}: nested too deeply"]) from exc
+    finally:
+        loader.dispose()
+
+
+def decode_utf8(data: bytes, path: Path) -> str:
+    """File text as UTF-8, or ValueError naming the first bad byte and the fix."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} on line "
+                         f"{line}); save it as UTF-8") from exc
 
 
 # --- PEM checks: the gateway must not start with material it cannot use -------------------
@@ -264,6 +390,89 @@ def _ca_ders(path: Path | None) -> tuple[bytes, ...]:
                      for c in x509.load_pem_x509_certificates(path.read_bytes()))
     except (OSError, ValueError):
         return ()
+# --- checks of what would fail at run time (issue 20): CA bundles, key pairs, ports, files ---
+
+def _check_client_ca(data: bytes) -> None:
+    """A client CA bundle must hold a certificate that can issue (or pin) client certificates:
+    CA:TRUE, or self-issued (a pinned self-signed client). Otherwise every handshake fails."""
+    _check_certs(data)
+    certs = x509.load_pem_x509_certificates(data)
+    for cert in certs:
+        try:
+            if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+                return
+        except x509.ExtensionNotFound:
+            pass
+        if cert.issuer == cert.subject:
+            return
+    raise ValueError(f"holds no CA certificate ({len(certs)} certificate(s), none with "
+                     "basicConstraints CA:TRUE nor self-signed): every client handshake would "
+                     "fail; put the certificate of the CA that issues client certificates here")
+
+
+def _check_key_pair(sec: _Section, key: str, cert_file: Path | None,
+                    key_file: Path | None) -> None:
+    """Report ``key`` when the private key does not belong to the certificate."""
+    if cert_file is None or key_file is None or not (cert_file.is_file() and key_file.is_file()):
+        return
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(cert_file, key_file)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        sec.problem(key, f"{key_file} does not match the certificate {cert_file} ({exc}); use "
+                    "the key the certificate was issued for")
+
+
+def _check_ports(listen: ListenConfig | None, admin: AdminConfig, problems: _Problems) -> None:
+    if listen is None or not admin.enabled or listen.port == 0 or admin.port != listen.port:
+        return
+    wildcard = ("0.0.0.0", "::", "")  # noqa: S104 - compared, not bound
+    if listen.host == admin.host or listen.host in wildcard or admin.host in wildcard:
+        problems.add("admin.port", f"is the same as listen.port ({admin.port}): the second "
+                     "listener cannot bind; choose another port (the default is 9901)")
+
+
+def unreadable_files(files: list[tuple[str, Path]], uid: int, gid: int) -> list[str]:
+    """The files (``(yaml path, file)``, as :func:`load_config` lists them) that user
+    ``uid``/``gid`` (no supplementary groups) could not read: owner, group and other
+    permission bits of the file and the search bit of every folder on the way."""
+    if uid == 0:
+        return []
+    out: list[str] = []
+    for yaml_path, path in files:
+        trouble = _read_trouble(path, uid, gid)
+        if trouble:
+            out.append(f"{yaml_path}: {trouble} for uid {uid} gid {gid}; make it readable "
+                       "(chmod o+r, chgrp/chown to that user, or in Kubernetes "
+                       "securityContext.fsGroup with the volume's defaultMode)")
+    return out
+
+
+def _read_trouble(path: Path, uid: int, gid: int) -> str | None:
+    def allowed(st: os.stat_result, bits: tuple[int, int, int]) -> bool:
+        if st.st_uid == uid:
+            return bool(st.st_mode & bits[0])
+        if st.st_gid == gid:
+            return bool(st.st_mode & bits[1])
+        return bool(st.st_mode & bits[2])
+
+    search = (0o100, 0o010, 0o001)
+    folders = {*path.parents, *Path(os.path.realpath(path)).parents}
+    for folder in sorted(folders, key=lambda f: len(f.parts)):
+        try:
+            st = folder.stat()
+        except OSError:
+            continue
+        if not allowed(st, search):
+            return f"folder {folder} (mode {st.st_mode & 0o777:04o}) cannot be entered"
+    try:
+        st = path.stat()
+    except OSError:
+        return None     # reported by the loader already
+    if not allowed(st, (0o400, 0o040, 0o004)):
+        return (f"{path} (mode {st.st_mode & 0o777:04o}, owner {st.st_uid}:{st.st_gid}) "
+                "cannot be read")
+    return None
 
 
 # --- sections --------------------------------------------------------------------------------
@@ -358,7 +567,8 @@ def _listen(sec: _Section) -> ListenConfig:
         ca_file = None
     else:
         # An unknown client_ca is reported already: do not add "client_ca_file is required".
-        ca_file = sec.file("client_ca_file", need if client_ca else None, check=_check_certs)
+        ca_file = sec.file("client_ca_file", need if client_ca else None,
+                           check=_check_client_ca)
         if validity == "ignore" and sec.has("client_cert_validity"):
             sec.problem("client_cert_validity", "ignore needs client_ca: any (with client_ca: "
                         "pki the TLS library always enforces validity dates)")
@@ -486,7 +696,11 @@ def _secret(sec: _Section) -> str | None:
     if path and env:
         sec.problem("client_secret_file", "set only one of client_secret_file, client_secret_env")
     if path and path.is_file():
-        return path.read_text().strip() or None
+        try:
+            return decode_utf8(path.read_bytes(), path).strip() or None
+        except (OSError, ValueError) as exc:
+            sec.problem("client_secret_file", str(exc))
+            return None
     if env:
         value = os.environ.get(env, "").strip()
         if not value:
@@ -506,6 +720,7 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
         sec.problem("auth_method", f"{method} needs client_secret_file or client_secret_env")
     if method == "tls_client_auth" and not (cert and key):
         sec.problem("auth_method", "tls_client_auth needs client_cert_file and client_key_file")
+    _check_key_pair(sec, "client_key_file", cert, key)
     cache_sec = sec.section("cache", required=False) or _Section({}, sec.at("cache"), problems)
     cache = CacheConfig(
         maxsize=cache_sec.integer("maxsize", 10000, low=1, high=10_000_000),
@@ -529,6 +744,7 @@ def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> In
         cache=cache,
         failure_threshold=sec.integer("failure_threshold", 5, low=1, high=1000),
         failure_cooldown=sec.duration("failure_cooldown", 5.0),
+        **_introspection_pool(sec),
     )
     sec.string("type")
     sec.finish()
@@ -583,6 +799,11 @@ def _check_route_resources(routes: tuple[Route, ...], metadata: MetadataConfig |
         if not isinstance(route.auth, AuthPolicy):
             problems.add(f"routes[{i}].resource", "only a route with token auth (provider) "
                          "is a protected resource")
+def _introspection_pool(sec: _Section) -> dict[str, Any]:
+    """The gateway's own connection pool for an introspection endpoint (see introspection.py)."""
+    return {"max_connections": sec.integer("max_connections", 100, low=1, high=10_000),
+            "max_waiting": sec.integer("max_waiting", 1000, low=0, high=1_000_000),
+            "queue_timeout": sec.duration("queue_timeout", 5.0)}
 
 
 def _providers(sec: _Section | None) -> dict[str, Provider]:
@@ -1041,9 +1262,13 @@ def _client_registry(name: str, sec: _Section) -> ClientRegistryConfig:
         clients = _clients(inline, sec.at("clients"), sec.problems)
     elif path is not None and path.is_file():
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            doc = yaml_load(decode_utf8(path.read_bytes(), path), f"{path}")
+        except (OSError, ValueError) as exc:
             sec.problem("file", f"{path}: not readable YAML ({exc})")
+            doc = None
+        except ConfigError as exc:
+            for problem in exc.problems:
+                sec.problem("file", f"{path}: {problem}")
             doc = None
         if doc is not None:
             if not isinstance(doc, dict) or set(doc) != {"clients"}:
@@ -1150,15 +1375,16 @@ def _logging(sec: _Section | None, problems: _Problems) -> LoggingConfig:
     return cfg
 
 
-def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -> GatewayConfig:
-    """Parse and validate YAML text; raise :class:`ConfigError` listing every problem."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"(yaml): {exc}"]) from exc
+def load_config_text(text: str, *, base_dir: Path, source: Path | None = None,
+                     read_files: list[tuple[str, Path]] | None = None) -> GatewayConfig:
+    """Parse and validate YAML text; raise :class:`ConfigError` listing every problem.
+    ``read_files`` receives ``(yaml path, file)`` for every file the config names."""
+    data = yaml_load(text)
     if not isinstance(data, dict):
         raise ConfigError(["(top): expected a mapping of sections"])
     problems = _Problems(base_dir)
+    if read_files is not None:
+        problems.files = read_files
     top = _Section(data, "", problems)
     listen_sec = top.section("listen")
     listen = _listen(listen_sec) if listen_sec else None
@@ -1184,6 +1410,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
     reload_interval = top.duration("reload_interval", 2.0, positive=False)
     fast_lane = top.boolean("fast_lane", True)
     top.finish()
+    _check_ports(listen, admin, problems)
     if problems.items or listen is None or upstream is None:
         raise ConfigError(problems.items or ["(top): incomplete configuration"])
     return GatewayConfig(source=source, realm=realm, listen=listen, admin=admin,
@@ -1193,10 +1420,14 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None) -
                          metadata=metadata, limits=limits, fast_lane=fast_lane)
 
 
-def load_config(path: Path) -> GatewayConfig:
+def load_config(path: Path, *, read_files: list[tuple[str, Path]] | None = None
+                ) -> GatewayConfig:
     """Read ``path`` (blocking; only at start-up or reload) and validate it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = decode_utf8(path.read_bytes(), path)
     except OSError as exc:
         raise ConfigError([f"(file): cannot read {path}: {exc.strerror or exc}"]) from exc
-    return load_config_text(text, base_dir=path.resolve().parent, source=path.resolve())
+    except ValueError as exc:
+        raise ConfigError([f"(file): {exc}"]) from exc
+    return load_config_text(text, base_dir=path.resolve().parent, source=path.resolve(),
+                            read_files=read_files)

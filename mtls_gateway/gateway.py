@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,12 +166,19 @@ def _target(url: str) -> _Target | None:
 class Gateway:
     """Routes, verifiers and forwarder built once from a :class:`GatewayConfig`."""
 
-    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
+    def __init__(self, config: GatewayConfig, metrics: Metrics | None = None, *,
+                 verifiers: Mapping[str, Verifier] | None = None) -> None:
+        """``verifiers``: already started verifiers handed over by a reload (reload_carry.py);
+        this gateway owns them now, and builds and starts the others itself."""
         self.config = config
         self.metrics = metrics or Metrics()
         self.router = Router(config.routes)
+        given = verifiers or {}
         self.verifiers: dict[str, Verifier] = {
-            name: build_verifier(p, self.metrics) for name, p in config.providers.items()}
+            name: given.get(name) or build_verifier(p, self.metrics)
+            for name, p in config.providers.items()}
+        self._to_start = [v for n, v in self.verifiers.items() if n not in given]
+        self.owned: set[str] = set(self.verifiers)   # closed by close(); see release()
         self.certificates = build_certificate_source(config.listen)
         # Token endpoints (auth: mtls_client) and RFC 9728 metadata: see token_endpoint.py,
         # metadata.py.
@@ -214,6 +222,10 @@ class Gateway:
         """Every provider usable (each JWKS loaded at least once)."""
         return all(v.ready for v in self.verifiers.values())
 
+    def release(self, names: set[str]) -> None:
+        """These verifiers (or their key sets) now belong to the next gateway: never close them."""
+        self.owned -= names
+
     async def retire(self, grace: float) -> None:
         """After a reload: let requests that started here finish (up to ``grace``), then close."""
         try:
@@ -225,7 +237,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.forwarder.start()
-        for verifier in self.verifiers.values():
+        for verifier in self._to_start:
             await verifier.start()
         for registry in self.registries.values():
             await registry.start()
@@ -233,8 +245,9 @@ class Gateway:
     async def close(self) -> None:
         if self.lane is not None:
             self.lane.pool.close()
-        for verifier in self.verifiers.values():
-            await verifier.close()
+        for name, verifier in self.verifiers.items():
+            if name in self.owned:
+                await verifier.close()
         for registry in self.registries.values():
             await registry.close()
         await self.forwarder.close()

@@ -12,10 +12,19 @@
   ``failure_cooldown`` and uncached tokens get 503 at once.
 * When the authorization server rejects the gateway's own credentials the client
   gets 503 (it is the gateway's fault, not the client's) and the log says so.
-* Only outages (timeouts, refused connections, 5xx, unusable answers, rejected
-  gateway credentials) count towards the breaker; a 4xx about one token does not,
-  so no client can switch introspection off for everyone. A 400
-  ``unsupported_token_type`` is read as ``active: false``.
+* Only outages (timeouts, refused connections, 5xx, rejected gateway credentials,
+  401/403/404/405: ``introspection_misconfigured``) count towards the breaker; an answer
+  about one token does not, so no client can switch introspection off for everyone:
+  a 400 ``unsupported_token_type`` is 401 ``token_unknown``, any other 400 is 401
+  ``token_malformed`` (the server refused to introspect that string).
+* An answer that is not RFC 7662 (not JSON, ``active`` not a boolean...) is 401
+  ``token_inactive`` for that token, logged as a bad answer and not cached; only when
+  ``failure_threshold`` calls in a row get one (the endpoint answers every token that way)
+  is it an outage: 503 ``introspection_bad_response``, counted by the breaker.
+* The gateway's own pool is not the endpoint: at most ``max_connections`` calls are in
+  flight, the others wait (at most ``max_waiting`` of them, for at most ``queue_timeout``),
+  and ``timeout`` starts only once a call has its connection. A call that cannot get one is
+  shed with 503 ``introspection_overloaded`` and never counts towards the breaker.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -61,11 +71,21 @@ class IntrospectionStats:
 
 @dataclass(frozen=True, slots=True)
 class _Answer:
-    """A cached introspection answer; ``ttl`` is seconds from when it was stored."""
+    """A cached introspection answer; ``ttl`` is seconds from when it was stored;
+    ``reason``: the refusal when not active."""
 
     active: bool
     claims: dict[str, Any]
     ttl: float
+    reason: str = "token_inactive"
+
+
+class _BadAnswer(ValueError):
+    """The endpoint answered, but not as RFC 7662 says."""
+
+
+#: Reasons that are not the endpoint's failure: they never count towards the breaker.
+_NOT_FAILURES = frozenset({"introspection_refused", "introspection_overloaded"})
 
 
 class IntrospectionVerifier:
@@ -82,7 +102,10 @@ class IntrospectionVerifier:
         self._inflight: dict[bytes, asyncio.Task[_Answer]] = {}
         self._session: aiohttp.ClientSession | None = None
         self._consecutive_failures = 0
+        self._bad_streak = 0            # calls in a row answered with a non-RFC 7662 answer
         self._open_until = 0.0
+        self._slots = asyncio.Semaphore(provider.max_connections)
+        self._waiting = 0
 
     @property
     def ready(self) -> bool:
@@ -98,7 +121,8 @@ class IntrospectionVerifier:
             assert p.client_cert_file is not None and p.client_key_file is not None
             ctx.load_cert_chain(p.client_cert_file, p.client_key_file)
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ctx, limit=64),
+            # no waiting inside aiohttp: _slot() admits at most max_connections calls
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=p.max_connections),
             timeout=aiohttp.ClientTimeout(total=p.timeout),
             headers={"Accept": "application/json"},
         )
@@ -162,19 +186,62 @@ class IntrospectionVerifier:
 
     async def _call(self, key: bytes, token: str) -> _Answer:
         started = time.perf_counter()
-        self.stats.calls += 1
         try:
-            answer = await self._post(token)
+            async with self._slot():
+                self.stats.calls += 1
+                answer = await self._post(token)
         except DependencyDown as exc:
-            if exc.reason != "introspection_refused":
+            if exc.reason not in _NOT_FAILURES:
                 self._failed()
             self._observe(exc.reason, started)
             raise
+        except _BadAnswer as exc:
+            return self._bad_answer(exc, started)
         self._observe("active" if answer.active else "inactive", started)
         self._consecutive_failures = 0
+        self._bad_streak = 0
         if answer.ttl > 0:
             self._cache[key] = answer
         return answer
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the pool's ``max_connections``; waiting for it is the gateway's own limit,
+        shed (``introspection_overloaded``) beyond ``max_waiting`` or ``queue_timeout``."""
+        p = self.provider
+        if self._slots.locked() and self._waiting >= p.max_waiting:
+            log.warning("introspection for provider %s: %d calls already wait for one of its "
+                        "%d connections; shedding", self.name, self._waiting, p.max_connections)
+            raise DependencyDown("introspection_overloaded", "the gateway is overloaded")
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(p.queue_timeout):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            log.warning("introspection for provider %s: no free connection within %.1fs (%d "
+                        "in flight); shedding", self.name, p.queue_timeout, p.max_connections)
+            raise DependencyDown("introspection_overloaded",
+                                 "the gateway is overloaded") from exc
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _bad_answer(self, exc: _BadAnswer, started: float) -> _Answer:
+        """A non-RFC 7662 answer: this token is refused (not cached); an endpoint that
+        answers every token that way is down."""
+        self._bad_streak += 1
+        self._observe("bad_answer", started)
+        log.error("introspection endpoint of provider %s sent an answer that is not RFC 7662 "
+                  "(%s); %d in a row", self.name, exc, self._bad_streak)
+        if self._bad_streak >= self.provider.failure_threshold:
+            self._consecutive_failures = max(self._consecutive_failures, self._bad_streak - 1)
+            self._failed()
+            raise DependencyDown("introspection_bad_response",
+                                 "token introspection is unavailable") from exc
+        return _Answer(False, {}, 0.0)
 
     def _count(self, outcome: str) -> None:
         if self.metrics:
@@ -220,16 +287,20 @@ class IntrospectionVerifier:
                         type(exc).__name__)
             raise DependencyDown("introspection_unavailable",
                                  "token introspection is unavailable") from exc
-        if status in (401, 403):
-            log.error("introspection endpoint of provider %s rejected the gateway's own "
-                      "credentials (HTTP %d): the gateway is misconfigured (client_id %r, "
-                      "auth_method %s)", self.name, status, p.client_id, p.auth_method)
+        if status in (401, 403, 404, 405):
+            log.error("introspection endpoint of provider %s answered HTTP %d: the gateway is "
+                      "misconfigured (%s)", self.name, status,
+                      f"client_id {p.client_id!r}, auth_method {p.auth_method}"
+                      if status in (401, 403) else f"is {p.endpoint} the introspection endpoint?")
             raise DependencyDown("introspection_misconfigured",
                                  "token introspection is unavailable")
-        if status == 400 and _oauth_error(body) == "unsupported_token_type":
-            # Some servers (node-oidc-provider for JWTs) refuse to introspect a kind of token
-            # instead of saying active: false. It is an answer about this token, not an outage.
-            return _Answer(False, {}, p.cache.negative_ttl)
+        if status == 400:
+            # An answer about this string, not an outage: a client sending odd tokens must
+            # never open the breaker. Some servers (node-oidc-provider for JWTs) refuse to
+            # introspect a kind of token instead of saying active: false.
+            if _oauth_error(body) == "unsupported_token_type":
+                return _Answer(False, {}, p.cache.negative_ttl, "token_unknown")
+            return _Answer(False, {}, p.cache.negative_ttl, "token_malformed")
         if 400 <= status < 500:
             # A complaint about this one request: 503, but a client must not be able to open
             # the breaker for everyone by sending odd tokens.
@@ -257,10 +328,7 @@ class IntrospectionVerifier:
             if claims["active"] and bad:
                 raise ValueError(f"{bad[0]} is not a NumericDate")
         except ValueError as exc:
-            log.error("introspection endpoint of provider %s sent an unusable answer: %s",
-                      self.name, exc)
-            raise DependencyDown("introspection_bad_response",
-                                 "token introspection is unavailable") from exc
+            raise _BadAnswer(str(exc)) from exc
         if not claims["active"]:
             return _Answer(False, {}, self.provider.cache.negative_ttl)
         ttl = self.provider.cache.ttl
@@ -273,7 +341,8 @@ class IntrospectionVerifier:
 
     def _check(self, answer: _Answer) -> TokenInfo:
         if not answer.active:
-            raise InvalidToken("token_inactive", "token is not active")
+            raise InvalidToken(answer.reason, _DESCRIPTIONS.get(answer.reason, "token is not "
+                                                                               "active"))
         claims, p, now = answer.claims, self.provider, time.time()
         exp, nbf = _number(claims.get("exp")), _number(claims.get("nbf"))
         if exp is not None and now > exp + p.leeway:
@@ -288,6 +357,10 @@ class IntrospectionVerifier:
             if not set(p.audiences) & {a for a in auds if isinstance(a, str)}:
                 raise InvalidToken("wrong_audience", "token audience is not accepted")
         return token_info_from_claims(self.name, claims)
+
+
+_DESCRIPTIONS = {"token_unknown": "the authorization server does not know this token",
+                 "token_malformed": "the authorization server refused to introspect the token"}
 
 
 def _oauth_error(body: bytes) -> str | None:

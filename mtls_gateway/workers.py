@@ -29,6 +29,7 @@ from aiohttp import web
 
 from .admin import build_admin_app
 from .config import GatewayConfig
+from .errors import ConfigError
 
 __all__ = ["run_workers"]
 
@@ -73,7 +74,12 @@ def _worker_main(config_path: str, ready: Synchronized[int], level: str,
     def on_ready(value: bool) -> None:
         ready.value = int(value)
 
-    run(serve_forever(config, reuse_port=True, serve_admin=False, on_ready_change=on_ready))
+    try:
+        run(serve_forever(config, reuse_port=True, serve_admin=False,
+                          on_ready_change=on_ready))
+    except ConfigError as exc:      # a port in use, a bad host: a message, not a traceback
+        print(f"mtls-gateway: {config_path}: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_workers(config: GatewayConfig, workers: int) -> int:
@@ -129,7 +135,13 @@ async def _supervise(config: GatewayConfig, procs: Sequence[BaseProcess],
                                                render_metrics=lambda: generate_latest(registry)),
                                access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, config.admin.host, config.admin.port).start()
+        try:
+            await web.TCPSite(runner, config.admin.host, config.admin.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError([f"admin.port: cannot listen on {config.admin.host}:"
+                               f"{config.admin.port} ({exc.strerror or exc}); choose another "
+                               "port or stop the process that listens there"]) from exc
         log.info("supervising %d workers; admin on %s:%d", len(procs), config.admin.host,
                  runner.addresses[0][1])
 

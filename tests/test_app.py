@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import ssl
 import sys
@@ -225,3 +226,138 @@ async def test_sigterm_drains_in_flight_then_exits_and_sighup_reloads(
     assert [s.path_qs for s in upstream.seen] == ["/closed", "/slow?s=2"]
 
 
+
+
+# --- reload failures and half-written files (issue 20) ----------------------------------------
+
+async def _reloads(gw: GatewayProcess, result: str) -> int:
+    async with aiohttp.ClientSession() as s, s.get(gw.admin_url + "/metrics") as resp:
+        text = await resp.text()
+    m = re.search(rf'mtls_gateway_config_reloads_total{{result="{result}"}} (\S+)', text)
+    return int(float(m.group(1))) if m else 0
+
+
+async def _wait_reloads(gw: GatewayProcess, result: str, count: int) -> None:
+    for _ in range(150):
+        if await _reloads(gw, result) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"no {result} reload #{count}:\n" + "\n".join(gw.output[-30:]))
+
+
+def _write_atomically(path: Path, config: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config))
+    os.replace(tmp, path)
+
+
+async def test_watcher_survives_a_config_that_fails_to_start(
+        pki: Pki, upstream: Upstream, tmp_path: Path) -> None:
+    """A reload that fails (here: an introspection client key not matching its certificate)
+    is logged and counted, the old config keeps serving, and later edits are picked up."""
+    config = base_config(pki, None, upstream)
+    config["routes"] = [{"name": "all", "path_prefix": "/", "auth": "none"}]
+    config["reload_interval"] = "100ms"
+    async with GatewayProcess(config, tmp_path) as gw, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=pki.client_context("a")),
+            timeout=aiohttp.ClientTimeout(total=15)) as session:
+        broken = yaml.safe_load(yaml.safe_dump(config))
+        broken["providers"] = {"opaque": {
+            "type": "introspection", "endpoint": "https://127.0.0.1:1/introspect",
+            "client_id": "gw", "auth_method": "tls_client_auth",
+            "client_cert_file": str(pki.clients["a"].cert),
+            "client_key_file": str(pki.clients["b"].key)}}      # b's key, a's certificate
+        broken["routes"].insert(0, {"name": "closed", "path": "/closed",
+                                    "auth": {"provider": "opaque"}})
+        _write_atomically(gw.path, broken)
+        await _wait_reloads(gw, "failure", 1)
+        async with session.get(gw.url + "/closed") as resp:
+            assert resp.status == 200                   # the old config still serves
+        config["routes"].insert(0, {"name": "gone", "path": "/gone",
+                                    "auth": {"provider": "nobody"}})
+        config["providers"] = {"nobody": {"type": "jwt", "issuer": "https://n.test",
+                                          "audiences": ["x"], "jwks_uri": "https://n.test/k"}}
+        config["providers"]["nobody"]["jwks_uri"] = "https://127.0.0.1:1/jwks"
+        config["providers"]["nobody"]["jwks_timeout"] = "200ms"
+        _write_atomically(gw.path, config)
+        await _wait_reloads(gw, "success", 1)
+        async with session.get(gw.url + "/gone") as resp:
+            assert resp.status == 401                   # the later edit is live
+        out = "\n".join(gw.output)
+        assert "reload (files changed) refused" in out
+        assert "Traceback" not in out
+
+
+async def test_unexpected_reload_error_is_counted_and_watching_goes_on(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    gw = await make_gateway(base_config(pki, issuer, upstream))
+    gw.server.settle_seconds = 0.05
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["providers"]["second"] = {**config["providers"]["corp"],
+                                     "issuer": "https://second.test"}     # corp: unchanged
+    config["routes"].insert(0, {"name": "second", "path_prefix": "/second",
+                                "auth": {"provider": "second"}})
+    gw.config_path.write_text(yaml.safe_dump(config))
+    corp = gw.server.gateway.verifiers["corp"]
+
+    async def boom(self: object) -> None:
+        raise RuntimeError("a bug while starting a verifier")
+
+    monkeypatch.setattr("mtls_gateway.jwks.JwksSource.start", boom)
+    before = gw.server.gateway
+    assert await gw.server.reload("test") is False
+    assert "a bug while starting a verifier" in caplog.text
+    assert gw.server.metrics.config_reloads.labels("failure")._value.get() == 1
+    assert gw.server.gateway is before
+    monkeypatch.undo()
+    # the failed gateway did not close the verifier it was handed (it still refreshes)
+    session = corp.keys._session    # type: ignore[attr-defined]
+    assert session is not None and not session.closed
+    assert (await gw.request("/x", token=issuer.mint(pki.clients["a"].thumbprint))).status \
+        == 200
+    config["routes"].insert(0, {"name": "open", "path_prefix": "/open", "auth": "none"})
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert await gw.server.reload("test") is True
+    assert (await gw.request("/open/x", cert=None)).status == 200
+
+
+async def test_half_written_config_is_never_loaded(
+        pki: Pki, issuer: Issuer, upstream: Upstream, tmp_path: Path) -> None:
+    """A writer that truncates and writes in two steps: the part before ``scopes:`` is valid
+    YAML on its own, and must not be loaded (it would let a token without the scope in)."""
+    config = base_config(pki, issuer, upstream)
+    config["routes"][1]["path_prefix"] = "/api"
+    config["reload_interval"] = "100ms"
+    token = issuer.mint(pki.clients["a"].thumbprint, scope="accounts:read")
+    async with GatewayProcess(config, tmp_path) as gw, aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=pki.client_context("a")),
+            timeout=aiohttp.ClientTimeout(total=15)) as session:
+        routes = config.pop("routes")
+        routes.append({"name": "admin", "path_prefix": "/admin",
+                       "auth": {"provider": "corp", "scopes": ["admin"]}})
+        text = yaml.safe_dump({**config, "routes": routes}, sort_keys=False)
+        cut = text.index("    scopes:")
+        seen: list[int] = []
+        done = asyncio.Event()
+
+        async def probe() -> None:
+            while not done.is_set():
+                async with session.get(gw.url + "/admin/x",
+                                       headers={"Authorization": f"Bearer {token}"}) as resp:
+                    seen.append(resp.status)
+                await asyncio.sleep(0.05)
+
+        prober = asyncio.create_task(probe())
+        with gw.path.open("w") as f:           # truncate, write a part, pause, write the rest
+            f.write(text[:cut])
+            f.flush()
+            await asyncio.sleep(0.4)
+            f.write(text[cut:])
+        await _wait_reloads(gw, "success", 1)
+        await asyncio.sleep(0.2)
+        done.set()
+        await prober
+        assert 200 not in seen, seen
+        assert seen[-1] == 403
+    assert not [s for s in upstream.seen if s.path_qs.startswith("/admin")]

@@ -104,3 +104,92 @@ def test_demo_comes_up_and_its_curl_commands_work(tmp_path: Path) -> None:
         rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, rest
     assert "demo stopped" in rest
+
+
+# --- start-up failures are one message, never a traceback (issue 20) --------------------------
+
+def _config_file(pki: Pki, tmp_path: Path, **listen: object) -> Path:
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({
+        "listen": {"host": "127.0.0.1", "cert_file": str(pki.server_cert),
+                   "key_file": str(pki.server_key), "client_ca_file": str(pki.ca_file),
+                   **listen},
+        "admin": {"enabled": False},
+        "upstream": {"url": "http://127.0.0.1:1"},
+        "routes": [{"path_prefix": "/", "auth": "none"}],
+    }))
+    return path
+
+
+def test_port_in_use_is_a_message(pki: Pki, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _cli("run", "--config", str(_config_file(pki, tmp_path, port=port)))
+    assert result.returncode == 2
+    assert f"listen.port: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "another process listens there" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_unresolvable_host_is_a_message(pki: Pki, tmp_path: Path) -> None:
+    result = _cli("run", "--config", str(_config_file(pki, tmp_path, host="gateway.invalid",
+                                                      port=0)))
+    assert result.returncode == 2
+    assert "listen.host: cannot resolve 'gateway.invalid'" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"listen: {}\nrealm: caf\xe9\n", "is not UTF-8 text"),
+    (b"a: " + b"[" * 3000 + b"]" * 3000, "nested deeper than 64 levels"),
+    (b"listen: {port: 1}\nlisten: {port: 2}\n", "listen: duplicate key"),
+])
+def test_unreadable_config_text_is_a_message(tmp_path: Path, content: bytes,
+                                             expected: str) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_bytes(content)
+    for command in ("run", "check"):
+        result = _cli(command, "--config", str(path))
+        assert result.returncode == 2 and expected in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 65532, reason="the image's own user reads what it reads")
+def test_check_flags_files_the_image_user_cannot_read(pki: Pki, tmp_path: Path) -> None:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mtls-gw-check-"))   # outside pytest's 0700 folder
+    try:
+        if any(not os.stat(p).st_mode & 0o001 for p in folder.parents):
+            pytest.skip(f"{tempfile.gettempdir()} is not searchable by others here")
+        folder.chmod(0o755)
+        files = {}
+        for name, source in (("server.crt", pki.server_cert), ("server.key", pki.server_key),
+                             ("ca.crt", pki.ca_file)):
+            files[name] = folder / name
+            files[name].write_bytes(source.read_bytes())
+            files[name].chmod(0o644)
+        files["server.key"].chmod(0o600)
+        path = _config_file(pki, tmp_path, cert_file=str(files["server.crt"]),
+                            key_file=str(files["server.key"]),
+                            client_ca_file=str(files["ca.crt"]))
+        warned = _cli("check", "--config", str(path))
+        assert warned.returncode == 0
+        assert warned.stderr.count("warning:") == 1, warned.stderr
+        assert "warning: listen.key_file:" in warned.stderr and "mode 0600" in warned.stderr
+        failed = _cli("check", "--config", str(path), "--run-as", "65532:65532")
+        assert failed.returncode == 2
+        assert "listen.key_file:" in failed.stderr
+        assert "for uid 65532 gid 65532" in failed.stderr
+        if os.geteuid() == 0:       # chgrp to a group we are not in needs root
+            files["server.key"].chmod(0o640)
+            os.chown(files["server.key"], 0, 65532)     # Kubernetes' fsGroup way
+        else:
+            files["server.key"].chmod(0o644)
+        assert _cli("check", "--config", str(path), "--run-as", "65532:65532").returncode == 0
+    finally:
+        shutil.rmtree(folder)

@@ -97,6 +97,8 @@ def test_check_prints_the_warnings(pki: Pki, tmp_path: Path,
     path.write_text(yaml.safe_dump(config(pki, tmp_path,
                                           metadata={"resource": "https://other.test"})))
     assert main(["check", "--config", str(path)]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith("warning: metadata.resource: 'https://other.test' is not among")
-    assert out[1].endswith("OK (1 routes, 2 providers)")
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert err[0].startswith(f"mtls-gateway: {path}: warning: metadata.resource: "
+                             "'https://other.test' is not among"), err
+    assert captured.out.splitlines() == [f"{path}: OK (1 routes, 2 providers, 1 warnings)"]

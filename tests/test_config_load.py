@@ -602,3 +602,107 @@ def test_subject_dn_in_openssl_form_names_the_rfc4514_form(pki: Pki, tmp_path: P
         "client_registries.main.clients[0].tls_client_auth_subject_dn: '/C=US/O=Example, "
         "Inc./CN=client-1' is OpenSSL's /C=../O=../CN=.. form, not RFC 4514 (it would never "
         'match); you meant: "CN=client-1,O=Example\\, Inc.,C=US"']
+
+
+# --- YAML as written, and what would fail at run time (issue 20) ------------------------------
+
+_ROUTES_TEXT = """
+routes:
+  - path_prefix: /
+    auth:
+      provider: corp
+      binding: {first}
+      binding: {second}
+"""
+
+
+def _text(pki: Pki, routes: str) -> str:
+    data = _valid(pki)
+    del data["routes"]
+    return yaml.safe_dump(data) + routes
+
+
+def test_duplicate_keys_are_errors_with_their_path(pki: Pki, tmp_path: Path) -> None:
+    text = _text(pki, _ROUTES_TEXT.format(first="required", second="optional"))
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, base_dir=tmp_path)
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("routes[0].auth.binding: duplicate key")
+
+
+@pytest.mark.parametrize(("written", "read"), [
+    ("off", "off"), ("Off", None), ("on", None), ("yes", None), ("no", None),
+])
+def test_yaml_1_1_booleans_stay_strings(pki: Pki, tmp_path: Path, written: str,
+                                        read: str | None) -> None:
+    text = _text(pki, f"routes:\n  - path_prefix: /\n    auth:\n      provider: corp\n"
+                      f"      binding: {written}\n")
+    if read is None:        # a string, refused by name, never a surprise boolean
+        with pytest.raises(ConfigError, match=f"must be one of required, optional, off "
+                                              f"\\(got '{written}'\\)"):
+            load_config_text(text, base_dir=tmp_path)
+    else:
+        policy = load_config_text(text, base_dir=tmp_path).routes[0].auth
+        assert isinstance(policy, AuthPolicy) and policy.binding == read
+
+
+@pytest.mark.parametrize(("written", "expected"), [
+    ("true", True), ("True", True), ("FALSE", False), ("false", False)])
+def test_true_and_false_are_booleans(pki: Pki, tmp_path: Path, written: str,
+                                     expected: bool) -> None:
+    text = yaml.safe_dump(_valid(pki)) + f"fast_lane: {written}\n"
+    assert load_config_text(text, base_dir=tmp_path).fast_lane is expected
+
+
+@pytest.mark.parametrize("written", ["yes", "no", "on", "off"])
+def test_yes_no_for_a_boolean_field_says_true_or_false(pki: Pki, tmp_path: Path,
+                                                       written: str) -> None:
+    text = yaml.safe_dump(_valid(pki)) + f"fast_lane: {written}\n"
+    with pytest.raises(ConfigError, match="fast_lane: expected true or false"):
+        load_config_text(text, base_dir=tmp_path)
+
+
+def test_deeply_nested_yaml_is_a_message(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nested deeper than 64 levels"):
+        load_config_text("a: " + "[" * 5000 + "]" * 5000, base_dir=tmp_path)
+
+
+def test_non_utf8_config_and_secret_files(pki: Pki, tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(yaml.safe_dump(_valid(pki)).encode() + b"realm: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text \(byte 0xe9 on line \d+\)"):
+        load_config(bad)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s\xff\xfecret")
+    data = _valid(pki)
+    data["providers"]["opaque"] = {"type": "introspection", "endpoint": "https://as.test/i",
+                                   "client_id": "gw", "client_secret_file": str(secret)}
+    assert any(p.startswith("providers.opaque.client_secret_file:") and "not UTF-8" in p
+               for p in _problems(data, tmp_path))
+
+
+def test_admin_port_equal_to_listen_port(pki: Pki, tmp_path: Path) -> None:
+    data = _valid(pki)
+    data["listen"]["port"] = 8443
+    data["admin"] = {"port": 8443}
+    assert any(p.startswith("admin.port: is the same as listen.port (8443)")
+               for p in _problems(data, tmp_path))
+
+
+def test_introspection_client_key_must_match_its_certificate(pki: Pki, tmp_path: Path) -> None:
+    data = _valid(pki)
+    data["providers"]["opaque"] = {
+        "type": "introspection", "endpoint": "https://as.test/i", "client_id": "gw",
+        "auth_method": "tls_client_auth", "client_cert_file": str(pki.clients["a"].cert),
+        "client_key_file": str(pki.clients["b"].key), "audiences": "any"}
+    assert any(p.startswith("providers.opaque.client_key_file:") and "does not match" in p
+               for p in _problems(data, tmp_path))
+    data["providers"]["opaque"]["client_key_file"] = str(pki.clients["a"].key)
+    _load(data, tmp_path)
+
+
+def test_client_ca_file_must_hold_a_ca(pki: Pki, tmp_path: Path) -> None:
+    data = _valid(pki)
+    data["listen"]["client_ca_file"] = str(pki.clients["a"].cert)   # a leaf, not its CA
+    assert any(p.startswith("listen.client_ca_file:") and "holds no CA certificate" in p
+               for p in _problems(data, tmp_path))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import logging
 import ssl
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from gwtest import (
     base_config,
     write_in_pieces,
 )
+from mtls_gateway.errors import Refusal
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.tls import peer_certificate
 
@@ -179,28 +182,69 @@ async def test_inactive_token_is_401_and_cached_negatively(
     assert upstream.seen == []
 
 
-@pytest.mark.parametrize(("body", "status"), [
-    (b'{"active": "true"}', 200),
-    (b'{"scope": "x"}', 200),
-    (b"<html><body>Login</body></html>", 200),
-    (b'["active", true]', 200),
-    (b'{"active": true}', 500),
-    (b'{"active": true}', 302),
+@pytest.mark.parametrize(("body", "status", "expected"), [
+    (b'{"active": "true"}', 200, 401),
+    (b'{"scope": "x"}', 200, 401),
+    (b"<html><body>Login</body></html>", 200, 401),
+    (b'["active", true]', 200, 401),
+    (b'{"active": true, "exp": "tomorrow"}', 200, 401),
+    (b'{"active": true}', 500, 503),
+    (b'{"active": true}', 302, 503),
 ])
-async def test_misbehaving_server_is_503_never_a_pass_and_never_cached(
+async def test_misbehaving_server_is_never_a_pass_and_never_cached(
         opaque_gw: RunningGateway, auth_server: AuthServer, upstream: Upstream, pki: Pki,
-        body: bytes, status: int) -> None:
+        body: bytes, status: int, expected: int) -> None:
+    """A non-RFC 7662 answer refuses that token (401 token_inactive); an error status is an
+    outage (503). Neither is cached."""
     auth_server.body, auth_server.status = body, status
     token = auth_server.issue(pki.clients["a"].thumbprint)
     for _ in range(2):
-        assert (await opaque_gw.request("/x", token=token)).status == 503
+        reply = await opaque_gw.request("/x", token=token)
+        assert reply.status == expected
+        if expected == 401:
+            assert reply.json()["reason"] == "token_inactive"
     assert auth_server.calls == 2
+    assert upstream.seen == []
+    assert _verifier(opaque_gw).stats.failures == (0 if expected == 401 else 2)
+
+
+async def test_bad_answers_for_every_token_are_an_outage(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path,
+                                                 failure_threshold=3, failure_cooldown="30s"))
+    auth_server.body = b'{"active": "yes"}'
+    seen = []
+    for _ in range(5):
+        reply = await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
+        seen.append((reply.status, reply.json()["reason"]))
+    assert seen == [(401, "token_inactive")] * 2 + [(503, "introspection_bad_response")] \
+        + [(503, "introspection_unavailable")] * 2      # the breaker opened at the third
+    assert auth_server.calls == 3
+    assert "not RFC 7662" in caplog.text
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize("status", [401, 404, 405])
+async def test_endpoint_refusing_every_call_is_misconfigured_and_opens_the_breaker(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path, status: int) -> None:
+    gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path,
+                                                 failure_threshold=2, failure_cooldown="30s"))
+    auth_server.body, auth_server.status = b'{"error": "nope"}', status
+    reasons = []
+    for _ in range(3):
+        reply = await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
+        reasons.append((reply.status, reply.json()["reason"]))
+    assert reasons == [(503, "introspection_misconfigured")] * 2 \
+        + [(503, "introspection_unavailable")]
+    assert auth_server.calls == 2 and _verifier(gw).stats.short_circuited == 1
+
+
 @pytest.mark.parametrize(("body", "status", "reason"), [
-    (b'{"error": "unsupported_token_type"}', 401, "token_inactive"),
-    (b'{"error": "invalid_request"}', 503, "introspection_refused"),
+    (b'{"error": "unsupported_token_type"}', 401, "token_unknown"),
+    (b'{"error": "invalid_request"}', 401, "token_malformed"),
+    (b"", 401, "token_malformed"),
 ])
 async def test_4xx_about_one_token_never_opens_the_breaker(
         make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
@@ -209,6 +253,7 @@ async def test_4xx_about_one_token_never_opens_the_breaker(
     gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path,
                                                  failure_threshold=2))
     auth_server.body, auth_server.status = body, 400
+    assert (await gw.request("/x", token="not-a-jwt")).json()["reason"] == reason
     for _ in range(4):
         reply = await gw.request("/x", token=auth_server.issue(pki.clients["a"].thumbprint))
         assert (reply.status, reply.json()["reason"]) == (status, reason)
@@ -439,3 +484,64 @@ def test_inline_secret_is_refused_and_env_secret_read(pki: Pki, tmp_path: Path,
     loaded = load_config_text(yaml.safe_dump(config), base_dir=tmp_path).providers["opaque"]
     assert isinstance(loaded, IntrospectionProvider) and loaded.client_secret == "from-env"
     assert "from-env" not in repr(loaded)
+
+
+# --- the gateway's own pool is not the endpoint (issue 20) ------------------------------------
+
+async def test_burst_of_new_tokens_never_trips_the_breaker(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path) -> None:
+    """600 new tokens at once against a healthy endpoint answering in 0.3 s: waiting for one
+    of the pool's connections is not the endpoint's timeout (1 s here)."""
+    gw = await make_gateway(introspection_config(pki, issuer, upstream, auth_server, tmp_path))
+    auth_server.delay = 0.3
+    verifier = _verifier(gw)
+    tokens = [auth_server.issue(None) for _ in range(600)]
+
+    async def one(token: str) -> str:
+        try:
+            await verifier.verify(token, hashlib.sha256(token.encode()).digest())
+        except Refusal as exc:
+            return exc.reason
+        return "ok"
+
+    started = time.monotonic()
+    results = await asyncio.gather(*(one(t) for t in tokens))
+    assert Counter(results) == {"ok": 600}
+    assert verifier.stats.failures == 0 and verifier.stats.short_circuited == 0
+    assert time.monotonic() - started < 12
+    assert verifier.provider.max_connections == 100     # the documented default
+
+
+async def test_gateway_overload_is_shed_with_its_own_reason_not_the_breaker(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path) -> None:
+    gw = await make_gateway(introspection_config(
+        pki, issuer, upstream, auth_server, tmp_path, max_connections=2, max_waiting=3,
+        queue_timeout="10s", failure_threshold=1, timeout="5s"))
+    auth_server.delay = 0.5
+    a = pki.clients["a"].thumbprint
+    replies = await asyncio.gather(*(gw.request("/x", token=auth_server.issue(a))
+                                     for _ in range(10)))
+    outcome = Counter((r.status, r.json().get("reason", "")) for r in replies)
+    assert outcome == {(200, ""): 5, (503, "introspection_overloaded"): 5}
+    assert auth_server.calls == 5
+    verifier = _verifier(gw)
+    assert verifier.stats.failures == 0
+    assert (await gw.request("/x", token=auth_server.issue(a))).status == 200   # not open
+
+
+async def test_queue_timeout_sheds_without_counting(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        auth_server: AuthServer, tmp_path: Path) -> None:
+    gw = await make_gateway(introspection_config(
+        pki, issuer, upstream, auth_server, tmp_path, max_connections=1,
+        queue_timeout="200ms", failure_threshold=1, timeout="5s"))
+    auth_server.delay = 1.0
+    a = pki.clients["a"].thumbprint
+    first = asyncio.create_task(gw.request("/x", token=auth_server.issue(a)))
+    await asyncio.sleep(0.3)
+    second = await gw.request("/x", token=auth_server.issue(a))
+    assert (second.status, second.json()["reason"]) == (503, "introspection_overloaded")
+    assert (await first).status == 200
+    assert _verifier(gw).stats.failures == 0

@@ -492,9 +492,9 @@ async def test_jwt_of_an_unknown_issuer_is_an_invalid_token(
     client = interop_pki.client_a
     token = foreign_jwt(client)
     reply = await gateway.request("/rs256/accounts/42", client, token)
-    # oidc-provider answers 400 unsupported_token_type for JWTs: read as active: false
+    # oidc-provider answers 400 unsupported_token_type for JWTs: the AS does not know it
     assert_refused(reply, gateway, token, status=401, error="invalid_token",
-                   reason="token_inactive")
+                   reason="token_unknown")
 
 
 async def test_tokens_a_client_chooses_cannot_open_the_introspection_breaker(
