@@ -160,10 +160,18 @@ class _GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         lane = self._lane
-        if lane is not None and lane.active and not self._force_close and not self._close \
-                and lane.feed(data):
-            self._disarm()          # a complete head, taken by the lane
-            return
+        if lane is not None and lane.active and not self._force_close and not self._close:
+            try:
+                taken = lane.feed(data)
+            except Exception:   # a bug must fail closed: the connection, not the process
+                log.exception("internal error in the fast lane")
+                lane.active = False
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if taken:
+                self._disarm()          # a complete head, taken by the lane
+                return
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:

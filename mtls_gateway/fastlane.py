@@ -40,10 +40,10 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp.http import SERVER_SOFTWARE
 
+from .answer import AnswerReader, BadAnswer, clean, http_date
 from .config import Route
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
 from .pipeline import Allow, ConnectionMemo, Decision, Pipeline, Refuse, RequestView
-from .proxy import HOP_BY_HOP
 from .refusal import as_bytes
 from .tls import PeerCertificate, peer_certificate
 
@@ -61,19 +61,10 @@ __all__ = [
 log = logging.getLogger("mtls_gateway.fastlane")
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: The bytes a head may hold (CR and LF only as CRLF: see _clean).
-_ALLOWED = bytes(range(0x20, 0x7f)) + b"\t\r\n"
 _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 #: Headers that mean a body, an expectation or a protocol switch: aiohttp's business.
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings"})
-_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
-#: aiohttp's client limits on an answer head (ClientSession's defaults): a header field (name
-#: and value) or a status line over _MAX_FIELD bytes, or more than _MAX_FIELDS fields, is
-#: refused (502) on both paths alike.
-_MAX_FIELD = 8190
-_MAX_FIELDS = 128
-_MAX_RESPONSE_HEAD = (_MAX_FIELDS + 1) * (_MAX_FIELD + 4)
 _SERVER = SERVER_SOFTWARE.encode()
 
 
@@ -100,17 +91,9 @@ class PlainRequest:
         return tuple(v.decode() for _, n, v in self.headers if n == lower)
 
 
-def _clean(head: bytes) -> bool:
-    """Printable ASCII and HTAB only, lines ended by CRLF (no bare CR, no bare LF)."""
-    if head.translate(None, _ALLOWED):
-        return False
-    pairs = head.count(b"\r\n")
-    return head.count(b"\r") == pairs and head.count(b"\n") == pairs
-
-
 def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest | None:
     """The request if ``head`` (without its final CRLFCRLF) is plain, else None."""
-    if not _clean(head):
+    if not clean(head):
         return None
     lines = head.split(b"\r\n")
     if len(lines) - 1 > max_headers or any(len(line) > max_line for line in lines):
@@ -381,23 +364,6 @@ class Host(Protocol):
         """A response is complete; returns whether the connection must close now."""
 
 
-_NONE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF = range(7)
-_date: tuple[int, bytes] = (0, b"")
-
-
-def http_date() -> bytes:
-    """The Date header value, made once per second."""
-    global _date
-    now = int(time.time())
-    if _date[0] != now:
-        _date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode())
-    return _date[1]
-
-
-class _BadResponse(Exception):
-    """The upstream's answer is not HTTP/1.1 we can relay safely."""
-
-
 class FastLane:
     """The lane of one client connection: one plain request at a time (see module doc)."""
 
@@ -423,14 +389,9 @@ class FastLane:
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         # the answer being relayed
-        self._rbuf = b""
-        self._state = _NONE
-        self._left = 0
-        self._status = 0
+        self._reply = AnswerReader("GET")
         self._head_sent = False
         self._sent_at = 0.0
-        self._upstream_keep = True
-        self._client_chunked = False
         self._close_after = False
         self._drain: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -578,7 +539,8 @@ class FastLane:
         assert conn.transport is not None
         self._conn = conn
         conn.relay = self
-        self._rbuf, self._state, self._status, self._head_sent = b"", _NONE, 0, False
+        assert self._request is not None
+        self._reply, self._head_sent = AnswerReader(self._request.method), False
         self._sent_at = time.perf_counter()
         conn.transport.write(self._upstream_head)
         self._heard = self._loop.time()
@@ -591,7 +553,7 @@ class FastLane:
         self._heard = self._loop.time()
         try:
             out = self._relay(data)
-        except _BadResponse as exc:
+        except BadAnswer as exc:
             log.warning("upstream answer refused: %s", exc)
             self._upstream_failed(UpstreamFailed("upstream_unavailable",
                                                  "upstream is unavailable"))
@@ -599,193 +561,38 @@ class FastLane:
         transport = self.host.transport
         if out and transport is not None:
             transport.write(out)
-        if self._state == _NONE and self._head_sent:
+        if self._reply.done and self._head_sent:
             self._complete()
 
     def _relay(self, data: bytes) -> bytes:
-        """Client bytes for upstream ``data``; ``_state`` back to _NONE when the answer ends.
+        """Client bytes for upstream ``data``.
 
         The head counts as sent only once the body bytes of the same read are good too: a
         broken answer in one read is refused (502) whole, as aiohttp's client refuses it,
         never half relayed and then cut."""
-        if not self._head_sent:
-            self._rbuf += data
-            while True:
-                end = self._rbuf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._rbuf) > _MAX_RESPONSE_HEAD:
-                        raise _BadResponse("response head too large")
-                    return b""
-                head, self._rbuf = self._rbuf[:end], self._rbuf[end + 4:]
-                out = self._response_head(head)
-                if out is not None:
-                    break
-            data, self._rbuf = self._rbuf, b""
-            body = self._body(data) if data else b""
-            # the answer is good so far: from here on the client has a head
-            request, decision, gateway = self._request, self._decision, self._gateway
-            assert request is not None and isinstance(decision, Allow) and gateway is not None
-            gateway.pipeline.upstream_answered(decision.route,
-                                               time.perf_counter() - self._sent_at)
-            self._close_after = self.host.lane_request_done(b"close" in request.connection)
-            self._head_sent = True
-            if self._close_after:
-                out += b"Connection: close\r\n"
-            return out + b"\r\n" + body
-        return self._body(data)
-
-    def _response_head(self, head: bytes) -> bytes | None:
-        """The client's head for the upstream's, None for an interim (1xx) answer."""
-        if not _clean(head):
-            raise _BadResponse("bad bytes in the response head")
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
-            raise _BadResponse("bad status line")
-        if len(reason) > _MAX_FIELD or len(lines) - 1 > _MAX_FIELDS:
-            raise _BadResponse("response head too large")
-        status = int(code)
-        if status < 200:
-            if status == 101:
-                raise _BadResponse("protocol switch without an upgrade request")
-            return None
-        length: int | None = None
-        chunked = False
-        keep = version == b"HTTP/1.1"
-        named: set[bytes] = set()
-        headers: list[tuple[bytes, bytes, bytes]] = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise _BadResponse("bad header line")
-            lower, value = name.lower(), value.strip(b" \t")
-            if len(name) + len(value) > _MAX_FIELD:
-                raise _BadResponse("response header too large")
-            if lower == b"content-length":
-                if not value.isdigit() or len(value) > 18 or (
-                        length is not None and int(value) != length):
-                    raise _BadResponse("bad Content-Length")
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    raise _BadResponse("unsupported Transfer-Encoding")
-                chunked = True
-            elif lower == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                named |= tokens
-                if b"close" in tokens:
-                    keep = False
-                elif b"keep-alive" in tokens:
-                    keep = True
-            headers.append((name, lower, value))
-        if chunked and length is not None:
-            raise _BadResponse("both Content-Length and Transfer-Encoding")
-        request = self._request
-        assert request is not None
-        self._status = status
-        self._upstream_keep = keep
-        no_body = request.method == "HEAD" or status in (204, 304)
-        self._client_chunked = False
-        if no_body:
-            self._state = _NONE
-        elif chunked:
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            self._state, self._left = (_LENGTH, length) if length else (_NONE, 0)
-        else:                       # delimited by the upstream closing: chunked to the client
-            self._state, self._client_chunked, self._upstream_keep = _UNTIL_EOF, True, False
-        drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
-        out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
-        seen_date = seen_server = False
-        for name, lower, value in headers:
-            if lower in drop:
-                continue
-            seen_date = seen_date or lower == b"date"
-            seen_server = seen_server or lower == b"server"
-            out += (name, b": ", value, b"\r\n")
-        if not seen_date:
-            out += (b"Date: ", http_date(), b"\r\n")
-        if not seen_server:
-            out += (b"Server: ", _SERVER, b"\r\n")
-        if (chunked or self._client_chunked) and not no_body:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        return b"".join(out)            # (Connection and the final CRLF: see _relay)
-
-    def _body(self, data: bytes) -> bytes:
-        state = self._state
-        if state == _LENGTH:
-            if len(data) < self._left:
-                self._left -= len(data)
-                return data
-            if len(data) > self._left:
-                raise _BadResponse("more bytes than Content-Length")
-            self._state = _NONE
-            return data
-        if state == _UNTIL_EOF:
-            return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
-        if state == _NONE:
-            if data:
-                raise _BadResponse("bytes after the end of the answer")
+        answer = self._reply
+        if self._head_sent:
+            return answer.feed(data)
+        body = answer.feed(data)
+        if answer.head is None:
             return b""
-        return self._chunks(data)
-
-    def _chunks(self, data: bytes) -> bytes:
-        """Re-frame a chunked body (extensions and trailers dropped, as aiohttp does)."""
-        out: list[bytes] = []
-        buf = self._rbuf + data
-        self._rbuf = b""
-        while buf:
-            state = self._state
-            if state == _CHUNK_DATA:
-                take = buf[:self._left]
-                out.append(take)
-                buf = buf[len(take):]
-                self._left -= len(take)
-                if self._left == 0:
-                    self._state = _CHUNK_END
-                continue
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > 4096:
-                    raise _BadResponse("chunk line too long")
-                self._rbuf = buf
-                break
-            line, buf = buf[:end], buf[end + 2:]
-            if state == _CHUNK_END:
-                if line:
-                    raise _BadResponse("chunk not followed by CRLF")
-                out.append(b"\r\n")
-                self._state = _CHUNK_SIZE
-            elif state == _CHUNK_SIZE:
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
-                    raise _BadResponse("bad chunk size")
-                self._left = int(size, 16)
-                if self._left:
-                    out.append(b"%x\r\n" % self._left)
-                    self._state = _CHUNK_DATA
-                else:
-                    self._state = _TRAILERS
-            elif state == _TRAILERS:
-                if not line:
-                    out.append(b"0\r\n\r\n")
-                    self._state = _NONE
-                    if buf:
-                        raise _BadResponse("bytes after the end of the answer")
-            else:
-                raise _BadResponse("bytes after the end of the answer")
-        return b"".join(out)
+        # the answer is good so far: from here on the client has a head
+        request, decision, gateway = self._request, self._decision, self._gateway
+        assert request is not None and isinstance(decision, Allow) and gateway is not None
+        gateway.pipeline.upstream_answered(decision.route, time.perf_counter() - self._sent_at)
+        self._close_after = self.host.lane_request_done(b"close" in request.connection)
+        self._head_sent = True
+        close = b"Connection: close\r\n\r\n" if self._close_after else b"\r\n"
+        return answer.head + close + body
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         self._conn = None
         if not self._busy:
             return
-        if self._head_sent and self._state == _UNTIL_EOF:
+        if self._head_sent and self._reply.until_eof:
             transport = self.host.transport
             if transport is not None:
-                transport.write(b"0\r\n\r\n")
-            self._state = _NONE
+                transport.write(self._reply.eof())
             self._complete()
             return
         if not self._head_sent and not self._retried:
@@ -802,7 +609,7 @@ class FastLane:
         if self._head_sent:
             log.warning("upstream broke off mid-response: %s", exc.reason)
             self._drop_conn()
-            self._finish("upstream_aborted", self._status)
+            self._finish("upstream_aborted", self._reply.status)
             transport = self.host.transport
             if transport is not None:
                 transport.close()
@@ -831,13 +638,13 @@ class FastLane:
         lane = self._gateway.lane if self._gateway is not None else None
         if conn is not None:
             conn.relay = None
-            if self._upstream_keep and lane is not None:
+            if self._reply.keep_alive and lane is not None:
                 lane.pool.give_back(conn)
             else:
                 conn.close()
         decision = self._decision
         self._finish(decision.reason if isinstance(decision, Allow) else "allowed",
-                     self._status)
+                     self._reply.status)
         self._after(self._close_after)
 
     def _after(self, close: bool) -> None:
@@ -941,4 +748,4 @@ class FastLane:
             task.cancel()
         if self._busy:
             self._drop_conn()
-            self._finish("client_closed", self._status or 499)
+            self._finish("client_closed", self._reply.status if self._head_sent else 499)
