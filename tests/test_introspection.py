@@ -29,6 +29,14 @@ from gwtest import (
 from mtls_gateway.introspection import IntrospectionVerifier
 from mtls_gateway.tls import peer_certificate
 
+
+@pytest.fixture(params=[True, False], ids=["lane", "aiohttp"])
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    """Every gateway here runs with the fast lane on and off (gwtest.fast_lane)."""
+    value: bool = request.param
+    return value
+
+
 CLIENT_ID = "mtls-gateway"
 SECRET = "s3cr3t-Value/with+chars"
 
