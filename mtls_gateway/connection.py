@@ -25,36 +25,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
+from .answer import http_date
 from .config import LimitsConfig
 from .decision_log import log_decision
 from .fastlane import FastLane, LaneGateway
+from .gateway import refusal_response
 from .pipeline import ConnectionMemo
+from .refusal import as_bytes, render_code
 
 __all__ = ["GuardedAppRunner", "count_request", "parse_error_reason", "raw_refusal"]
 
 log = logging.getLogger("mtls_gateway.connection")
 
-_ERRORS = {400: "invalid_request", 408: "request_timeout", 413: "request_too_large",
-           414: "uri_too_long", 431: "headers_too_large", 503: "temporarily_unavailable"}
-
+_SERVER = SERVER_SOFTWARE.encode()
 
 def raw_refusal(status: int, reason: str) -> bytes:
     """A complete HTTP/1.1 refusal, written straight to a transport (no request object)."""
-    body = json.dumps({"error": _ERRORS.get(status, "refused"), "reason": reason}).encode()
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "Content-Type: application/json\r\nCache-Control: no-store\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode("ascii") + body
+    return as_bytes(render_code(reason, status), close=True, date=http_date(),
+                    server=_SERVER)
 
 
 def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
@@ -218,9 +215,7 @@ class _GuardedHandler(RequestHandler):
             log.error("internal error on a connection: %s", type(exc).__name__)
             status, reason = 500, "internal_error"
         _deny(reason, status, self.transport, self._on_refusal)
-        response = web.json_response({"error": _ERRORS.get(status, "internal_error"),
-                                      "reason": reason}, status=status,
-                                     headers={"Cache-Control": "no-store"})
+        response = refusal_response(render_code(reason, status))
         response.force_close()
         return response
 

@@ -122,7 +122,6 @@ ALLOWED: dict[str, str] = {
                         "client connection was cut",
     "client_closed": "the client went away before its answer was complete (499 if no answer "
                      "had started)",
-    "client_too_slow": "the client did not read its answer for upstream.read_timeout: cut",
 }
 
 _GENERIC = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

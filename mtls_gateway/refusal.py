@@ -28,9 +28,9 @@ from .errors import (
     Refusal,
     TokenEndpointRefusal,
 )
-from .reasons import generic_error
+from .reasons import REASONS, generic_error
 
-__all__ = ["Rendered", "as_bytes", "render"]
+__all__ = ["Rendered", "as_bytes", "render", "render_code"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,16 @@ def render(exc: Refusal, realm: str, resource_metadata: str | None = None) -> Re
     if exc.description:
         body["error_description"] = exc.description
     return Rendered(exc.status, HTTPStatus(exc.status).phrase, tuple(headers),
+                    json.dumps(body).encode())
+
+
+def render_code(reason: str, status: int | None = None) -> Rendered:
+    """The answer to a refusal known only by its registered code (the connection guard's:
+    no request object, no challenge); ``status`` overrides the registry's."""
+    entry = REASONS[reason]
+    status = status or entry.status
+    body = {"error": entry.error or generic_error(status), "reason": reason}
+    return Rendered(status, HTTPStatus(status).phrase, (_JSON, ("Cache-Control", "no-store")),
                     json.dumps(body).encode())
 
 

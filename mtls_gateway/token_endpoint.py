@@ -10,8 +10,8 @@ exactly as read, the verified certificate in RFC 9440 ``Client-Cert`` and the cl
 in the configured header (inbound copies of both are always stripped by the proxy).
 
 Refusals are RFC 6749 section 5.2 JSON (``invalid_client`` 401, ``invalid_request``
-400), with ``WWW-Authenticate: Basic`` when the client used Basic. The gateway judges
-the certificate only: Basic passwords are not checked here, and go on to the
+400), with ``WWW-Authenticate: Basic`` when the client used Basic (see refusal.py).
+The gateway judges the certificate only: Basic passwords are not checked here, and go on to the
 authorization server untouched.
 """
 
@@ -28,7 +28,7 @@ from aiohttp import web
 from .cert_headers import encode_client_cert
 from .client_registry import ClientRegistry
 from .config import AuthMtlsClient
-from .errors import InvalidClient, InvalidTokenRequest, TokenEndpointRefusal
+from .errors import InvalidClient, InvalidTokenRequest
 from .tls import PeerCertificate
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "basic_client_id",
     "client_id_of",
     "read_form",
-    "token_refusal_response",
 ]
 
 _FORM = "application/x-www-form-urlencoded"
@@ -97,17 +96,6 @@ def client_id_of(body: bytes, authorization: list[str]) -> tuple[str, bool]:
         raise InvalidClient("client_id_mismatch",
                             "client_id in the body and in HTTP Basic differ", basic=True)
     return ids[0], basic
-
-
-def token_refusal_response(exc: TokenEndpointRefusal, realm: str) -> web.Response:
-    """RFC 6749 section 5.2 error response (never an RFC 6750 Bearer challenge)."""
-    headers = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-    if exc.status == 401 and exc.basic:
-        headers["WWW-Authenticate"] = f'Basic realm="{realm}", charset="UTF-8"'
-    body = {"error": exc.error or "invalid_request", "reason": exc.reason}
-    if exc.description:
-        body["error_description"] = exc.description
-    return web.json_response(body, status=exc.status, headers=headers)
 
 
 async def read_form(request: web.Request, limit: int) -> bytes:
