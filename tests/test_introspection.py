@@ -241,11 +241,15 @@ async def test_cached_entry_rechecks_expiry_without_calling(
 
 async def test_cache_ttl_is_bounded_by_exp(opaque_gw: RunningGateway,
                                            auth_server: AuthServer, pki: Pki) -> None:
-    token = auth_server.issue(pki.clients["a"].thumbprint, exp=int(time.time()) + 1)
+    # Real margins: at least two seconds before exp for the two requests that must hit the
+    # cache (a loaded machine is slow), and half a second past exp before the one that must
+    # not.
+    exp = int(time.time()) + 3
+    token = auth_server.issue(pki.clients["a"].thumbprint, exp=exp)
     assert (await opaque_gw.request("/x", token=token)).status == 200
     assert (await opaque_gw.request("/x", token=token)).status == 200
     assert auth_server.calls == 1
-    await asyncio.sleep(1.6)
+    await asyncio.sleep(exp + 0.5 - time.time())
     auth_server.tokens[token] = {"active": False}
     reply = await opaque_gw.request("/x", token=token)
     assert reply.status == 401 and auth_server.calls == 2
