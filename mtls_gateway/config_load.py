@@ -24,7 +24,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from .client_registry import certificates_from_jwks, load_client_ca, parse_dn
 from .config import (
     ASYMMETRIC_ALGORITHMS,
     AdminConfig,
@@ -50,8 +49,10 @@ from .config import (
     TrustedProxies,
     UpstreamConfig,
 )
+from .dn import parse_dn
 from .errors import ConfigError
-from .jwks import KeySet
+from .keyset import KeySet
+from .registry_files import certificates_from_jwks, load_client_ca
 
 __all__ = ["KNOWN_FIELDS", "load_config", "load_config_text", "parse_duration"]
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -525,3 +528,28 @@ def test_tls_client_auth_under_any_ca_needs_registry_ca(
     except ConfigError as exc:
         problems = exc.problems
     assert [p.split(": the handshake")[0] for p in problems] == expected
+
+
+def test_validating_a_config_does_not_import_aiohttp(pki: Pki, tmp_path: Path) -> None:
+    """``mtls-gateway check`` and config reloads parse DNs, key sets and registry files
+    with pure modules (dn.py, keyset.py, registry_files.py): no HTTP stack is loaded."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    data = _with_token_route(pki, ca_file=str(pki.ca_file), clients=[_CLIENT_A])
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    data["providers"]["corp"] = {"type": "jwt", "issuer": "https://i.test",
+                                 "audiences": ["https://api.test"],
+                                 "jwks": {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    script = ("import sys; from pathlib import Path; "
+              "from mtls_gateway.config_load import load_config; "
+              f"config = load_config(Path({str(path)!r})); "
+              "assert config.client_registries['partners'].clients; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
