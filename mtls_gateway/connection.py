@@ -1,6 +1,7 @@
 """What one client connection may cost: deadlines, caps, and unparseable requests.
 
-aiohttp parses HTTP for us; this module wraps its per-connection protocol so that
+aiohttp parses HTTP for us; this module wraps its per-connection protocol (the private
+attributes it relies on are listed in aiohttp_compat.py, and tested there) so that
 
 * a request head (request line and headers) must be complete within
   ``limits.header_timeout`` of the connection opening or of its first byte, else
@@ -32,8 +33,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
+from .aiohttp_compat import RequestHandler, response_started
 from .answer import http_date
 from .config import LimitsConfig
 from .decision_log import log_decision
@@ -207,7 +208,7 @@ class _GuardedHandler(RequestHandler):
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """A JSON refusal with a reason code; never the offending bytes, never a traceback."""
-        if request.writer.output_size > 0:
+        if response_started(request):
             raise ConnectionError("response already started")
         if isinstance(exc, HttpProcessingError) or status == 400:
             status, reason = parse_error_reason(exc)

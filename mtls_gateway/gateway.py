@@ -23,6 +23,7 @@ import time
 from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
+from .aiohttp_compat import answer_in_http11
 from .client_cert import UNTRUSTED_HEADER, TlsCertificates, build_certificate_source
 from .client_registry import ClientRegistry
 from .config import AuthMtlsClient, GatewayConfig, Provider
@@ -235,7 +236,7 @@ class Gateway:
             response.force_close()  # the rest of the body is not worth reading
         if request.version not in (HttpVersion10, HttpVersion11):
             # aiohttp answers in the request's version: say "HTTP/1.1 400", not "HTTP/2.0"
-            request._cache["version"] = HttpVersion11   # (a reify cache)
+            answer_in_http11(request)
             response.force_close()
         return response
 
