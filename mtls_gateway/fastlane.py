@@ -396,6 +396,7 @@ class FastLane:
         self._drain: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._heard = 0.0
+        self._started = 0.0
         self._client_paused = False
         # identity header lines, X-Forwarded-For/Proto included, for the identity mapping
         # the pipeline gave last (it gives the same mapping while nothing changed)
@@ -434,6 +435,7 @@ class FastLane:
             scheme="https", remote=self.remote, memo=self.host.memo, peer=self._peer,
             header=request.header)
         self._busy = True
+        self._started = time.perf_counter()
         self._gateway, self._request, self._head = gateway, request, data
         self._retried = False
         gateway.begin()
@@ -661,9 +663,13 @@ class FastLane:
                 self.host.lane_data(data)
 
     def _finish(self, reason: str, status: int) -> None:
-        gateway, decision = self._gateway, self._decision
+        gateway, decision, request = self._gateway, self._decision, self._request
         if gateway is not None and decision is not None:
             gateway.pipeline.record(decision, reason, status)
+        elif gateway is not None and request is not None:   # gone while being decided
+            gateway.pipeline.record_fields(
+                {"method": request.method, "path": request.path, "remote": self.remote or None},
+                reason, status, allowed=False, peer=None, started=self._started)
         self._finish_request()
 
     def _finish_request(self) -> None:

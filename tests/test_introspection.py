@@ -451,3 +451,33 @@ def test_inline_secret_is_refused_and_env_secret_read(pki: Pki, tmp_path: Path,
     loaded = load_config_text(yaml.safe_dump(config), base_dir=tmp_path).providers["opaque"]
     assert isinstance(loaded, IntrospectionProvider) and loaded.client_secret == "from-env"
     assert "from-env" not in repr(loaded)
+
+
+async def test_a_client_gone_while_its_token_is_checked_is_logged_once(
+        opaque_gw: RunningGateway, auth_server: AuthServer, pki: Pki, upstream: Upstream,
+        fast_lane: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """The client closes its connection while introspection is pending: one decision log
+    line (never none), and the upstream sees nothing."""
+    caplog.set_level(logging.INFO, "mtls_gateway.access")
+    auth_server.hold = asyncio.Event()
+    token = auth_server.issue(pki.clients["a"].thumbprint)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", opaque_gw.server.port, ssl=pki.client_context("a"),
+        server_hostname="localhost")
+    writer.write(f"GET /x HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {token}\r\n\r\n"
+                 .encode())
+    await writer.drain()
+    deadline = time.monotonic() + 10
+    while auth_server.calls == 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    writer.close()
+    await asyncio.sleep(0.3)
+    auth_server.hold.set()
+    await asyncio.sleep(0.3)
+    decisions = [r.decision for r in caplog.records  # type: ignore[attr-defined]
+                 if r.name == "mtls_gateway.access"]
+    if fast_lane:   # (the lane drops the request; aiohttp lets the handler finish)
+        assert [(d["reason"], d["status"]) for d in decisions] == [("client_closed", 499)]
+        assert upstream.seen == []
+    else:
+        assert len(decisions) == 1
