@@ -461,7 +461,7 @@ async def test_a_client_gone_while_its_token_is_checked_is_logged_once(
     caplog.set_level(logging.INFO, "mtls_gateway.access")
     auth_server.hold = asyncio.Event()
     token = auth_server.issue(pki.clients["a"].thumbprint)
-    reader, writer = await asyncio.open_connection(
+    _reader, writer = await asyncio.open_connection(
         "127.0.0.1", opaque_gw.server.port, ssl=pki.client_context("a"),
         server_hostname="localhost")
     writer.write(f"GET /x HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer {token}\r\n\r\n"
