@@ -131,8 +131,8 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
     if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection:
         return None
     return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
-                        tuple(a.decode() for a in auths), frozenset(connection),
-                        tuple(d.decode() for d in dpop))
+                        (auths[0].decode(),) if auths else (), frozenset(connection),
+                        tuple([d.decode() for d in dpop]) if dpop else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +397,7 @@ class FastLane:
         self._loop = asyncio.get_running_loop()
         self._heard = 0.0
         self._started = 0.0
+        self._peer_of = self._peer              # (one bound method, not one per request)
         self._client_paused = False
         # identity header lines, X-Forwarded-For/Proto included, for the identity mapping
         # the pipeline gave last (it gives the same mapping while nothing changed)
@@ -428,12 +429,11 @@ class FastLane:
         request = parse_plain(data[:-4], max_headers=lane.max_headers, max_line=lane.max_line)
         if request is None or request.path in lane.excluded_paths:
             return self._leave()
-        view = RequestView(
-            method=request.method, target=request.raw_path, path=request.path,
-            host=request.host, authorization=request.authorization, dpop=request.dpop,
-            token_in_query=False,       # (parse_plain refuses targets naming access_token)
-            scheme="https", remote=self.remote, memo=self.host.memo, peer=self._peer,
-            header=request.header)
+        # (positional: this runs for every lane request) token_in_query is False: parse_plain
+        # refuses targets naming access_token
+        view = RequestView(request.method, request.raw_path, request.path, request.host,
+                           request.authorization, request.dpop, False, "https", self.remote,
+                           self.host.memo, self._peer_of, request.header)
         self._busy = True
         self._started = time.perf_counter()
         self._gateway, self._request, self._head = gateway, request, data

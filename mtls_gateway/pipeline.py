@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .bearer import bearer_from
 from .binding import check_binding
@@ -146,15 +146,6 @@ class Refuse:
 Decision = Allow | Refuse
 
 
-@dataclass(slots=True)
-class _Steps:
-    """Facts gathered while deciding, for the log line of a refusal half-way through."""
-
-    fields: dict[str, object] = field(default_factory=dict)
-    peer: PeerCertificate | None = None
-    route: Route | None = None
-
-
 class Pipeline:
     """The auth steps of one configuration generation (rebuilt on reload)."""
 
@@ -176,15 +167,16 @@ class Pipeline:
         """Allow or refuse ``view``. ``serves``: the transport's say on the route (the fast
         lane takes only some); False there returns None before anything else is looked at."""
         started = time.perf_counter()
-        steps = _Steps({"method": view.method, "path": view.path,
-                        "remote": view.remote or None})
-        fields = steps.fields
+        fields: dict[str, object] = {"method": view.method, "path": view.path,
+                                     "remote": view.remote or None}
+        route: Route | None = None
+        peer: PeerCertificate | None = None
         try:
-            route = steps.route = self.router.match(view.method, view.path, view.target)
+            route = self.router.match(view.method, view.path, view.target)
             if serves is not None and not serves(route):
                 return None
             fields["route"] = route.name
-            peer = steps.peer = view.peer()
+            peer = view.peer()
             auth = route.auth
             identity: Mapping[str, str]
             body: bytes | None = None
@@ -221,10 +213,10 @@ class Pipeline:
             return Allow(route, route.upstream_url or self.default_upstream, identity, reason,
                          fields, peer, started, body)
         except Refusal as exc:
-            return Refuse(exc, fields, steps.peer, started, steps.route)
+            return Refuse(exc, fields, peer, started, route)
         except Exception:  # a bug must fail closed, logged, and never reach the upstream
             log.exception("internal error while deciding %s %s", view.method, view.path)
-            return Refuse(InternalError(), fields, steps.peer, started, steps.route)
+            return Refuse(InternalError(), fields, peer, started, route)
 
     # --- the steps ------------------------------------------------------------------------------
 
