@@ -73,7 +73,8 @@ OnRefusal = Callable[[str, int], None]
 GatewayOf = Callable[[], LaneGateway] | None
 
 
-def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None) -> None:
+def _deny(reason: str, status: int, transport: asyncio.BaseTransport | None,
+          on_refusal: OnRefusal | None) -> None:
     peer = transport.get_extra_info("peername") if transport is not None else None
     log_decision(decision="deny", reason=reason, status=status,
                  remote=peer[0] if isinstance(peer, tuple) else None)
@@ -84,7 +85,7 @@ def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None
 class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol plus the deadlines and caps described above."""
 
-    def __init__(self, manager: Any, *, limits: Callable[[], LimitsConfig],
+    def __init__(self, manager: web.Server, *, limits: Callable[[], LimitsConfig],
                  on_refusal: OnRefusal | None = None, gateway_of: GatewayOf = None,
                  **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -205,7 +206,8 @@ class _GuardedHandler(RequestHandler):
             transport.write(raw_refusal(status, reason))
         self.force_close()
 
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """A JSON refusal with a reason code; never the offending bytes, never a traceback."""
         if response_started(request):
