@@ -37,26 +37,22 @@ fetch. A set older than ``jwks_max_age`` or never loaded is not used: 503
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import ipaddress
 import logging
-import re
 import ssl
 import time
-import unicodedata
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 
 from .anchors import chains_to
 from .bodies import read_capped
 from .config import ClientRegistration, ClientRegistryConfig
+from .dn import Dn, dn_matches, parse_dn
 from .errors import DependencyDown, InvalidClient
+from .registry_files import certificates_from_jwks, load_client_ca
 from .strict_json import loads_object
 from .tls import PeerCertificate
 
@@ -73,146 +69,6 @@ log = logging.getLogger("mtls_gateway.client_registry")
 
 _MAX_JWKS_BYTES = 512 * 1024
 _REFETCH_COOLDOWN = 30.0
-
-# RFC 4514 section 3 keywords plus those common in client certificates (eIDAS/PSD2 QWACs
-# carry organizationIdentifier). Looked up case-insensitively.
-_KEYWORDS: dict[str, x509.ObjectIdentifier] = {
-    "CN": NameOID.COMMON_NAME, "COMMONNAME": NameOID.COMMON_NAME,
-    "L": NameOID.LOCALITY_NAME, "LOCALITYNAME": NameOID.LOCALITY_NAME,
-    "ST": NameOID.STATE_OR_PROVINCE_NAME, "STATEORPROVINCENAME": NameOID.STATE_OR_PROVINCE_NAME,
-    "O": NameOID.ORGANIZATION_NAME, "ORGANIZATIONNAME": NameOID.ORGANIZATION_NAME,
-    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME,
-    "ORGANIZATIONALUNITNAME": NameOID.ORGANIZATIONAL_UNIT_NAME,
-    "C": NameOID.COUNTRY_NAME, "COUNTRYNAME": NameOID.COUNTRY_NAME,
-    "STREET": NameOID.STREET_ADDRESS, "STREETADDRESS": NameOID.STREET_ADDRESS,
-    "DC": NameOID.DOMAIN_COMPONENT, "DOMAINCOMPONENT": NameOID.DOMAIN_COMPONENT,
-    "UID": NameOID.USER_ID, "USERID": NameOID.USER_ID,
-    "SERIALNUMBER": NameOID.SERIAL_NUMBER,
-    "E": NameOID.EMAIL_ADDRESS, "EMAILADDRESS": NameOID.EMAIL_ADDRESS,
-    "GN": NameOID.GIVEN_NAME, "GIVENNAME": NameOID.GIVEN_NAME,
-    "SN": NameOID.SURNAME, "SURNAME": NameOID.SURNAME,
-    "TITLE": NameOID.TITLE,
-    "ORGANIZATIONIDENTIFIER": NameOID.ORGANIZATION_IDENTIFIER,
-    "POSTALCODE": NameOID.POSTAL_CODE,
-    "DNQUALIFIER": NameOID.DN_QUALIFIER,
-    "PSEUDONYM": NameOID.PSEUDONYM,
-    "BUSINESSCATEGORY": NameOID.BUSINESS_CATEGORY,
-}
-#: Attribute types whose matching rule is caseIgnoreMatch (RFC 4519, PKCS #9, X.520).
-_CASE_IGNORE = frozenset(_KEYWORDS.values())
-_OID = re.compile(r"^\d+(?:\.\d+)+$")
-_SPACES = re.compile(r"\s+")
-
-# --- distinguished names (RFC 4514) -------------------------------------------------------
-
-_Ava = tuple[str, str]              # (dotted OID, normalised value)
-
-
-def _split(text: str, separator: str) -> list[str]:
-    """Split at unescaped ``separator`` (escapes are kept for :func:`_unescape`)."""
-    parts, current, i = [], [], 0
-    while i < len(text):
-        ch = text[i]
-        if ch == "\\" and i + 1 < len(text):
-            current.append(text[i:i + 2])
-            i += 2
-            continue
-        if ch == separator:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-        i += 1
-    parts.append("".join(current))
-    return parts
-
-
-def _strip_unescaped(value: str) -> str:
-    """Drop surrounding white space, but not an escaped trailing space (``a\\ ``)."""
-    value = value.lstrip()
-    while value.endswith(" "):
-        body = value[:-1]
-        if (len(body) - len(body.rstrip("\\"))) % 2:   # an odd run of backslashes escapes it
-            break
-        value = body
-    return value
-
-
-def _unescape(value: str) -> str:
-    """RFC 4514 section 2.4 escapes: ``\\,`` style and ``\\XX`` hex pairs (UTF-8 bytes)."""
-    out, i = bytearray(), 0
-    while i < len(value):
-        ch = value[i]
-        if ch == "\\":
-            pair = value[i + 1:i + 3]
-            if len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
-                out.append(int(pair, 16))
-                i += 3
-                continue
-            if i + 1 >= len(value):
-                raise ValueError("dangling backslash")
-            out += value[i + 1].encode()
-            i += 2
-            continue
-        out += ch.encode()
-        i += 1
-    try:
-        return out.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError("escaped bytes are not UTF-8") from exc
-
-
-def _normalise(oid: x509.ObjectIdentifier, value: str | bytes) -> str:
-    if isinstance(value, bytes):          # bit strings (x500UniqueIdentifier): exact
-        return "#" + value.hex()
-    if oid not in _CASE_IGNORE:
-        return value
-    return _SPACES.sub(" ", unicodedata.normalize("NFKC", value)).strip().casefold()
-
-
-def parse_dn(text: str) -> tuple[frozenset[_Ava], ...]:
-    """An RFC 4514 string as comparable RDNs, most significant first (the DER order).
-
-    Raises ValueError for anything it cannot read unambiguously (including ``#`` hex
-    values, which are refused rather than guessed at).
-    """
-    if not text.strip():
-        raise ValueError("empty distinguished name")
-    rdns: list[frozenset[_Ava]] = []
-    for rdn_text in _split(text, ","):
-        avas: set[_Ava] = set()
-        for ava in _split(rdn_text, "+"):
-            kind, sep, raw = ava.partition("=")
-            kind = kind.strip()
-            if not sep or not kind:
-                raise ValueError(f"{ava.strip()!r} is not type=value")
-            if _OID.match(kind):
-                oid = x509.ObjectIdentifier(kind)
-            elif kind.upper() in _KEYWORDS:
-                oid = _KEYWORDS[kind.upper()]
-            else:
-                raise ValueError(f"unknown attribute type {kind!r} (use its dotted OID)")
-            raw = _strip_unescaped(raw)
-            if raw.startswith("#"):
-                raise ValueError(f"hex-encoded value of {kind} is not supported")
-            avas.add((oid.dotted_string, _normalise(oid, _unescape(raw))))
-        rdns.append(frozenset(avas))
-    rdns.reverse()   # RFC 4514 writes the last RDN of the sequence first
-    return tuple(rdns)
-
-
-def _name_rdns(name: x509.Name) -> tuple[frozenset[_Ava], ...]:
-    return tuple(frozenset((a.oid.dotted_string, _normalise(a.oid, a.value)) for a in rdn)
-                 for rdn in name.rdns)
-
-
-def dn_matches(registered: tuple[frozenset[_Ava], ...], subject: x509.Name) -> bool:
-    """Does the certificate subject equal the registered DN (see the module docstring)?"""
-    try:
-        return _name_rdns(subject) == registered
-    except ValueError:
-        return False
-
 
 # --- subjectAltName -----------------------------------------------------------------------
 
@@ -233,7 +89,7 @@ class _Expectation:
     """One registered tls_client_auth value, parsed once."""
 
     kind: str                            # subject_dn | san_dns | san_uri | san_ip | san_email
-    dn: tuple[frozenset[_Ava], ...] = ()
+    dn: Dn = ()
     text: str = ""
     ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
 
@@ -268,26 +124,6 @@ class _Expectation:
 
 
 # --- registered certificates (self_signed_tls_client_auth) --------------------------------
-
-def certificates_from_jwks(doc: Any) -> frozenset[bytes]:
-    """DER of the first ``x5c`` certificate of each key in a JWK Set; ValueError if none."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-        raise ValueError('a JWK Set must be an object with a "keys" list')
-    found: set[bytes] = set()
-    for jwk in doc["keys"]:
-        x5c = jwk.get("x5c") if isinstance(jwk, dict) else None
-        if not isinstance(x5c, list) or not x5c or not isinstance(x5c[0], str):
-            continue
-        try:
-            der = base64.b64decode(x5c[0], validate=True)
-            x509.load_der_x509_certificate(der)
-        except (binascii.Error, ValueError):
-            continue
-        found.add(der)
-    if not found:
-        raise ValueError("no key in the JWK Set has a usable x5c certificate")
-    return frozenset(found)
-
 
 class RemoteCertificates:
     """The registered certificates at one ``jwks_uri``, kept fresh in the background."""
@@ -379,12 +215,6 @@ class _Sessions:
 
 # --- chain check against a registry CA ----------------------------------------------------
 
-def load_client_ca(data: bytes) -> list[x509.Certificate]:
-    """The trust anchors of a registry ``ca_file``; ValueError if it has none."""
-    certs = x509.load_pem_x509_certificates(data)
-    if not certs:
-        raise ValueError("contains no certificate")
-    return certs
 
 
 # --- the registry -------------------------------------------------------------------------

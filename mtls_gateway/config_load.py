@@ -26,7 +26,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from .anchors import bundle_problems, can_issue, self_issued, spki
-from .client_registry import certificates_from_jwks, parse_dn
 from .config import (
     ASYMMETRIC_ALGORITHMS,
     AdminConfig,
@@ -53,9 +52,11 @@ from .config import (
     UpstreamConfig,
     UpstreamTls,
 )
+from .dn import parse_dn
 from .dn_forms import from_openssl_form
 from .errors import ConfigError
-from .jwks import KeySet
+from .keyset import KeySet
+from .registry_files import certificates_from_jwks
 
 __all__ = [
     "KNOWN_FIELDS",

@@ -1,6 +1,7 @@
 """What one client connection may cost: deadlines, caps, and unparseable requests.
 
-aiohttp parses HTTP for us; this module wraps its per-connection protocol so that
+aiohttp parses HTTP for us; this module wraps its per-connection protocol (the private
+attributes it relies on are listed in aiohttp_compat.py, and tested there) so that
 
 * a request head (request line and headers) must be complete within
   ``limits.header_timeout`` of the connection opening or of its first byte, else
@@ -25,35 +26,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
+from .aiohttp_compat import RequestHandler, response_started
+from .answer import http_date
 from .config import LimitsConfig
 from .decision_log import log_decision
-from .fastlane import FastLane
+from .fastlane import FastLane, LaneGateway
+from .gateway import refusal_response
+from .pipeline import ConnectionMemo
+from .refusal import as_bytes, render_code
 
 __all__ = ["GuardedAppRunner", "count_request", "parse_error_reason", "raw_refusal"]
 
 log = logging.getLogger("mtls_gateway.connection")
 
-_ERRORS = {400: "invalid_request", 408: "request_timeout", 413: "request_too_large",
-           414: "uri_too_long", 431: "headers_too_large", 503: "temporarily_unavailable"}
-
+_SERVER = SERVER_SOFTWARE.encode()
 
 def raw_refusal(status: int, reason: str) -> bytes:
     """A complete HTTP/1.1 refusal, written straight to a transport (no request object)."""
-    body = json.dumps({"error": _ERRORS.get(status, "refused"), "reason": reason}).encode()
-    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "Content-Type: application/json\r\nCache-Control: no-store\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-    return head.encode("ascii") + body
+    return as_bytes(render_code(reason, status), close=True, date=http_date(),
+                    server=_SERVER)
 
 
 def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
@@ -71,10 +70,11 @@ def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
 #: Told about every refusal made here (reason, status): the server counts them in its metrics.
 OnRefusal = Callable[[str, int], None]
 #: The server's current Gateway (after reloads too), for the fast lane; None: no lane.
-GatewayOf = Callable[[], Any] | None
+GatewayOf = Callable[[], LaneGateway] | None
 
 
-def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None) -> None:
+def _deny(reason: str, status: int, transport: asyncio.BaseTransport | None,
+          on_refusal: OnRefusal | None) -> None:
     peer = transport.get_extra_info("peername") if transport is not None else None
     log_decision(decision="deny", reason=reason, status=status,
                  remote=peer[0] if isinstance(peer, tuple) else None)
@@ -85,7 +85,7 @@ def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None
 class _GuardedHandler(RequestHandler):
     """aiohttp's connection protocol plus the deadlines and caps described above."""
 
-    def __init__(self, manager: Any, *, limits: Callable[[], LimitsConfig],
+    def __init__(self, manager: web.Server, *, limits: Callable[[], LimitsConfig],
                  on_refusal: OnRefusal | None = None, gateway_of: GatewayOf = None,
                  **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -95,6 +95,8 @@ class _GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._lane: FastLane | None = None
         self.served = 0
+        #: The connection's last credential, for the pipeline (both paths share it).
+        self.memo = ConnectionMemo()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -157,10 +159,18 @@ class _GuardedHandler(RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         lane = self._lane
-        if lane is not None and lane.active and not self._force_close and not self._close \
-                and lane.feed(data):
-            self._disarm()          # a complete head, taken by the lane
-            return
+        if lane is not None and lane.active and not self._force_close and not self._close:
+            try:
+                taken = lane.feed(data)
+            except Exception:   # a bug must fail closed: the connection, not the process
+                log.exception("internal error in the fast lane")
+                lane.active = False
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            if taken:
+                self._disarm()          # a complete head, taken by the lane
+                return
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
@@ -196,10 +206,11 @@ class _GuardedHandler(RequestHandler):
             transport.write(raw_refusal(status, reason))
         self.force_close()
 
-    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         """A JSON refusal with a reason code; never the offending bytes, never a traceback."""
-        if request.writer.output_size > 0:
+        if response_started(request):
             raise ConnectionError("response already started")
         if isinstance(exc, HttpProcessingError) or status == 400:
             status, reason = parse_error_reason(exc)
@@ -207,9 +218,7 @@ class _GuardedHandler(RequestHandler):
             log.error("internal error on a connection: %s", type(exc).__name__)
             status, reason = 500, "internal_error"
         _deny(reason, status, self.transport, self._on_refusal)
-        response = web.json_response({"error": _ERRORS.get(status, "internal_error"),
-                                      "reason": reason}, status=status,
-                                     headers={"Cache-Control": "no-store"})
+        response = refusal_response(render_code(reason, status))
         response.force_close()
         return response
 

@@ -4,21 +4,22 @@ Why: aiohttp's web layer and client cost about 300 us of CPU per proxied request
 twice what HAProxy spends on the whole job (issue 8, README "Performance"). Most traffic to
 a sidecar is the same shape, a small keep-alive request with a bearer token, and for that
 shape the gateway's own decision is cheap (a cached verification, a thumbprint compare). So
-a request that is *plain* skips aiohttp entirely: its head is parsed here, the gateway
-decides with the same steps (:meth:`Gateway.admit`, :meth:`Gateway.authorize`), and it is
-written to a pooled upstream connection; the answer is relayed as it arrives.
+a request that is *plain* skips aiohttp entirely: its head is parsed here, the gateway's one
+decision core decides (:meth:`mtls_gateway.pipeline.Pipeline.decide`, exactly as for the
+aiohttp path: this module holds no auth step), and an allowed request is written to a pooled
+upstream connection; the answer is relayed as it arrives. A refusal is answered here with
+the bytes :mod:`mtls_gateway.refusal` renders for every path.
 
 Plain means all of this, checked strictly; anything else goes to aiohttp, which remains the
-reference path and makes **every refusal** (so error answers and reason codes are the same
-whichever way a request came in):
+reference path for everything else:
 
 * the whole head arrived in one read with nothing after it (no partial heads, no pipelining);
 * printable ASCII with CRLF line ends only; ``GET``/``HEAD``/``OPTIONS``/``DELETE``; an
   origin-form target with no ``%`` and no ``access_token``; ``HTTP/1.1``; header names are
   tokens, no folded lines, exactly one ``Host``, at most one ``Authorization``, and no
   ``Content-Length``, ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` (so no body at all);
-* the gateway admits it: a route with ``auth: none`` or a token policy whose checks all pass,
-  certificates from this connection's own handshake, an ``http://`` upstream.
+* its route is one the lane serves: not a token endpoint, an ``http://`` upstream, and
+  certificates from this connection's own handshake.
 
 A connection leaves the lane at its first request that is not plain, and aiohttp serves it
 from then on: its parser state is its own, so the two never interleave on one connection.
@@ -32,36 +33,45 @@ import collections
 import logging
 import re
 import time
+import types
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp.http import SERVER_SOFTWARE
 
+from .answer import AnswerReader, BadAnswer, clean, http_date
+from .config import Route
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
 from .framing import valid_host, valid_origin_form
-from .proxy import HOP_BY_HOP, STRIPPED_NAMES, STRIPPED_PREFIXES
+from .pipeline import Allow, ConnectionMemo, Decision, Pipeline, Refuse, RequestView
+from .proxy import STRIPPED_NAMES, STRIPPED_PREFIXES
+from .refusal import as_bytes
+from .tls import PeerCertificate, peer_certificate
+from .upstream_tls import upstream_error
 
-if TYPE_CHECKING:
-    from .gateway import Admission, Gateway
-
-__all__ = ["FastLane", "PlainRequest", "TokenMemo", "UpstreamPool", "http_date", "parse_plain"]
+__all__ = [
+    "FastLane",
+    "Lane",
+    "LaneGateway",
+    "LaneTarget",
+    "PlainRequest",
+    "UpstreamPool",
+    "http_date",
+    "parse_plain",
+]
 
 log = logging.getLogger("mtls_gateway.fastlane")
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-#: The bytes a head may hold (CR and LF only as CRLF: see _clean).
-_ALLOWED = bytes(range(0x20, 0x7f)) + b"\t\r\n"
 _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 #: Headers that mean a body, an expectation or a protocol switch: aiohttp's business.
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings"})
-_HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
 #: A header of a stripped family that the lane's exact strip set may not hold: aiohttp's path
 #: strips it (Forwarder.strips), so such a head is not plain. So is a name with "_".
 _FAMILIES = tuple(p.encode() for p in STRIPPED_PREFIXES)
 _EXACT = frozenset(n.encode() for n in STRIPPED_NAMES)
-#: An upstream answer head larger than this is refused (502), like aiohttp's client limits.
-_MAX_RESPONSE_HEAD = 64 * 1024
 _SERVER = SERVER_SOFTWARE.encode()
 
 
@@ -74,25 +84,23 @@ class PlainRequest:
     path: str                                # the target without its query (nothing to decode)
     headers: list[tuple[bytes, bytes, bytes]]   # (name as sent, lower-case name, value)
     host: str
-    authorization: str | None
+    authorization: tuple[str, ...]           # at most one (more: not plain)
     connection: frozenset[bytes]             # tokens of Connection (lower case)
+    dpop: tuple[str, ...] = ()               # every DPoP value
 
     @property
     def raw_path(self) -> str:
         return self.target.decode("ascii")
 
-
-def _clean(head: bytes) -> bool:
-    """Printable ASCII and HTAB only, lines ended by CRLF (no bare CR, no bare LF)."""
-    if head.translate(None, _ALLOWED):
-        return False
-    pairs = head.count(b"\r\n")
-    return head.count(b"\r") == pairs and head.count(b"\n") == pairs
+    def header(self, name: str) -> tuple[str, ...]:
+        """Every value of header ``name`` (case-insensitive), as sent."""
+        lower = name.lower().encode()
+        return tuple(v.decode() for _, n, v in self.headers if n == lower)
 
 
 def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest | None:
     """The request if ``head`` (without its final CRLFCRLF) is plain, else None."""
-    if not _clean(head):
+    if not clean(head):
         return None
     lines = head.split(b"\r\n")
     if len(lines) - 1 > max_headers or any(len(line) > max_line for line in lines):
@@ -108,6 +116,7 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
     headers: list[tuple[bytes, bytes, bytes]] = []
     hosts: list[bytes] = []
     auths: list[bytes] = []
+    dpop: list[bytes] = []
     connection: set[bytes] = set()
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -122,6 +131,8 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
             hosts.append(value)
         elif lower == b"authorization":
             auths.append(value)
+        elif lower == b"dpop":
+            dpop.append(value)
         elif lower == b"connection":
             connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
         headers.append((name, lower, value))
@@ -129,37 +140,72 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
             or not valid_host(hosts[0].decode("ascii")):   # framing.py refuses it (400)
         return None
     return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
-                        auths[0].decode() if auths else None, frozenset(connection))
+                        (auths[0].decode(),) if auths else (), frozenset(connection),
+                        tuple([d.decode() for d in dpop]) if dpop else ())
+
+
+@dataclass(frozen=True, slots=True)
+class LaneTarget:
+    """A plain-HTTP upstream as the fast lane writes to it."""
+
+    address: tuple[str, int]
+    base_path: bytes            # prefix of every forwarded target ("" for the root)
+    host_header: bytes          # what aiohttp's client would send as Host
 
 
 @dataclass(slots=True)
-class TokenMemo:
-    """A lane connection's last bearer credential and what it came to.
+class Lane:
+    """The fast lane's settings and upstream pool, built once per configuration."""
 
-    Keep-alive clients send the same token on every request: the memo saves extracting,
-    hashing and looking it up again, and building the same identity headers. What is checked
-    on every use (exp, nbf, the key set, binding, scope) still runs on every request.
-    """
+    pool: UpstreamPool
+    max_headers: int
+    max_line: int
+    read_timeout: float
+    targets: dict[int, LaneTarget]       # id(route) -> target; absent: not for the lane
+    strip: frozenset[bytes]              # inbound headers never forwarded, hop-by-hop included
+    excluded_paths: frozenset[str] = frozenset()   # answered by aiohttp (metadata documents)
 
-    gateway: Any = None                  # the Gateway it was made with (a reload starts over)
-    authorization: str = ""              # the Authorization header value, as sent
-    providers: tuple[str, ...] = ()      # of the route it was picked for
-    verifier: Any = None
-    token: str = ""
-    digest: bytes = b""
-    token_hash: str = ""
-    entry: object | None = None          # the verifier's cache entry (Verifier.cached_entry)
-    route: Any = None                    # identity below: made for this route...
-    info: Any = None                     # ...and this verdict
-    identity: bytes | None = None        # identity and X-Forwarded-For/Proto header lines
+    def serves(self, route: Route) -> bool:
+        return id(route) in self.targets
 
-    def remember(self, gateway: Any, authorization: str, providers: tuple[str, ...],
-                 verifier: Any, token: str, digest: bytes, token_hash: str) -> None:
-        """A new credential: everything known about the previous one is forgotten."""
-        self.gateway, self.authorization, self.providers = gateway, authorization, providers
-        self.verifier, self.token, self.digest, self.token_hash = (
-            verifier, token, digest, token_hash)
-        self.entry = self.route = self.info = self.identity = None
+
+class LaneGateway(Protocol):
+    """What the lane needs of the current configuration generation (``gateway.Gateway``)."""
+
+    @property
+    def lane(self) -> Lane | None: ...
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
+
+    def upstream_failed(self, upstream: str, cause: str) -> None: ...
+
+
+_T = TypeVar("_T")
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, _T], yielded: Any) -> Generator[Any, Any, _T]:
+    """Run the rest of ``coro``, which already ran up to a suspension that yielded
+    ``yielded`` (see FastLane.feed: most decisions finish without one, and then need no
+    task at all)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:    # (cancellation): into the coroutine
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value       # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value       # type: ignore[no-any-return]
 
 
 # --- the upstream side ----------------------------------------------------------------------
@@ -189,6 +235,12 @@ class _UpstreamConnection(asyncio.Protocol):
             self.relay.upstream_data(data)
         else:                   # an idle connection has nothing to say: not reusable
             self.close()
+
+    @property
+    def reusable(self) -> bool:
+        """Open, and not closing: an answer read to its end leaves nothing else to know."""
+        return not self.closed and self.transport is not None \
+            and not self.transport.is_closing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
@@ -262,10 +314,17 @@ class UpstreamPool:
         return conn
 
     def give_back(self, conn: _UpstreamConnection) -> None:
+        """Pool ``conn`` (its answer read to the end): idle, open, and reading, so that the
+        next request drawing it hears its answer (reading may have been paused for a slow
+        client while the last bytes were relayed)."""
         conn.relay = None
-        if conn.closed or self._closed:
+        if not conn.reusable or self._closed:
             conn.close()
             return
+        transport = conn.transport
+        assert transport is not None
+        if not transport.is_reading():
+            transport.resume_reading()
         self._idle.setdefault(conn.key, []).append(conn)
         self._wake()
 
@@ -307,6 +366,7 @@ class Host(Protocol):
     """What the lane needs from its connection (``connection._GuardedHandler``)."""
 
     transport: asyncio.Transport | None
+    memo: ConnectionMemo                    # the connection's, shared with the aiohttp path
 
     def lane_data(self, data: bytes) -> None:
         """Bytes for aiohttp: the connection has left the lane."""
@@ -315,61 +375,48 @@ class Host(Protocol):
         """A response is complete; returns whether the connection must close now."""
 
 
-_NONE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF = range(7)
-_DATE_CACHE: list[Any] = [0, b""]
-
-
-def http_date() -> bytes:
-    """The Date header value, made once per second."""
-    now = int(time.time())
-    if _DATE_CACHE[0] != now:
-        _DATE_CACHE[0] = now
-        _DATE_CACHE[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                       time.gmtime(now)).encode()
-    value: bytes = _DATE_CACHE[1]
-    return value
-
-
-class _BadResponse(Exception):
-    """The upstream's answer is not HTTP/1.1 we can relay safely."""
-
-
 class FastLane:
     """The lane of one client connection: one plain request at a time (see module doc)."""
 
-    def __init__(self, host: Host, gateway_of: Any, remote: str | None) -> None:
+    def __init__(self, host: Host, gateway_of: Callable[[], LaneGateway],
+                 remote: str | None) -> None:
         self.host = host
-        self._gateway_of = gateway_of         # () -> Gateway: the current one, after reloads
+        self._gateway_of = gateway_of         # the current generation, after reloads too
         self.remote = remote or ""
         self.active = True
         self._busy = False
         self._pending = b""
         self._paused = False
         # the request in flight
-        self._gateway: Gateway | None = None
-        self._admission: Admission | None = None
+        self._gateway: LaneGateway | None = None
+        self._decision: Allow | Refuse | None = None
         self._request: PlainRequest | None = None
         self._head = b""
         self._upstream_head = b""
+        self._address: tuple[str, int] = ("", 0)
         self._conn: _UpstreamConnection | None = None
         self._retried = False
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._read_timeout = 0.0
         # the answer being relayed
-        self._rbuf = b""
-        self._state = _NONE
-        self._left = 0
-        self._status = 0
+        self._reply = AnswerReader("GET")
         self._head_sent = False
         self._sent_at = 0.0
-        self._upstream_keep = True
-        self._client_chunked = False
         self._close_after = False
         self._drain: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._heard = 0.0
-        self._memo = TokenMemo()
+        self._started = 0.0
+        self._peer_of = self._peer              # (one bound method, not one per request)
+        self._client_paused = False
+        # identity header lines, X-Forwarded-For/Proto included, for the identity mapping
+        # the pipeline gave last (it gives the same mapping while nothing changed)
+        self._identity: Mapping[str, str] | None = None
+        self._identity_lines = b""
+        forwarded = (b"X-Forwarded-For: " + self.remote.encode() + b"\r\n"
+                     b"X-Forwarded-Proto: https\r\n")
+        self._forwarded = forwarded
 
     # --- requests in --------------------------------------------------------------------------
 
@@ -386,39 +433,57 @@ class FastLane:
             return True
         if not data.endswith(b"\r\n\r\n") or data.find(b"\r\n\r\n") != len(data) - 4:
             return self._leave()
-        gateway: Gateway = self._gateway_of()
+        gateway = self._gateway_of()
         lane = gateway.lane
         if lane is None:
             return self._leave()
         request = parse_plain(data[:-4], max_headers=lane.max_headers, max_line=lane.max_line)
-        if request is None:
+        if request is None or request.path in lane.excluded_paths:
             return self._leave()
-        admission = gateway.admit(request, self.host.transport, self.remote, self._memo)
-        if admission is None:
-            return self._leave()
+        # (positional: this runs for every lane request) token_in_query is False: parse_plain
+        # refuses targets naming access_token
+        view = RequestView(request.method, request.raw_path, request.path, request.host,
+                           request.authorization, request.dpop, False, "https", self.remote,
+                           self.host.memo, self._peer_of, request.header)
         self._busy = True
-        self._gateway, self._admission, self._request, self._head = (
-            gateway, admission, request, data)
+        self._started = time.perf_counter()
+        self._gateway, self._request, self._head = gateway, request, data
         self._retried = False
         gateway.begin()
+        deciding = gateway.pipeline.decide(view, lane.serves)
         try:
-            info = admission.cached()
-        except Refusal as exc:
-            self._deny(exc)
+            yielded = deciding.send(None)
+        except StopIteration as done:       # decided without waiting (a cached token)
+            decision: Decision | None = done.value
+            if decision is None:            # a route the lane does not serve
+                self._finish_request()
+                return self._leave()
+            self._decided(decision)
             return True
-        if info is None and admission.verifier is not None:
-            self._task = asyncio.get_running_loop().create_task(self._verify_then_forward())
-            return True
-        self._forward(info)
+        self._task = self._loop.create_task(self._decide_later(deciding, yielded))
         return True
+
+    def _peer(self) -> PeerCertificate | None:
+        return peer_certificate(self.host.transport)
+
+    async def _decide_later(self, deciding: Coroutine[Any, Any, Decision | None],
+                            yielded: Any) -> None:
+        try:
+            decision = await _resume(deciding, yielded)
+        finally:
+            self._task = None
+        if decision is None:
+            self._back_to_aiohttp()
+            return
+        self._decided(decision)
 
     def _leave(self) -> bool:
         self.active = False
         return False
 
     def _back_to_aiohttp(self) -> bool:
-        """Not for the lane after all (an identity value aiohttp's client must refuse, an
-        internal error): aiohttp answers this request, and the rest of the connection."""
+        """Not for the lane after all: aiohttp answers this request, and the rest of the
+        connection."""
         data = self._head + self._pending
         self._finish_request()
         self._head = self._pending = b""
@@ -427,59 +492,61 @@ class FastLane:
         self.host.lane_data(data)
         return True
 
-    async def _verify_then_forward(self) -> None:
-        admission = self._admission
-        assert admission is not None
-        try:
-            info = await admission.verify()
-        except Refusal as exc:
-            self._deny(exc)
+    def _decided(self, decision: Decision) -> None:
+        self._decision = decision
+        if isinstance(decision, Refuse):
+            self._answer(decision.refusal)
             return
-        except Exception:
-            log.exception("internal error while verifying a token in the fast lane")
-            self._back_to_aiohttp()
-            return
-        finally:
-            self._task = None
-        self._forward(info)
+        self._forward(decision)
 
-    def _forward(self, info: Any) -> None:
-        gateway, admission, request = self._gateway, self._admission, self._request
-        assert gateway is not None and admission is not None and request is not None
-        try:
-            upstream_head = gateway.upstream_request(admission, request, info, self.remote)
-        except Refusal as exc:
-            self._deny(exc)
-            return
-        if upstream_head is None:           # identity headers aiohttp must judge
-            self._back_to_aiohttp()
-            return
-        self._upstream_head = upstream_head
+    def _forward(self, allow: Allow) -> None:
+        gateway, request = self._gateway, self._request
+        assert gateway is not None and request is not None
         lane = gateway.lane
         assert lane is not None
+        target = lane.targets[id(allow.route)]
+        if allow.identity is not self._identity:
+            lines: list[bytes] = []
+            for name, text in allow.identity.items():
+                lines += (name.encode(), b": ", text.encode(), b"\r\n")
+            lines.append(self._forwarded)
+            self._identity, self._identity_lines = allow.identity, b"".join(lines)
+        drop = lane.strip | request.connection if request.connection else lane.strip
+        out = [request.method.encode(), b" ", target.base_path, request.target,
+               b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
+        for raw, lower, value in request.headers:
+            if lower not in drop:
+                out += (raw, b": ", value, b"\r\n")
+        # (the Host value passed parse_plain: printable ASCII, so no CR or LF)
+        out += (self._identity_lines, b"X-Forwarded-Host: ", request.host.encode(),
+                b"\r\n\r\n")
+        self._upstream_head = b"".join(out)
+        self._address = target.address
         self._read_timeout = lane.read_timeout
-        conn = lane.pool.take(admission.upstream)
+        conn = lane.pool.take(target.address)
         if conn is not None:
             self._send(conn)
         else:
-            self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
+            self._task = self._loop.create_task(self._connect_then_send())
 
     async def _connect_then_send(self) -> None:
-        gateway, admission = self._gateway, self._admission
-        assert gateway is not None and gateway.lane is not None and admission is not None
+        gateway = self._gateway
+        assert gateway is not None and gateway.lane is not None
+        pool = gateway.lane.pool
         try:
-            conn = await gateway.lane.pool.connect(admission.upstream)
+            conn = await pool.connect(self._address)
         except TimeoutError:
-            self._refuse(UpstreamTimeout("upstream_timeout", "upstream did not answer in time"))
+            self._refuse(UpstreamTimeout("upstream_timeout", "upstream did not answer in time",
+                                         cause="connect_timeout"))
             return
-        except OSError:
-            self._refuse(UpstreamFailed("upstream_unavailable", "upstream is unavailable"))
+        except OSError as exc:
+            self._refuse(UpstreamFailed("upstream_unavailable", "upstream is unavailable",
+                                        cause=upstream_error(exc)))
             return
         finally:
             self._task = None
         if not self._busy:          # the client went away meanwhile
-            lane = gateway.lane
-            lane.pool.give_back(conn)
+            pool.give_back(conn)
             return
         self._send(conn)
 
@@ -487,7 +554,8 @@ class FastLane:
         assert conn.transport is not None
         self._conn = conn
         conn.relay = self
-        self._rbuf, self._state, self._status, self._head_sent = b"", _NONE, 0, False
+        assert self._request is not None
+        self._reply, self._head_sent = AnswerReader(self._request.method), False
         self._sent_at = time.perf_counter()
         conn.transport.write(self._upstream_head)
         self._heard = self._loop.time()
@@ -500,211 +568,66 @@ class FastLane:
         self._heard = self._loop.time()
         try:
             out = self._relay(data)
-        except _BadResponse as exc:
-            log.warning("upstream answer refused: %s", exc)
+        except BadAnswer as exc:
             self._upstream_failed(UpstreamFailed("upstream_unavailable",
-                                                 "upstream is unavailable"))
+                                                 "upstream is unavailable",
+                                                 cause=f"bad_response: {exc}"))
             return
         transport = self.host.transport
         if out and transport is not None:
             transport.write(out)
-        if self._state == _NONE and self._head_sent:
+        if self._reply.done and self._head_sent:
             self._complete()
 
     def _relay(self, data: bytes) -> bytes:
-        """Client bytes for upstream ``data``; ``_state`` back to _NONE when the answer ends."""
-        if not self._head_sent:
-            self._rbuf += data
-            while True:
-                end = self._rbuf.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._rbuf) > _MAX_RESPONSE_HEAD:
-                        raise _BadResponse("response head too large")
-                    return b""
-                head, self._rbuf = self._rbuf[:end], self._rbuf[end + 4:]
-                out = self._response_head(head)
-                if out is not None:
-                    break
-            self._head_sent = True
-            data, self._rbuf = self._rbuf, b""
-            return out + self._body(data) if data else out
-        return self._body(data)
+        """Client bytes for upstream ``data``.
 
-    def _response_head(self, head: bytes) -> bytes | None:
-        """The client's head for the upstream's, None for an interim (1xx) answer."""
-        if not _clean(head):
-            raise _BadResponse("bad bytes in the response head")
-        lines = head.split(b"\r\n")
-        version, _, rest = lines[0].partition(b" ")
-        code, _, reason = rest.partition(b" ")
-        if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
-            raise _BadResponse("bad status line")
-        status = int(code)
-        if status < 200:
-            if status == 101:
-                raise _BadResponse("protocol switch without an upgrade request")
-            return None
-        length: int | None = None
-        chunked = False
-        keep = version == b"HTTP/1.1"
-        named: set[bytes] = set()
-        headers: list[tuple[bytes, bytes, bytes]] = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.fullmatch(name):
-                raise _BadResponse("bad header line")
-            lower, value = name.lower(), value.strip(b" \t")
-            if lower == b"content-length":
-                if not value.isdigit() or len(value) > 18 or (
-                        length is not None and int(value) != length):
-                    raise _BadResponse("bad Content-Length")
-                length = int(value)
-            elif lower == b"transfer-encoding":
-                if chunked or value.lower() != b"chunked":
-                    raise _BadResponse("unsupported Transfer-Encoding")
-                chunked = True
-            elif lower == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                named |= tokens
-                if b"close" in tokens:
-                    keep = False
-                elif b"keep-alive" in tokens:
-                    keep = True
-            headers.append((name, lower, value))
-        if chunked and length is not None:
-            raise _BadResponse("both Content-Length and Transfer-Encoding")
-        request = self._request
-        assert request is not None
-        self._status = status
-        self._upstream_keep = keep
-        no_body = request.method == "HEAD" or status in (204, 304)
-        self._client_chunked = False
-        if no_body:
-            self._state = _NONE
-        elif chunked:
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            self._state, self._left = (_LENGTH, length) if length else (_NONE, 0)
-        else:                       # delimited by the upstream closing: chunked to the client
-            self._state, self._client_chunked, self._upstream_keep = _UNTIL_EOF, True, False
-        gateway, admission = self._gateway, self._admission
-        assert gateway is not None and admission is not None
-        gateway.upstream_answered(admission, time.perf_counter() - self._sent_at)
-        self._close_after = self.host.lane_request_done(
-            b"close" in request.connection)
-        drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
-        out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
-        seen_date = seen_server = False
-        for name, lower, value in headers:
-            if lower in drop:
-                continue
-            seen_date = seen_date or lower == b"date"
-            seen_server = seen_server or lower == b"server"
-            out += (name, b": ", value, b"\r\n")
-        if not seen_date:
-            out += (b"Date: ", http_date(), b"\r\n")
-        if not seen_server:
-            out += (b"Server: ", _SERVER, b"\r\n")
-        if (chunked or self._client_chunked) and not no_body:
-            out.append(b"Transfer-Encoding: chunked\r\n")
-        if self._close_after:
-            out.append(b"Connection: close\r\n")
-        out.append(b"\r\n")
-        return b"".join(out)
-
-    def _body(self, data: bytes) -> bytes:
-        state = self._state
-        if state == _LENGTH:
-            if len(data) < self._left:
-                self._left -= len(data)
-                return data
-            if len(data) > self._left:
-                raise _BadResponse("more bytes than Content-Length")
-            self._state = _NONE
-            return data
-        if state == _UNTIL_EOF:
-            return b"%x\r\n%b\r\n" % (len(data), data) if data else b""
-        if state == _NONE:
-            if data:
-                raise _BadResponse("bytes after the end of the answer")
+        The head counts as sent only once the body bytes of the same read are good too: a
+        broken answer in one read is refused (502) whole, as aiohttp's client refuses it,
+        never half relayed and then cut."""
+        answer = self._reply
+        if self._head_sent:
+            return answer.feed(data)
+        body = answer.feed(data)
+        if answer.head is None:
             return b""
-        return self._chunks(data)
-
-    def _chunks(self, data: bytes) -> bytes:
-        """Re-frame a chunked body (extensions and trailers dropped, as aiohttp does)."""
-        out: list[bytes] = []
-        buf = self._rbuf + data
-        self._rbuf = b""
-        while buf:
-            state = self._state
-            if state == _CHUNK_DATA:
-                take = buf[:self._left]
-                out.append(take)
-                buf = buf[len(take):]
-                self._left -= len(take)
-                if self._left == 0:
-                    self._state = _CHUNK_END
-                continue
-            end = buf.find(b"\r\n")
-            if end < 0:
-                if len(buf) > 4096:
-                    raise _BadResponse("chunk line too long")
-                self._rbuf = buf
-                break
-            line, buf = buf[:end], buf[end + 2:]
-            if state == _CHUNK_END:
-                if line:
-                    raise _BadResponse("chunk not followed by CRLF")
-                out.append(b"\r\n")
-                self._state = _CHUNK_SIZE
-            elif state == _CHUNK_SIZE:
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
-                    raise _BadResponse("bad chunk size")
-                self._left = int(size, 16)
-                if self._left:
-                    out.append(b"%x\r\n" % self._left)
-                    self._state = _CHUNK_DATA
-                else:
-                    self._state = _TRAILERS
-            elif state == _TRAILERS:
-                if not line:
-                    out.append(b"0\r\n\r\n")
-                    self._state = _NONE
-                    if buf:
-                        raise _BadResponse("bytes after the end of the answer")
-            else:
-                raise _BadResponse("bytes after the end of the answer")
-        return b"".join(out)
+        # the answer is good so far: from here on the client has a head
+        request, decision, gateway = self._request, self._decision, self._gateway
+        assert request is not None and isinstance(decision, Allow) and gateway is not None
+        gateway.pipeline.upstream_answered(decision.route, time.perf_counter() - self._sent_at)
+        self._close_after = self.host.lane_request_done(b"close" in request.connection)
+        self._head_sent = True
+        close = b"Connection: close\r\n\r\n" if self._close_after else b"\r\n"
+        return answer.head + close + body
 
     def upstream_lost(self, exc: BaseException | None) -> None:
         self._conn = None
         if not self._busy:
             return
-        if self._head_sent and self._state == _UNTIL_EOF:
+        if self._head_sent and self._reply.until_eof:
             transport = self.host.transport
             if transport is not None:
-                transport.write(b"0\r\n\r\n")
-            self._state = _NONE
+                transport.write(self._reply.eof())
             self._complete()
             return
-        if not self._head_sent and not self._rbuf and not self._retried:
-            # Closed before any answer (often a kept-alive connection the upstream had just
-            # closed): once more on a new connection, as aiohttp's client does for idempotent
-            # requests (RFC 9112 section 9.3.1); a plain request has no body to resend.
+        if not self._head_sent and not self._retried:
+            # Closed or reset before a whole answer head (often a kept-alive connection the
+            # upstream had just closed): once more on a new connection, as aiohttp's client
+            # does for idempotent requests (RFC 9112 section 9.3.1); a plain request has no
+            # body to resend.
             self._retried = True
             self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
             return
-        self._upstream_failed(UpstreamFailed("upstream_unavailable", "upstream is unavailable"))
+        self._upstream_failed(UpstreamFailed(
+            "upstream_unavailable", "upstream is unavailable",
+            cause=upstream_error(exc) if exc is not None
+            else "disconnected: the upstream closed the connection without a whole answer"))
 
     def _upstream_failed(self, exc: UpstreamFailed) -> None:
+        self._failure_cause(exc)
         if self._head_sent:
-            log.warning("upstream broke off mid-response: %s", exc.reason)
             self._drop_conn()
-            gateway, admission = self._gateway, self._admission
-            if gateway is not None and admission is not None:
-                gateway.upstream_error(admission, "upstream_aborted")
-            self._finish("upstream_aborted", self._status)
+            self._finish("upstream_aborted", self._reply.status)
             transport = self.host.transport
             if transport is not None:
                 transport.close()
@@ -713,24 +636,31 @@ class FastLane:
 
     def _refuse(self, exc: UpstreamFailed) -> None:
         """The upstream failed before answering: the same answer as the aiohttp path."""
-        gateway, admission = self._gateway, self._admission
-        assert gateway is not None and admission is not None
+        self._failure_cause(exc)
         self._drop_conn()
-        gateway.upstream_error(admission, exc.reason)
-        self._answer(exc, allowed=True)
+        self._answer(exc)
 
-    def _deny(self, exc: Refusal) -> None:
-        """The token, its binding or its scope failed: the answer _handle gives."""
-        self._answer(exc, allowed=False)
+    def _failure_cause(self, exc: UpstreamFailed) -> None:
+        """Why the upstream failed: in the decision line, and a rate-limited WARNING."""
+        gateway, decision = self._gateway, self._decision
+        if gateway is None or decision is None or "upstream_error" in decision.fields:
+            return
+        cause = exc.cause or exc.reason
+        decision.fields["upstream_error"] = cause
+        host, port = self._address
+        gateway.upstream_failed(f"http://{host}:{port}", cause)
 
-    def _answer(self, exc: Refusal, *, allowed: bool) -> None:
+    def _answer(self, exc: Refusal) -> None:
+        """Answer with the refusal's rendering (:mod:`mtls_gateway.refusal`)."""
         gateway, request = self._gateway, self._request
         assert gateway is not None and request is not None
         close = self.host.lane_request_done(b"close" in request.connection)
         transport = self.host.transport
         if transport is not None:
-            transport.write(gateway.refusal_bytes(exc, close=close))
-        self._finish(exc.reason, exc.status, allowed=allowed)
+            route = self._decision.route if self._decision is not None else None
+            transport.write(as_bytes(gateway.pipeline.render(exc, route), close=close,
+                                     date=http_date(), server=_SERVER))
+        self._finish(exc.reason, exc.status)
         self._after(close)
 
     def _complete(self) -> None:
@@ -738,12 +668,13 @@ class FastLane:
         lane = self._gateway.lane if self._gateway is not None else None
         if conn is not None:
             conn.relay = None
-            if self._upstream_keep and lane is not None:
+            if self._reply.keep_alive and lane is not None:
                 lane.pool.give_back(conn)
             else:
                 conn.close()
-        self._finish(self._admission.reason if self._admission is not None else "allowed",
-                     self._status)
+        decision = self._decision
+        self._finish(decision.reason if isinstance(decision, Allow) else "allowed",
+                     self._reply.status)
         self._after(self._close_after)
 
     def _after(self, close: bool) -> None:
@@ -759,10 +690,14 @@ class FastLane:
             if not self.feed(data):
                 self.host.lane_data(data)
 
-    def _finish(self, reason: str, status: int, *, allowed: bool = True) -> None:
-        gateway, admission = self._gateway, self._admission
-        if gateway is not None and admission is not None:
-            gateway.record_plain(admission, reason, status, allowed=allowed)
+    def _finish(self, reason: str, status: int) -> None:
+        gateway, decision, request = self._gateway, self._decision, self._request
+        if gateway is not None and decision is not None:
+            gateway.pipeline.record(decision, reason, status)
+        elif gateway is not None and request is not None:   # gone while being decided
+            gateway.pipeline.record_fields(
+                {"method": request.method, "path": request.path, "remote": self.remote or None},
+                reason, status, allowed=False, peer=None, started=self._started)
         self._finish_request()
 
     def _finish_request(self) -> None:
@@ -773,7 +708,7 @@ class FastLane:
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
-        self._gateway = self._admission = self._request = None
+        self._gateway = self._decision = self._request = None
         self._upstream_head = b""
 
     # --- timers, backpressure, the client going away ------------------------------------------
@@ -786,12 +721,17 @@ class FastLane:
         self._timer = None
         if self._conn is None or not self._busy:
             return                      # nothing waits on the upstream now
+        if self._client_paused:
+            # Not the upstream's fault: the client is not reading, and the upstream is not
+            # read until it does (as on the aiohttp path, its download is not cut for that).
+            self._heard = self._loop.time()
         deadline = self._heard + self._read_timeout
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._timed_out)
             return
         self._upstream_failed(UpstreamTimeout("upstream_timeout",
-                                              "upstream did not answer in time"))
+                                              "upstream did not answer in time",
+                                              cause="read_timeout"))
 
     def _disarm(self) -> None:
         if self._timer is not None:
@@ -810,12 +750,16 @@ class FastLane:
             transport.resume_reading()
 
     def pause_writing(self) -> None:
-        """The client reads slower than the upstream answers: stop reading the upstream."""
+        """The client reads slower than the upstream answers: stop reading the upstream
+        (and stop holding the upstream to ``read_timeout`` meanwhile)."""
+        self._client_paused = True
         conn = self._conn
         if conn is not None and conn.transport is not None:
             conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._client_paused = False
+        self._heard = self._loop.time()         # the upstream's clock starts again
         conn = self._conn
         if conn is not None and conn.transport is not None and not conn.closed:
             conn.transport.resume_reading()
@@ -839,4 +783,4 @@ class FastLane:
             task.cancel()
         if self._busy:
             self._drop_conn()
-            self._finish("client_closed", self._status or 499)
+            self._finish("client_closed", self._reply.status if self._head_sent else 499)

@@ -134,10 +134,6 @@ class MetadataEndpoint:
         """The ``resource_metadata`` URL for a refusal on ``route`` (None: no route)."""
         return self._urls.get(id(route), self.url) if route is not None else self.url
 
-    @property
-    def routes_with_own_resource(self) -> frozenset[int]:
-        return frozenset(self._urls)
-
     def serves(self, request: web.Request) -> bool:
         return request.path in self._bodies and request.method in ("GET", "HEAD")
 

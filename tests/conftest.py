@@ -1,5 +1,15 @@
 """Fixtures live in gwtest.py (importable by test modules); re-exported here for pytest."""
 
-from gwtest import gateway, issuer, make_gateway, pki, raw_upstream, rsa_keys, upstream
+from gwtest import (
+    fast_lane,
+    gateway,
+    issuer,
+    make_gateway,
+    pki,
+    raw_upstream,
+    rsa_keys,
+    upstream,
+)
 
-__all__ = ["gateway", "issuer", "make_gateway", "pki", "raw_upstream", "rsa_keys", "upstream"]
+__all__ = ["fast_lane", "gateway", "issuer", "make_gateway", "pki", "raw_upstream", "rsa_keys",
+           "upstream"]

@@ -393,11 +393,22 @@ GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 
 @pytest.fixture
-async def make_gateway(pki: Pki, tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+def fast_lane() -> bool | None:
+    """The gateways' ``fast_lane`` setting unless a config names it; None: the default.
+    A test module overrides this fixture, parametrised, to run every one of its gateways
+    with the lane on and off (tests/test_gateway.py): the two paths must not diverge."""
+    return None
+
+
+@pytest.fixture
+async def make_gateway(pki: Pki, tmp_path: Path,
+                       fast_lane: bool | None) -> AsyncIterator[GatewayFactory]:
     """``await make_gateway(config_dict)`` starts a gateway; all are stopped afterwards."""
     started: list[GatewayServer] = []
 
     async def make(config: dict[str, Any]) -> RunningGateway:
+        if fast_lane is not None:
+            config.setdefault("fast_lane", fast_lane)
         path = tmp_path / f"gateway-{len(started)}.yaml"
         path.write_text(yaml.safe_dump(config))
         server = GatewayServer(load_config(path))

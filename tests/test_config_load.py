@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -706,3 +709,28 @@ def test_client_ca_file_must_hold_a_ca(pki: Pki, tmp_path: Path) -> None:
     data["listen"]["client_ca_file"] = str(pki.clients["a"].cert)   # a leaf, not its CA
     assert any(p.startswith("listen.client_ca_file:") and "holds no CA certificate" in p
                for p in _problems(data, tmp_path))
+
+
+def test_validating_a_config_does_not_import_aiohttp(pki: Pki, tmp_path: Path) -> None:
+    """``mtls-gateway check`` and config reloads parse DNs, key sets and registry files
+    with pure modules (dn.py, keyset.py, registry_files.py): no HTTP stack is loaded."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    data = _with_token_route(pki, ca_file=str(pki.ca_file), clients=[_CLIENT_A])
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    data["providers"]["corp"] = {"type": "jwt", "issuer": "https://i.test",
+                                 "audiences": ["https://api.test"],
+                                 "jwks": {"keys": [{**jwk, "kid": "k1", "alg": "RS256"}]}}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(data))
+    script = ("import sys; from pathlib import Path; "
+              "from mtls_gateway.config_load import load_config; "
+              f"config = load_config(Path({str(path)!r})); "
+              "assert config.client_registries['partners'].clients; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

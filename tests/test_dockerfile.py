@@ -631,7 +631,17 @@ def test_check_with_the_image_default_config_path(image: Image) -> None:
 
 
 def test_thumbprint(image: Image) -> None:
-    result = image.run(["thumbprint", str(REPO / "tests/data/rfc8705-appendix-a.pem")])
+    # The image's user reads the file: a copy in a folder anyone may enter (the checkout may
+    # sit in a private home directory, mode 0700).
+    folder = Path(tempfile.mkdtemp(prefix="mtls-gateway-pem-", dir="/var/tmp"))
+    try:
+        folder.chmod(0o755)
+        pem = folder / "rfc8705-appendix-a.pem"
+        shutil.copyfile(REPO / "tests/data/rfc8705-appendix-a.pem", pem)
+        pem.chmod(0o644)
+        result = image.run(["thumbprint", str(pem)])
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == RFC8705_THUMBPRINT
 

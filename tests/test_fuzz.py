@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 import yaml
-from aiohttp.http_parser import HttpRequestParser
+from aiohttp.http_parser import HttpRequestParser, HttpResponseParser
 from cryptography.x509 import load_der_x509_certificate
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
@@ -41,6 +41,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from test_jwt_hardening import sign_raw
 
 from gwtest import AUDIENCE, ISSUER, Issuer, Pki, Upstream, base_config
+from mtls_gateway.answer import HOP_BY_HOP_BYTES, AnswerReader, BadAnswer
 from mtls_gateway.app import GatewayServer
 from mtls_gateway.bearer import bearer_token
 from mtls_gateway.cert_headers import (
@@ -427,6 +428,162 @@ def test_fast_lane_takes_only_what_aiohttp_reads_the_same_way(head: bytes) -> No
     assert [(n.lower(), v) for n, v in message.raw_headers] == [
         (lower, value) for _name, lower, value in plain.headers]
     assert message.headers["Host"] == plain.host
+
+
+# --- the fast lane's upstream answer reader against aiohttp's client parser (llhttp) ----------
+
+_FIELD_NAMES = [b"Content-Length", b"Transfer-Encoding", b"Connection", b"X-A", b"Date",
+                b"Keep-Alive", b"X A", b"", b"\xc3\xa9", b"Server", b"Trailer"]
+_FIELD_VALUES = st.one_of(*[_CLEAN] * 6, st.binary(max_size=6), st.sampled_from(
+    [b"close", b"keep-alive", b"chunked", b"gzip", b"chunked, gzip", b"0", b"2", b"3",
+     b"-1", b"+2", b" 2", b"x-a", b"close, X-A"]))
+
+
+@st.composite
+def _answers(draw: st.DrawFn) -> tuple[str, list[bytes]]:
+    """(request method, an upstream answer cut into reads): mostly well-formed answers with
+    a few wrong bytes, framed by Content-Length, chunked, or the upstream closing."""
+    method = draw(_often(b"GET", b"HEAD")).decode()
+    parts = []
+    if draw(st.integers(0, 9)) == 0:
+        parts.append(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+    version = draw(_often(b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1"))
+    code = draw(_often(b"200", b"204", b"304", b"404", b"2OO", b"99", b"101", b"1000"))
+    reason = draw(_often(b"OK", b"", b"Not OK", b"\x01"))
+    lines = [version + b" " + code + (b" " + reason if reason or draw(st.booleans()) else b"")]
+    framing = draw(st.sampled_from(["length", "chunked", "close", "none"]))
+    body = draw(st.binary(max_size=40))
+    if framing == "length":
+        length = draw(_often(str(len(body)).encode(), str(len(body) + 1).encode(),
+                             str(max(len(body) - 1, 0)).encode(), b"x"))
+        lines.append(b"Content-Length: " + length)
+    elif framing == "chunked":
+        lines.append(b"Transfer-Encoding: chunked")
+    for name, sep, value, eol in draw(st.lists(st.tuples(
+            _often(b"X-A", *_FIELD_NAMES), _often(b": ", b":", b" :", b":\t"),
+            _FIELD_VALUES, _often(b"\r\n", b"\n", b"\r\n ")), max_size=5)):
+        lines.append(eol.removeprefix(b"\r\n") + name + sep + value)
+    answer = b"\r\n".join(lines) + b"\r\n\r\n"
+    if framing == "chunked":
+        cuts = sorted(draw(st.lists(st.integers(0, len(body)), max_size=3)))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        for piece in pieces:
+            if piece:
+                size = draw(_often(b"%x" % len(piece), b"%X" % len(piece),
+                                   b"%x;ext=1" % len(piece), b"%x " % len(piece), b"zz",
+                                   b"%x" % (len(piece) + 1)))
+                answer += size + b"\r\n" + piece + draw(_often(b"\r\n", b"", b"\n"))
+        answer += b"0\r\n" + draw(_often(b"", b"X-T: 1\r\n")) + draw(_often(b"\r\n", b""))
+    else:
+        answer += body
+    answer += draw(_often(b"", b"HTTP/1.1 200 OK\r\n\r\n", b"junk"))
+    reads = sorted(set(draw(st.lists(st.integers(1, max(len(answer) - 1, 1)), max_size=4))))
+    return method, [answer[a:b] for a, b in zip([0, *reads], [*reads, len(answer)],
+                                                 strict=True) if answer[a:b]]
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            assert body == b"\r\n"
+            return out
+        out, body = out + body[:n], body[n + 2:]
+
+
+def _lane_read(method: str, reads: list[bytes]) -> tuple[int, list[tuple[bytes, bytes]],
+                                                          bytes] | None:
+    """What the lane relays of ``reads`` followed by the upstream closing: status, fields
+    (without those it adds itself) and the body; None: refused (502, or a cut)."""
+    reader = AnswerReader(method)
+    out = b""
+    try:
+        for data in reads:
+            headless = reader.head is None
+            body = reader.feed(data)
+            if headless and reader.head is not None:
+                out = reader.head + b"\r\n"
+            out += body
+        out += reader.eof()
+    except BadAnswer:
+        return None
+    assert reader.done and reader.head is not None
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = [tuple(line.split(b": ", 1)) for line in lines[1:]]
+    chunked = (b"Transfer-Encoding", b"chunked") in fields
+    own = {b"date", b"server", b"transfer-encoding"}
+    return (int(lines[0].split(b" ")[1]),
+            [(n.lower(), v) for n, v in fields if n.lower() not in own],   # type: ignore[misc]
+            _dechunk(body) if chunked else body)
+
+
+def _aiohttp_read(method: str, reads: list[bytes]) -> tuple[int, list[tuple[bytes, bytes]],
+                                                             bytes] | None:
+    """The same through aiohttp's client parser, set up as its client sets it up; None: its
+    client would raise (502 on the reference path, or a cut)."""
+
+    class _Protocol:
+        _reading_paused = False
+
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self, resume_parser: bool = True) -> None: ...
+
+    async def parse() -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+        parser = HttpResponseParser(_Protocol(), asyncio.get_running_loop(), 2 ** 16,
+                                    max_line_size=8190, max_field_size=8190, max_headers=128,
+                                    response_with_body=method != "HEAD", read_until_eof=True,
+                                    auto_decompress=False)
+        messages: list[Any] = []
+        try:
+            for data in reads:
+                found, upgraded, _tail = parser.feed_data(data)
+                messages += found
+                if upgraded:
+                    return None
+            parser.feed_eof()
+        except Exception:
+            return None
+        final = [(m, p) for m, p in messages if not 100 <= m.code <= 199 or m.code == 101]
+        if not final:
+            return None
+        message, payload = final[0]
+        if payload.exception() is not None or not payload.is_eof():
+            return None
+        body = b""
+        while chunk := payload.read_nowait(-1):
+            body += chunk
+        named = {t.strip().lower() for n, v in message.raw_headers
+                 if n.lower() == b"connection" for t in v.split(b",")}
+        fields = [(n.lower(), v) for n, v in message.raw_headers
+                  if n.lower() not in HOP_BY_HOP_BYTES | named | {b"date", b"server"}]
+        return message.code, fields, body
+
+    return asyncio.run(parse())
+
+
+@settings(max_examples=settings().max_examples * 25)    # pure parsing: cheap examples
+@given(case=_answers())
+def test_lane_relays_only_answers_aiohttp_reads_the_same_way(
+        case: tuple[str, list[bytes]]) -> None:
+    """An upstream answer the lane relays whole is one aiohttp's client parser (the aiohttp
+    path's) reads without error as the same status, fields and body, however it is cut into
+    reads: the lane never passes what the reference path would refuse, nor relays it
+    differently. (The lane may refuse more: it is answered 502.)"""
+    method, reads = case
+    lane = _lane_read(method, reads)
+    reference = _aiohttp_read(method, reads)
+    event(f"lane {'relays' if lane else 'refuses'}, aiohttp "
+          f"{'reads' if reference else 'refuses'}")
+    if lane is None:
+        return
+    assert reference is not None
+    status, fields, body = lane
+    assert reference == (status, [f for f in fields if f[0] not in (b"date", b"server")],
+                         body)
 
 
 # --- end to end through the real gateway ------------------------------------------------------

@@ -1,6 +1,8 @@
-"""End to end through real mutual TLS: the request path of gateway.py.
+"""End to end through real mutual TLS: the request path of gateway.py and pipeline.py.
 
-Every refusal test asserts both the answer and that the upstream saw nothing.
+Every refusal test asserts both the answer and that the upstream saw nothing. Every test
+runs twice, with the fast lane on and off (the ``fast_lane`` fixture below): one decision
+core, two transports, the same answers.
 """
 
 from __future__ import annotations
@@ -23,15 +25,24 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from gwtest import AUDIENCE, ISSUER, Issuer, Pki, RunningGateway, Upstream, base_config
 
 
+@pytest.fixture(params=[True, False], ids=["lane", "aiohttp"])
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    value: bool = request.param
+    return value
+
+
 def _challenge(reply: Any) -> str:
     return str(reply.headers.get("WWW-Authenticate", ""))
 
 
 async def test_bound_token_with_its_certificate_is_forwarded(
-        gateway: RunningGateway, issuer: Issuer, upstream: Upstream, pki: Pki) -> None:
+        gateway: RunningGateway, issuer: Issuer, upstream: Upstream, pki: Pki,
+        fast_lane: bool) -> None:
     token = issuer.mint(pki.clients["a"].thumbprint)
     reply = await gateway.request("/accounts/1?x=1", cert="a", token=token)
     assert reply.status == 200, reply.body
+    lane = gateway.server.gateway.lane
+    assert (lane is not None and lane.pool.opened == 1) is fast_lane   # the path under test
     assert reply.headers["X-Upstream"] == "yes"
     assert [s.path_qs for s in upstream.seen] == ["/accounts/1?x=1"]
     seen = upstream.seen[0].headers

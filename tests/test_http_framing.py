@@ -27,6 +27,13 @@ from gwtest import (
     statuses,
 )
 
+
+@pytest.fixture(params=[True, False], ids=["lane", "aiohttp"])
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    """Every gateway here runs with the fast lane on and off (gwtest.fast_lane)."""
+    value: bool = request.param
+    return value
+
 H = b"Host: gw.test\r\n"
 CLOSE = b"Connection: close\r\n"
 

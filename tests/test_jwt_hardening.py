@@ -22,6 +22,13 @@ from jwt.algorithms import RSAAlgorithm
 from gwtest import AUDIENCE, ISSUER, Issuer, Pki, RunningGateway, Upstream, base_config
 
 
+@pytest.fixture(params=[True, False], ids=["lane", "aiohttp"])
+def fast_lane(request: pytest.FixtureRequest) -> bool:
+    """Every gateway here runs with the fast lane on and off (gwtest.fast_lane)."""
+    value: bool = request.param
+    return value
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 

@@ -233,9 +233,9 @@ async def test_fast_lane_failure_has_a_cause(make_gateway: GatewayFactory, pki: 
     port = closed_port()
     status, line = await call(make_gateway, config_for(
         pki, upstream, f"http://127.0.0.1:{port}"), caplog)
-    assert status == 502 and line["upstream_error"] == "unreachable_or_bad_answer"
+    assert status == 502 and line["upstream_error"] == "connection_refused"
     warnings = [r.getMessage() for r in caplog.records if r.name == "mtls_gateway.proxy"]
-    assert warnings == [f"upstream http://127.0.0.1:{port} failed: unreachable_or_bad_answer"]
+    assert warnings == [f"upstream http://127.0.0.1:{port} failed: connection_refused"]
 
 
 async def test_read_timeout_is_named(make_gateway: GatewayFactory, pki: Pki,
