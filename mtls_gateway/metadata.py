@@ -54,8 +54,8 @@ def protected_resource_document(config: GatewayConfig) -> dict[str, Any]:
     """The RFC 9728 section 2 document for ``config.metadata``."""
     meta = config.metadata
     assert meta is not None
-    bound = any(isinstance(r.auth, AuthPolicy) and r.auth.binding != "off"
-                for r in config.routes)
+    policies = [r.auth for r in config.routes if isinstance(r.auth, AuthPolicy)]
+    bound = any(p.binding != "off" and p.sender_constraint != "dpop" for p in policies)
     doc: dict[str, Any] = {"resource": meta.resource}
     if meta.authorization_servers:
         doc["authorization_servers"] = list(meta.authorization_servers)
@@ -63,11 +63,27 @@ def protected_resource_document(config: GatewayConfig) -> dict[str, Any]:
         doc["scopes_supported"] = list(meta.scopes_supported)
     doc["bearer_methods_supported"] = ["header"]   # the only method the gateway accepts
     doc["tls_client_certificate_bound_access_tokens"] = bound
+    doc.update(_dpop_members(config, policies))
     if meta.resource_name:
         doc["resource_name"] = meta.resource_name
     if meta.resource_documentation:
         doc["resource_documentation"] = meta.resource_documentation
     return doc
+
+
+def _dpop_members(config: GatewayConfig, policies: list[AuthPolicy]) -> dict[str, Any]:
+    """RFC 9728 section 2: DPoP members, only when some route accepts DPoP.
+
+    ``dpop_bound_access_tokens_required`` is true only when every token route demands DPoP.
+    """
+    dpop = [p for p in policies if p.sender_constraint != "mtls"]
+    if not dpop:
+        return {}
+    return {
+        "dpop_signing_alg_values_supported": list(config.dpop.algorithms),
+        "dpop_bound_access_tokens_required": len(dpop) == len(policies)
+        and all(p.sender_constraint == "dpop" for p in dpop),
+    }
 
 
 def rewrite_as_metadata(doc: Mapping[str, Any], rewrite: AsMetadataRewrite) -> dict[str, Any]:
