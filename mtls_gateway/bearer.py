@@ -9,13 +9,13 @@ credentials at all" (401 without an error code); a malformed credential raises.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from multidict import CIMultiDictProxy, MultiDictProxy
 
 from .errors import InvalidRequest
 
-__all__ = ["bearer_token"]
+__all__ = ["bearer_from", "bearer_token"]
 
 # RFC 6750 section 2.1 b64token
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -27,7 +27,12 @@ def bearer_token(headers: CIMultiDictProxy[str] | Mapping[str, str],
     values = (headers.getall("Authorization", [])
               if isinstance(headers, CIMultiDictProxy) else
               [v for k, v in headers.items() if k.lower() == "authorization"])
-    in_query = "access_token" in query
+    return bearer_from(values, "access_token" in query)
+
+
+def bearer_from(values: Sequence[str], in_query: bool) -> str | None:
+    """:func:`bearer_token` from every ``Authorization`` value and whether the query has an
+    ``access_token`` parameter (what a transport-neutral request view carries)."""
     if len(values) > 1 or (values and in_query and _is_bearer(values[0])):
         raise InvalidRequest("multiple_tokens", "more than one access token in the request")
     if in_query:

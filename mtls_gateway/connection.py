@@ -37,7 +37,8 @@ from aiohttp.web_protocol import RequestHandler
 
 from .config import LimitsConfig
 from .decision_log import log_decision
-from .fastlane import FastLane
+from .fastlane import FastLane, LaneGateway
+from .pipeline import ConnectionMemo
 
 __all__ = ["GuardedAppRunner", "count_request", "parse_error_reason", "raw_refusal"]
 
@@ -71,7 +72,7 @@ def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:
 #: Told about every refusal made here (reason, status): the server counts them in its metrics.
 OnRefusal = Callable[[str, int], None]
 #: The server's current Gateway (after reloads too), for the fast lane; None: no lane.
-GatewayOf = Callable[[], Any] | None
+GatewayOf = Callable[[], LaneGateway] | None
 
 
 def _deny(reason: str, status: int, transport: Any, on_refusal: OnRefusal | None) -> None:
@@ -95,6 +96,8 @@ class _GuardedHandler(RequestHandler):
         self._head_timer: asyncio.TimerHandle | None = None
         self._lane: FastLane | None = None
         self.served = 0
+        #: The connection's last credential, for the pipeline (both paths share it).
+        self.memo = ConnectionMemo()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -16,6 +16,7 @@
         │   ├── InvalidTokenRequest  400 error="invalid_request"  (malformed token request)
         │   └── InvalidClient        401 error="invalid_client"   (client authentication failed)
         ├── DependencyDown       503                          (JWKS/introspection down)
+        ├── InternalError        500                          (a bug: fail closed, logged)
         └── UpstreamFailed       502                          (upstream unreachable or broken)
             └── UpstreamTimeout  504                          (upstream too slow)
 
@@ -36,6 +37,7 @@ __all__ = [
     "DependencyDown",
     "GatewayError",
     "InsufficientScope",
+    "InternalError",
     "InvalidClient",
     "InvalidRequest",
     "InvalidToken",
@@ -146,6 +148,16 @@ class InvalidClient(TokenEndpointRefusal):
 
 class DependencyDown(Refusal):
     status = 503
+
+
+class InternalError(Refusal):
+    """A bug on the request path: refused (never forwarded), logged with its traceback."""
+
+    status = 500
+    error = "internal_error"
+
+    def __init__(self, reason: str = "internal_error", description: str = "") -> None:
+        super().__init__(reason, description)
 
 
 class UpstreamFailed(Refusal):

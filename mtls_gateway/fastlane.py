@@ -4,21 +4,22 @@ Why: aiohttp's web layer and client cost about 300 us of CPU per proxied request
 twice what HAProxy spends on the whole job (issue 8, README "Performance"). Most traffic to
 a sidecar is the same shape, a small keep-alive request with a bearer token, and for that
 shape the gateway's own decision is cheap (a cached verification, a thumbprint compare). So
-a request that is *plain* skips aiohttp entirely: its head is parsed here, the gateway
-decides with the same steps (:meth:`Gateway.admit`, :meth:`Gateway.authorize`), and it is
-written to a pooled upstream connection; the answer is relayed as it arrives.
+a request that is *plain* skips aiohttp entirely: its head is parsed here, the gateway's one
+decision core decides (:meth:`mtls_gateway.pipeline.Pipeline.decide`, exactly as for the
+aiohttp path: this module holds no auth step), and an allowed request is written to a pooled
+upstream connection; the answer is relayed as it arrives. A refusal is answered here with
+the bytes :mod:`mtls_gateway.refusal` renders for every path.
 
 Plain means all of this, checked strictly; anything else goes to aiohttp, which remains the
-reference path and makes **every refusal** (so error answers and reason codes are the same
-whichever way a request came in):
+reference path for everything else:
 
 * the whole head arrived in one read with nothing after it (no partial heads, no pipelining);
 * printable ASCII with CRLF line ends only; ``GET``/``HEAD``/``OPTIONS``/``DELETE``; an
   origin-form target with no ``%`` and no ``access_token``; ``HTTP/1.1``; header names are
   tokens, no folded lines, exactly one ``Host``, at most one ``Authorization``, and no
   ``Content-Length``, ``Transfer-Encoding``, ``Expect`` or ``Upgrade`` (so no body at all);
-* the gateway admits it: a route with ``auth: none`` or a token policy whose checks all pass,
-  certificates from this connection's own handshake, an ``http://`` upstream.
+* its route is one the lane serves: not a token endpoint, an ``http://`` upstream, and
+  certificates from this connection's own handshake.
 
 A connection leaves the lane at its first request that is not plain, and aiohttp serves it
 from then on: its parser state is its own, so the two never interleave on one connection.
@@ -32,18 +33,30 @@ import collections
 import logging
 import re
 import time
+import types
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp.http import SERVER_SOFTWARE
 
+from .config import Route
 from .errors import Refusal, UpstreamFailed, UpstreamTimeout
+from .pipeline import Allow, ConnectionMemo, Decision, Pipeline, Refuse, RequestView
 from .proxy import HOP_BY_HOP
+from .refusal import as_bytes
+from .tls import PeerCertificate, peer_certificate
 
-if TYPE_CHECKING:
-    from .gateway import Admission, Gateway
-
-__all__ = ["FastLane", "PlainRequest", "TokenMemo", "UpstreamPool", "http_date", "parse_plain"]
+__all__ = [
+    "FastLane",
+    "Lane",
+    "LaneGateway",
+    "LaneTarget",
+    "PlainRequest",
+    "UpstreamPool",
+    "http_date",
+    "parse_plain",
+]
 
 log = logging.getLogger("mtls_gateway.fastlane")
 
@@ -69,12 +82,18 @@ class PlainRequest:
     path: str                                # the target without its query (nothing to decode)
     headers: list[tuple[bytes, bytes, bytes]]   # (name as sent, lower-case name, value)
     host: str
-    authorization: str | None
+    authorization: tuple[str, ...]           # at most one (more: not plain)
     connection: frozenset[bytes]             # tokens of Connection (lower case)
+    dpop: tuple[str, ...] = ()               # every DPoP value
 
     @property
     def raw_path(self) -> str:
         return self.target.decode("ascii")
+
+    def header(self, name: str) -> tuple[str, ...]:
+        """Every value of header ``name`` (case-insensitive), as sent."""
+        lower = name.lower().encode()
+        return tuple(v.decode() for _, n, v in self.headers if n == lower)
 
 
 def _clean(head: bytes) -> bool:
@@ -103,6 +122,7 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
     headers: list[tuple[bytes, bytes, bytes]] = []
     hosts: list[bytes] = []
     auths: list[bytes] = []
+    dpop: list[bytes] = []
     connection: set[bytes] = set()
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
@@ -116,43 +136,78 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
             hosts.append(value)
         elif lower == b"authorization":
             auths.append(value)
+        elif lower == b"dpop":
+            dpop.append(value)
         elif lower == b"connection":
             connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
         headers.append((name, lower, value))
     if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection:
         return None
     return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
-                        auths[0].decode() if auths else None, frozenset(connection))
+                        tuple(a.decode() for a in auths), frozenset(connection),
+                        tuple(d.decode() for d in dpop))
+
+
+@dataclass(frozen=True, slots=True)
+class LaneTarget:
+    """A plain-HTTP upstream as the fast lane writes to it."""
+
+    address: tuple[str, int]
+    base_path: bytes            # prefix of every forwarded target ("" for the root)
+    host_header: bytes          # what aiohttp's client would send as Host
 
 
 @dataclass(slots=True)
-class TokenMemo:
-    """A lane connection's last bearer credential and what it came to.
+class Lane:
+    """The fast lane's settings and upstream pool, built once per configuration."""
 
-    Keep-alive clients send the same token on every request: the memo saves extracting,
-    hashing and looking it up again, and building the same identity headers. What is checked
-    on every use (exp, nbf, the key set, binding, scope) still runs on every request.
-    """
+    pool: UpstreamPool
+    max_headers: int
+    max_line: int
+    read_timeout: float
+    targets: dict[int, LaneTarget]       # id(route) -> target; absent: not for the lane
+    strip: frozenset[bytes]              # inbound headers never forwarded, hop-by-hop included
+    excluded_paths: frozenset[str] = frozenset()   # answered by aiohttp (metadata documents)
 
-    gateway: Any = None                  # the Gateway it was made with (a reload starts over)
-    authorization: str = ""              # the Authorization header value, as sent
-    providers: tuple[str, ...] = ()      # of the route it was picked for
-    verifier: Any = None
-    token: str = ""
-    digest: bytes = b""
-    token_hash: str = ""
-    entry: object | None = None          # the verifier's cache entry (Verifier.cached_entry)
-    route: Any = None                    # identity below: made for this route...
-    info: Any = None                     # ...and this verdict
-    identity: bytes | None = None        # identity and X-Forwarded-For/Proto header lines
+    def serves(self, route: Route) -> bool:
+        return id(route) in self.targets
 
-    def remember(self, gateway: Any, authorization: str, providers: tuple[str, ...],
-                 verifier: Any, token: str, digest: bytes, token_hash: str) -> None:
-        """A new credential: everything known about the previous one is forgotten."""
-        self.gateway, self.authorization, self.providers = gateway, authorization, providers
-        self.verifier, self.token, self.digest, self.token_hash = (
-            verifier, token, digest, token_hash)
-        self.entry = self.route = self.info = self.identity = None
+
+class LaneGateway(Protocol):
+    """What the lane needs of the current configuration generation (``gateway.Gateway``)."""
+
+    @property
+    def lane(self) -> Lane | None: ...
+
+    @property
+    def pipeline(self) -> Pipeline: ...
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
+
+
+_T = TypeVar("_T")
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, _T], yielded: Any) -> Generator[Any, Any, _T]:
+    """Run the rest of ``coro``, which already ran up to a suspension that yielded
+    ``yielded`` (see FastLane.feed: most decisions finish without one, and then need no
+    task at all)."""
+    while True:
+        try:
+            sent = yield yielded
+        except BaseException as exc:    # (cancellation): into the coroutine
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as stop:
+                return stop.value       # type: ignore[no-any-return]
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value       # type: ignore[no-any-return]
 
 
 # --- the upstream side ----------------------------------------------------------------------
@@ -300,6 +355,7 @@ class Host(Protocol):
     """What the lane needs from its connection (``connection._GuardedHandler``)."""
 
     transport: asyncio.Transport | None
+    memo: ConnectionMemo                    # the connection's, shared with the aiohttp path
 
     def lane_data(self, data: bytes) -> None:
         """Bytes for aiohttp: the connection has left the lane."""
@@ -309,18 +365,16 @@ class Host(Protocol):
 
 
 _NONE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF = range(7)
-_DATE_CACHE: list[Any] = [0, b""]
+_date: tuple[int, bytes] = (0, b"")
 
 
 def http_date() -> bytes:
     """The Date header value, made once per second."""
+    global _date
     now = int(time.time())
-    if _DATE_CACHE[0] != now:
-        _DATE_CACHE[0] = now
-        _DATE_CACHE[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT",
-                                       time.gmtime(now)).encode()
-    value: bytes = _DATE_CACHE[1]
-    return value
+    if _date[0] != now:
+        _date = (now, time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode())
+    return _date[1]
 
 
 class _BadResponse(Exception):
@@ -330,20 +384,22 @@ class _BadResponse(Exception):
 class FastLane:
     """The lane of one client connection: one plain request at a time (see module doc)."""
 
-    def __init__(self, host: Host, gateway_of: Any, remote: str | None) -> None:
+    def __init__(self, host: Host, gateway_of: Callable[[], LaneGateway],
+                 remote: str | None) -> None:
         self.host = host
-        self._gateway_of = gateway_of         # () -> Gateway: the current one, after reloads
+        self._gateway_of = gateway_of         # the current generation, after reloads too
         self.remote = remote or ""
         self.active = True
         self._busy = False
         self._pending = b""
         self._paused = False
         # the request in flight
-        self._gateway: Gateway | None = None
-        self._admission: Admission | None = None
+        self._gateway: LaneGateway | None = None
+        self._decision: Allow | Refuse | None = None
         self._request: PlainRequest | None = None
         self._head = b""
         self._upstream_head = b""
+        self._address: tuple[str, int] = ("", 0)
         self._conn: _UpstreamConnection | None = None
         self._retried = False
         self._task: asyncio.Task[None] | None = None
@@ -362,7 +418,13 @@ class FastLane:
         self._drain: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._heard = 0.0
-        self._memo = TokenMemo()
+        # identity header lines, X-Forwarded-For/Proto included, for the identity mapping
+        # the pipeline gave last (it gives the same mapping while nothing changed)
+        self._identity: Mapping[str, str] | None = None
+        self._identity_lines = b""
+        forwarded = (b"X-Forwarded-For: " + self.remote.encode() + b"\r\n"
+                     b"X-Forwarded-Proto: https\r\n")
+        self._forwarded = forwarded
 
     # --- requests in --------------------------------------------------------------------------
 
@@ -379,39 +441,57 @@ class FastLane:
             return True
         if not data.endswith(b"\r\n\r\n") or data.find(b"\r\n\r\n") != len(data) - 4:
             return self._leave()
-        gateway: Gateway = self._gateway_of()
+        gateway = self._gateway_of()
         lane = gateway.lane
         if lane is None:
             return self._leave()
         request = parse_plain(data[:-4], max_headers=lane.max_headers, max_line=lane.max_line)
-        if request is None:
+        if request is None or request.path in lane.excluded_paths:
             return self._leave()
-        admission = gateway.admit(request, self.host.transport, self.remote, self._memo)
-        if admission is None:
-            return self._leave()
+        view = RequestView(
+            method=request.method, target=request.raw_path, path=request.path,
+            host=request.host, authorization=request.authorization, dpop=request.dpop,
+            token_in_query=False,       # (parse_plain refuses targets naming access_token)
+            scheme="https", remote=self.remote, memo=self.host.memo, peer=self._peer,
+            header=request.header)
         self._busy = True
-        self._gateway, self._admission, self._request, self._head = (
-            gateway, admission, request, data)
+        self._gateway, self._request, self._head = gateway, request, data
         self._retried = False
         gateway.begin()
+        deciding = gateway.pipeline.decide(view, lane.serves)
         try:
-            info = admission.cached()
-        except Refusal as exc:
-            self._deny(exc)
+            yielded = deciding.send(None)
+        except StopIteration as done:       # decided without waiting (a cached token)
+            decision: Decision | None = done.value
+            if decision is None:            # a route the lane does not serve
+                self._finish_request()
+                return self._leave()
+            self._decided(decision)
             return True
-        if info is None and admission.verifier is not None:
-            self._task = asyncio.get_running_loop().create_task(self._verify_then_forward())
-            return True
-        self._forward(info)
+        self._task = self._loop.create_task(self._decide_later(deciding, yielded))
         return True
+
+    def _peer(self) -> PeerCertificate | None:
+        return peer_certificate(self.host.transport)
+
+    async def _decide_later(self, deciding: Coroutine[Any, Any, Decision | None],
+                            yielded: Any) -> None:
+        try:
+            decision = await _resume(deciding, yielded)
+        finally:
+            self._task = None
+        if decision is None:
+            self._back_to_aiohttp()
+            return
+        self._decided(decision)
 
     def _leave(self) -> bool:
         self.active = False
         return False
 
     def _back_to_aiohttp(self) -> bool:
-        """Not for the lane after all (an identity value aiohttp's client must refuse, an
-        internal error): aiohttp answers this request, and the rest of the connection."""
+        """Not for the lane after all: aiohttp answers this request, and the rest of the
+        connection."""
         data = self._head + self._pending
         self._finish_request()
         self._head = self._pending = b""
@@ -420,48 +500,49 @@ class FastLane:
         self.host.lane_data(data)
         return True
 
-    async def _verify_then_forward(self) -> None:
-        admission = self._admission
-        assert admission is not None
-        try:
-            info = await admission.verify()
-        except Refusal as exc:
-            self._deny(exc)
+    def _decided(self, decision: Decision) -> None:
+        self._decision = decision
+        if isinstance(decision, Refuse):
+            self._answer(decision.refusal)
             return
-        except Exception:
-            log.exception("internal error while verifying a token in the fast lane")
-            self._back_to_aiohttp()
-            return
-        finally:
-            self._task = None
-        self._forward(info)
+        self._forward(decision)
 
-    def _forward(self, info: Any) -> None:
-        gateway, admission, request = self._gateway, self._admission, self._request
-        assert gateway is not None and admission is not None and request is not None
-        try:
-            upstream_head = gateway.upstream_request(admission, request, info, self.remote)
-        except Refusal as exc:
-            self._deny(exc)
-            return
-        if upstream_head is None:           # identity headers aiohttp must judge
-            self._back_to_aiohttp()
-            return
-        self._upstream_head = upstream_head
+    def _forward(self, allow: Allow) -> None:
+        gateway, request = self._gateway, self._request
+        assert gateway is not None and request is not None
         lane = gateway.lane
         assert lane is not None
+        target = lane.targets[id(allow.route)]
+        if allow.identity is not self._identity:
+            lines: list[bytes] = []
+            for name, text in allow.identity.items():
+                lines += (name.encode(), b": ", text.encode(), b"\r\n")
+            lines.append(self._forwarded)
+            self._identity, self._identity_lines = allow.identity, b"".join(lines)
+        drop = lane.strip | request.connection if request.connection else lane.strip
+        out = [request.method.encode(), b" ", target.base_path, request.target,
+               b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
+        for raw, lower, value in request.headers:
+            if lower not in drop:
+                out += (raw, b": ", value, b"\r\n")
+        # (the Host value passed parse_plain: printable ASCII, so no CR or LF)
+        out += (self._identity_lines, b"X-Forwarded-Host: ", request.host.encode(),
+                b"\r\n\r\n")
+        self._upstream_head = b"".join(out)
+        self._address = target.address
         self._read_timeout = lane.read_timeout
-        conn = lane.pool.take(admission.upstream)
+        conn = lane.pool.take(target.address)
         if conn is not None:
             self._send(conn)
         else:
-            self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
+            self._task = self._loop.create_task(self._connect_then_send())
 
     async def _connect_then_send(self) -> None:
-        gateway, admission = self._gateway, self._admission
-        assert gateway is not None and gateway.lane is not None and admission is not None
+        gateway = self._gateway
+        assert gateway is not None and gateway.lane is not None
+        pool = gateway.lane.pool
         try:
-            conn = await gateway.lane.pool.connect(admission.upstream)
+            conn = await pool.connect(self._address)
         except TimeoutError:
             self._refuse(UpstreamTimeout("upstream_timeout", "upstream did not answer in time"))
             return
@@ -471,8 +552,7 @@ class FastLane:
         finally:
             self._task = None
         if not self._busy:          # the client went away meanwhile
-            lane = gateway.lane
-            lane.pool.give_back(conn)
+            pool.give_back(conn)
             return
         self._send(conn)
 
@@ -580,9 +660,9 @@ class FastLane:
             self._state, self._left = (_LENGTH, length) if length else (_NONE, 0)
         else:                       # delimited by the upstream closing: chunked to the client
             self._state, self._client_chunked, self._upstream_keep = _UNTIL_EOF, True, False
-        gateway, admission = self._gateway, self._admission
-        assert gateway is not None and admission is not None
-        gateway.upstream_answered(admission, time.perf_counter() - self._sent_at)
+        gateway, decision = self._gateway, self._decision
+        assert gateway is not None and isinstance(decision, Allow)
+        gateway.pipeline.upstream_answered(decision.route, time.perf_counter() - self._sent_at)
         self._close_after = self.host.lane_request_done(
             b"close" in request.connection)
         drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
@@ -694,9 +774,6 @@ class FastLane:
         if self._head_sent:
             log.warning("upstream broke off mid-response: %s", exc.reason)
             self._drop_conn()
-            gateway, admission = self._gateway, self._admission
-            if gateway is not None and admission is not None:
-                gateway.upstream_error(admission, "upstream_aborted")
             self._finish("upstream_aborted", self._status)
             transport = self.host.transport
             if transport is not None:
@@ -706,24 +783,19 @@ class FastLane:
 
     def _refuse(self, exc: UpstreamFailed) -> None:
         """The upstream failed before answering: the same answer as the aiohttp path."""
-        gateway, admission = self._gateway, self._admission
-        assert gateway is not None and admission is not None
         self._drop_conn()
-        gateway.upstream_error(admission, exc.reason)
-        self._answer(exc, allowed=True)
+        self._answer(exc)
 
-    def _deny(self, exc: Refusal) -> None:
-        """The token, its binding or its scope failed: the answer _handle gives."""
-        self._answer(exc, allowed=False)
-
-    def _answer(self, exc: Refusal, *, allowed: bool) -> None:
+    def _answer(self, exc: Refusal) -> None:
+        """Answer with the refusal's rendering (:mod:`mtls_gateway.refusal`)."""
         gateway, request = self._gateway, self._request
         assert gateway is not None and request is not None
         close = self.host.lane_request_done(b"close" in request.connection)
         transport = self.host.transport
         if transport is not None:
-            transport.write(gateway.refusal_bytes(exc, close=close))
-        self._finish(exc.reason, exc.status, allowed=allowed)
+            transport.write(as_bytes(gateway.pipeline.render(exc), close=close,
+                                     date=http_date(), server=_SERVER))
+        self._finish(exc.reason, exc.status)
         self._after(close)
 
     def _complete(self) -> None:
@@ -735,7 +807,8 @@ class FastLane:
                 lane.pool.give_back(conn)
             else:
                 conn.close()
-        self._finish(self._admission.reason if self._admission is not None else "allowed",
+        decision = self._decision
+        self._finish(decision.reason if isinstance(decision, Allow) else "allowed",
                      self._status)
         self._after(self._close_after)
 
@@ -752,10 +825,10 @@ class FastLane:
             if not self.feed(data):
                 self.host.lane_data(data)
 
-    def _finish(self, reason: str, status: int, *, allowed: bool = True) -> None:
-        gateway, admission = self._gateway, self._admission
-        if gateway is not None and admission is not None:
-            gateway.record_plain(admission, reason, status, allowed=allowed)
+    def _finish(self, reason: str, status: int) -> None:
+        gateway, decision = self._gateway, self._decision
+        if gateway is not None and decision is not None:
+            gateway.pipeline.record(decision, reason, status)
         self._finish_request()
 
     def _finish_request(self) -> None:
@@ -766,7 +839,7 @@ class FastLane:
         drain, self._drain = self._drain, None
         if drain is not None and not drain.done():
             drain.set_result(None)
-        self._gateway = self._admission = self._request = None
+        self._gateway = self._decision = self._request = None
         self._upstream_head = b""
 
     # --- timers, backpressure, the client going away ------------------------------------------

@@ -1,57 +1,47 @@
-"""The request path, top to bottom in one place.
+"""The gateway of one configuration generation: the aiohttp request path and the fast lane.
 
-route -> peer certificate -> token -> verify -> binding -> authorize -> forward
+Every auth step lives in :mod:`mtls_gateway.pipeline` (route -> peer certificate -> token
+-> verify -> sender constraint -> authorize -> identity headers). This module builds it
+once per configuration, describes an aiohttp request to it, and carries out its decision:
+forward (:mod:`mtls_gateway.proxy`) or refuse (:mod:`mtls_gateway.refusal`). Plain
+requests may take the fast lane (:mod:`mtls_gateway.fastlane`), which calls the same
+pipeline. What stays here is transport: request framing (before any decision), the RFC 9728
+metadata document (answered by the gateway, no auth), reading a token endpoint's body (the
+pipeline asks for it) and the AS-metadata rewrite (a different way to forward).
 
-Every outcome, pass or refusal, ends in exactly one decision log line with a
-stable reason code. Refusals are RFC 6750 responses and never reach the upstream.
+Every outcome, pass or refusal, ends in exactly one decision log line with a stable reason
+code. Refusals are RFC 6750 responses and never reach the upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
 
 from aiohttp import HttpVersion10, HttpVersion11, web
-from aiohttp.http import SERVER_SOFTWARE
 from yarl import URL
 
-from .bearer import bearer_token
-from .binding import check_binding
-from .cert_headers import encode_client_cert
 from .client_cert import UNTRUSTED_HEADER, TlsCertificates, build_certificate_source
 from .client_registry import ClientRegistry
-from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Provider, Route
-from .decision_log import log_decision, token_digest, token_hash
-from .errors import (
-    BodyTooLarge,
-    InsufficientScope,
-    InvalidRequest,
-    InvalidToken,
-    NoToken,
-    Refusal,
-    RequestTimeout,
-    TokenEndpointRefusal,
-)
-from .fastlane import PlainRequest, TokenMemo, UpstreamPool, http_date
+from .config import AuthMtlsClient, GatewayConfig, Provider
+from .errors import BodyTooLarge, InternalError, Refusal, RequestTimeout
+from .fastlane import Lane, LaneTarget, UpstreamPool
 from .framing import check_framing
 from .introspection import IntrospectionVerifier
 from .jwt_verifier import JwtVerifier
 from .metadata import MetadataEndpoint
 from .metrics import Metrics
-from .providers import Verifier, pick_verifier
+from .pipeline import Allow, ConnectionMemo, Pipeline, Refuse, RequestView
+from .providers import Verifier
 from .proxy import ABORTED, HOP_BY_HOP, UPSTREAM_SECONDS, Forwarder
-from .routing import Router
-from .tls import PeerCertificate, peer_certificate
-from .token_endpoint import TokenEndpoint, token_refusal_response
-from .tokeninfo import TokenInfo
+from .refusal import Rendered
+from .token_endpoint import TokenEndpoint, read_form
 
-__all__ = ["Admission", "Gateway", "Lane", "build_verifier", "refusal_response"]
+__all__ = ["Gateway", "build_verifier", "refusal_response"]
 
 log = logging.getLogger("mtls_gateway.gateway")
-
 
 
 def build_verifier(provider: Provider, metrics: Metrics | None = None) -> Verifier:
@@ -60,110 +50,33 @@ def build_verifier(provider: Provider, metrics: Metrics | None = None) -> Verifi
     return IntrospectionVerifier(provider, metrics)
 
 
-def _quote(value: str) -> str:
-    return value.replace("\\", "").replace('"', "'")
+def refusal_response(rendered: Rendered) -> web.Response:
+    """A rendered refusal (:func:`mtls_gateway.refusal.render`) as aiohttp's response."""
+    return web.Response(status=rendered.status, reason=rendered.phrase, body=rendered.body,
+                        headers=rendered.headers)
 
 
-def refusal_response(exc: Refusal, realm: str,
-                     resource_metadata: str | None = None) -> web.Response:
-    """The client's answer to a refusal: RFC 6750 challenge for token problems (naming the
-    RFC 9728 metadata URL when configured); RFC 6749 s5.2 errors at token endpoints."""
-    if isinstance(exc, TokenEndpointRefusal):
-        return token_refusal_response(exc, _quote(realm))
-    headers: dict[str, str] = {"Cache-Control": "no-store"}
-    if isinstance(exc, NoToken | InvalidToken | InsufficientScope | InvalidRequest):
-        params = [f'realm="{_quote(realm)}"']
-        if exc.error:
-            params.append(f'error="{exc.error}"')
-            if exc.description:
-                params.append(f'error_description="{_quote(exc.description)}"')
-        if isinstance(exc, InsufficientScope):
-            params.append(f'scope="{_quote(exc.scope)}"')
-        if resource_metadata:
-            params.append(f'resource_metadata="{_quote(resource_metadata)}"')
-        headers["WWW-Authenticate"] = "Bearer " + ", ".join(params)
-    body: dict[str, str] = {"error": exc.error or _GENERIC_ERRORS.get(exc.status, "refused"),
-                            "reason": exc.reason}
-    if exc.description:
-        body["error_description"] = exc.description
-    return web.json_response(body, status=exc.status, headers=headers)
-
-
-_GENERIC_ERRORS = {401: "unauthorized", 404: "not_found", 408: "request_timeout",
-                   413: "request_too_large", 502: "bad_gateway",
-                   503: "temporarily_unavailable", 504: "gateway_timeout"}
-
-
-@dataclass(frozen=True, slots=True)
-class _Target:
-    """A plain-HTTP upstream as the fast lane writes to it."""
-
-    address: tuple[str, int]
-    base_path: bytes            # prefix of every forwarded target ("" for the root)
-    host_header: bytes          # what aiohttp's client would send as Host
-
-
-@dataclass(slots=True)
-class Lane:
-    """The fast lane's settings and upstream pool (:mod:`mtls_gateway.fastlane`)."""
-
-    pool: UpstreamPool
-    max_headers: int
-    max_line: int
-    read_timeout: float
-    targets: dict[int, _Target]          # id(route) -> target; absent: not for the lane
-    strip: frozenset[bytes]              # inbound headers never forwarded, hop-by-hop included
-
-
-@dataclass(slots=True)
-class Admission:
-    """A plain request the gateway let into the fast lane, waiting for its token's verdict."""
-
-    route: Route
-    fields: dict[str, object]
-    peer: PeerCertificate | None
-    started: float
-    upstream: tuple[str, int]
-    reason: str
-    memo: TokenMemo
-    verifier: Verifier | None = None             # None: auth none, nothing to verify
-    token: str = ""
-    digest: bytes = b""
-
-    def cached(self) -> TokenInfo | None:
-        """The verified-token cache's verdict (may raise a Refusal); None: ask verify()."""
-        verifier, memo = self.verifier, self.memo
-        if verifier is None:
-            return None
-        if memo.entry is not None:
-            info = verifier.reuse(memo.entry, self.digest)
-            if info is not None:
-                return info
-        memo.entry = entry = verifier.cached_entry(self.digest)
-        return None if entry is None else verifier.reuse(entry, self.digest)
-
-    async def verify(self) -> TokenInfo:
-        assert self.verifier is not None
-        return await self.verifier.verify(self.token, self.digest)
-
-
-def _target(url: str) -> _Target | None:
+def _target(url: str) -> LaneTarget | None:
+    """A plain-HTTP upstream as the fast lane writes to it; None: not for the lane."""
     parsed = URL(url.rstrip("/"))
     if parsed.scheme != "http" or parsed.raw_host is None or parsed.port is None \
             or parsed.raw_query_string or parsed.raw_fragment:
         return None
     host = parsed.host_port_subcomponent or ""
-    return _Target((parsed.raw_host, parsed.port), parsed.raw_path.rstrip("/").encode(),
-                   host.encode("ascii"))
+    return LaneTarget((parsed.raw_host, parsed.port), parsed.raw_path.rstrip("/").encode(),
+                      host.encode("ascii"))
+
+
+def _header_values(request: web.BaseRequest, name: str) -> tuple[str, ...]:
+    return tuple(request.headers.getall(name, ()))
 
 
 class Gateway:
-    """Routes, verifiers and forwarder built once from a :class:`GatewayConfig`."""
+    """Routes, verifiers, the pipeline and the forwarder built once from a config."""
 
     def __init__(self, config: GatewayConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
-        self.router = Router(config.routes)
         self.verifiers: dict[str, Verifier] = {
             name: build_verifier(p, self.metrics) for name, p in config.providers.items()}
         self.certificates = build_certificate_source(config.listen)
@@ -173,13 +86,15 @@ class Gateway:
         self.token_endpoints = {id(r): TokenEndpoint(r.auth, self.registries[r.auth.registry])
                                 for r in config.routes if isinstance(r.auth, AuthMtlsClient)}
         self.metadata = MetadataEndpoint(config) if config.metadata is not None else None
-        self._metadata_url = self.metadata.url if self.metadata is not None else None
+        self.pipeline = Pipeline(
+            config, verifiers=self.verifiers, token_endpoints=self.token_endpoints,
+            metrics=self.metrics,
+            resource_metadata=self.metadata.url if self.metadata is not None else None)
         client_headers = frozenset(r.auth.client_header.lower() for r in config.routes
                                    if isinstance(r.auth, AuthMtlsClient) and r.auth.client_header)
         self.forwarder = Forwarder(config.upstream,
                                    also_strip=self.certificates.strip | client_headers,
                                    limits=config.limits)
-        self._identity = config.upstream.identity_headers
         self.lane = self._build_lane(config) if config.fast_lane and isinstance(
             self.certificates, TlsCertificates) and config.listen.tls else None
         self._in_flight = 0
@@ -187,17 +102,21 @@ class Gateway:
         self._idle.set()
 
     def _build_lane(self, config: GatewayConfig) -> Lane:
+        """The fast lane's per-generation state: built once, read on every lane request."""
         targets = {}
         for route in config.routes:
             target = _target(route.upstream_url or config.upstream.url)
             if target is not None and not isinstance(route.auth, AuthMtlsClient):
                 targets[id(route)] = target
+        excluded = frozenset() if self.metadata is None else (
+            self.metadata.rewrite_paths | {self.metadata.path})
         return Lane(pool=UpstreamPool(config.upstream.max_connections,
                                       config.upstream.connect_timeout),
                     max_headers=config.limits.max_headers,
                     max_line=config.limits.max_header_size,
                     read_timeout=config.upstream.read_timeout, targets=targets,
-                    strip=frozenset(n.encode() for n in self.forwarder.strip | HOP_BY_HOP))
+                    strip=frozenset(n.encode() for n in self.forwarder.strip | HOP_BY_HOP),
+                    excluded_paths=excluded)
 
     @property
     def ready(self) -> bool:
@@ -245,222 +164,88 @@ class Gateway:
         finally:
             self.end()
 
+    def view(self, request: web.Request) -> RequestView:
+        """The pipeline's view of an aiohttp request (the connection's memo when it has one)."""
+        headers = request.headers
+        memo = getattr(request.protocol, "memo", None)
+        return RequestView(
+            method=request.method, target=request.raw_path, path=request.path,
+            host=headers.get("Host"), authorization=tuple(headers.getall("Authorization", ())),
+            dpop=tuple(headers.getall("DPoP", ())),
+            token_in_query="access_token" in request.query, scheme=request.scheme,
+            remote=request.remote or "",
+            memo=memo if isinstance(memo, ConnectionMemo) else ConnectionMemo(),
+            peer=functools.partial(self.certificates.peer, request),
+            header=functools.partial(_header_values, request),
+            read_form=functools.partial(read_form, request))
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        started = time.perf_counter()
-        fields: dict[str, object] = {"method": request.method, "path": request.path,
-                                     "remote": request.remote}
-        peer: PeerCertificate | None = None
-        authorized = False
         if self.metadata is not None and self.metadata.serves(request):
-            return self._serve_metadata(self.metadata, fields, started)
-        body: bytes | None = None   # set when the gateway read the body (token endpoint)
+            return self._serve_metadata(self.metadata, request)
+        started = time.perf_counter()
+        decision: Allow | Refuse | None
         try:
-            check_framing(request, self.config.limits)
-            route = self.router.match(request.method, request.path, request.raw_path)
-            fields["route"] = route.name
-            peer = self.certificates.peer(request)
-            identity: dict[str, str] = {}
-            if isinstance(route.auth, AuthMtlsClient):   # a token endpoint (RFC 8705 s2)
-                client = await self.token_endpoints[id(route)].authenticate(request, peer)
-                fields["client_id"] = client.client_id
-                identity, body = client.upstream_headers, client.body
-                reason = "client_authenticated"
-            elif isinstance(route.auth, AuthPolicy):
-                token = bearer_token(request.headers, request.query)
-                if token is None:
-                    raise NoToken()
-                digest = token_digest(token)
-                fields["token_hash"] = token_hash(token, digest)
-                if route.auth.binding == "required" and peer is None:
-                    raise InvalidToken("no_client_cert", "a client certificate is required")
-                verifier = pick_verifier(self.verifiers, route.auth.providers, token)
-                fields["provider"] = verifier.name
-                info = await verifier.verify(token, digest)
-                check_binding(route.auth.binding, info, peer)
-                self._authorize(route.auth, info)
-                identity = self._identity_headers(info, peer)
-                reason = "allowed"
-            elif isinstance(route.auth, AuthNone):
-                reason = "public_route"
-            else:   # an auth type without its branch must fail closed, never become public
-                raise TypeError(f"no request path for {type(route.auth).__name__}")
-            if route.forward_client_cert and peer is not None and peer.der:
-                identity["Client-Cert"] = encode_client_cert(peer.der)
-            authorized = True
-            upstream_url = route.upstream_url or self.config.upstream.url
-            response: web.StreamResponse
-            if self.metadata is not None and self.metadata.rewrites(request):
-                response = await self.metadata.rewritten(self.forwarder, request, upstream_url,
-                                                         identity)
-            else:
-                response = await self.forwarder.forward(request, upstream_url, identity,
-                                                        body_bytes=body)
-            self.metrics.observe(self.metrics.upstream_seconds, route.name,
-                                 response[UPSTREAM_SECONDS])
-            if response.get(ABORTED):
-                reason = "upstream_aborted"
+            check_framing(request, self.config.limits)     # transport: before any decision
+            decision = await self.pipeline.decide(self.view(request))
         except Refusal as exc:
-            response = refusal_response(exc, self.config.realm, self._metadata_url)
-            reason = exc.reason
-            if isinstance(exc, BodyTooLarge | RequestTimeout):
-                response.force_close()  # the rest of the body is not worth reading
-            if request.version not in (HttpVersion10, HttpVersion11):
-                # aiohttp answers in the request's version: say "HTTP/1.1 400", not "HTTP/2.0"
-                request._cache["version"] = HttpVersion11   # (a reify cache)
-                response.force_close()
+            decision = Refuse(exc, {"method": request.method, "path": request.path,
+                                    "remote": request.remote}, None, started)
         except Exception:  # a bug must fail closed, logged, and never reach the upstream
             log.exception("internal error while handling %s %s", request.method, request.path)
-            response = web.json_response({"error": "internal_error", "reason": "internal_error"},
-                                         status=500, headers={"Cache-Control": "no-store"})
-            reason = "internal_error"
+            decision = Refuse(InternalError(), {"method": request.method, "path": request.path,
+                                                "remote": request.remote}, None, started)
+        assert decision is not None         # (no ``serves`` filter on this path)
         if request.get(UNTRUSTED_HEADER):
-            fields["untrusted_cert_header"] = True
-        if reason.startswith("upstream_"):
-            self.metrics.upstream_errors.labels(str(fields.get("route", "-")), reason).inc()
-        self._record(fields, authorized, reason, response.status, peer, started)
-        return response
-
-    # --- the same steps for the fast lane's plain requests (fastlane.py) -------------------------
-    # Only a request that will pass is served there: every refusal returns None here and the
-    # request takes _handle above, which answers it exactly as it answers any other.
-
-    def admit(self, request: PlainRequest, transport: Any, remote: str,
-              memo: TokenMemo) -> Admission | None:
-        """route -> peer certificate -> token, for a plain request; None: _handle decides."""
-        started = time.perf_counter()
-        lane = self.lane
-        if lane is None or (self.metadata is not None and (
-                request.path == self.metadata.path
-                or request.path in self.metadata.rewrite_paths)):
-            return None
+            decision.fields["untrusted_cert_header"] = True
+        if isinstance(decision, Refuse):
+            refused = self._refused(request, decision.refusal)
+            self.pipeline.record(decision, decision.refusal.reason, refused.status)
+            return refused
+        reason = decision.reason
+        response: web.StreamResponse
         try:
-            route = self.router.match(request.method, request.path, request.raw_path)
-        except Refusal:
-            return None
-        target = lane.targets.get(id(route))
-        if target is None:
-            return None
-        fields: dict[str, object] = {"method": request.method, "path": request.path,
-                                     "remote": remote, "route": route.name}
-        peer = peer_certificate(transport)
-        auth = route.auth
-        if isinstance(auth, AuthNone):
-            return Admission(route, fields, peer, started, target.address, "public_route",
-                             memo)
-        if not isinstance(auth, AuthPolicy) or request.authorization is None \
-                or (auth.binding == "required" and peer is None):
-            return None
-        if memo.gateway is not self or memo.authorization != request.authorization \
-                or memo.providers != auth.providers:
-            try:
-                token = bearer_token({"Authorization": request.authorization}, {})
-            except Refusal:
-                return None
-            if token is None:
-                return None
-            digest = token_digest(token)
-            memo.remember(self, request.authorization, auth.providers,
-                          pick_verifier(self.verifiers, auth.providers, token), token, digest,
-                          token_hash(token, digest))
-        fields["token_hash"] = memo.token_hash
-        fields["provider"] = memo.verifier.name
-        return Admission(route, fields, peer, started, target.address, "allowed", memo,
-                         memo.verifier, memo.token, memo.digest)
-
-    def upstream_request(self, admission: Admission, request: PlainRequest,
-                         info: TokenInfo | None, remote: str) -> bytes | None:
-        """binding -> authorize (raising a Refusal) -> the upstream's request head; None:
-        _handle decides."""
-        route, peer, memo = admission.route, admission.peer, admission.memo
-        if isinstance(route.auth, AuthPolicy):
-            if info is None:
-                return None
-            check_binding(route.auth.binding, info, peer)
-            self._authorize(route.auth, info)
-        if memo.identity is None or memo.route is not route or memo.info is not info:
-            identity = self._identity_headers(info, peer) if info is not None else {}
-            if route.forward_client_cert and peer is not None and peer.der:
-                identity["Client-Cert"] = encode_client_cert(peer.der)
-            lines: list[bytes] = []
-            for name, text in (*identity.items(), ("X-Forwarded-For", remote),
-                               ("X-Forwarded-Proto", "https")):
-                if "\r" in text or "\n" in text:
-                    return None         # aiohttp's client refuses these: let it say so
-                lines += (name.encode(), b": ", text.encode(), b"\r\n")
-            memo.route, memo.info, memo.identity = route, info, b"".join(lines)
-        lane = self.lane
-        assert lane is not None
-        target = lane.targets[id(route)]
-        drop = lane.strip | request.connection if request.connection else lane.strip
-        out = [request.method.encode(), b" ", target.base_path, request.target,
-               b" HTTP/1.1\r\nHost: ", target.host_header, b"\r\n"]
-        for raw, lower, value in request.headers:
-            if lower not in drop:
-                out += (raw, b": ", value, b"\r\n")
-        # (the Host value passed parse_plain: printable ASCII, so no CR or LF)
-        out += (memo.identity, b"X-Forwarded-Host: ", request.host.encode(), b"\r\n\r\n")
-        return b"".join(out)
-
-    def upstream_answered(self, admission: Admission, seconds: float) -> None:
-        self.metrics.observe(self.metrics.upstream_seconds, admission.route.name, seconds)
-
-    def upstream_error(self, admission: Admission, reason: str) -> None:
-        self.metrics.upstream_errors.labels(admission.route.name, reason).inc()
-
-    def record_plain(self, admission: Admission, reason: str, status: int, *,
-                     allowed: bool) -> None:
-        self._record(admission.fields, allowed, reason, status, admission.peer,
-                     admission.started)
-
-    def refusal_bytes(self, exc: Refusal, *, close: bool) -> bytes:
-        """The answer :func:`refusal_response` gives, as bytes for a transport."""
-        response = refusal_response(exc, self.config.realm, self._metadata_url)
-        body = response.body
-        assert isinstance(body, bytes)
-        head = [f"HTTP/1.1 {response.status} {response.reason}"]
-        head += [f"{k}: {v}" for k, v in response.headers.items() if k != "Content-Length"]
-        head += [f"Content-Length: {len(body)}", f"Date: {http_date().decode()}",
-                 f"Server: {SERVER_SOFTWARE}"]
-        if close:
-            head.append("Connection: close")
-        return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-    def _serve_metadata(self, endpoint: MetadataEndpoint, fields: dict[str, object],
-                        started: float) -> web.StreamResponse:
-        """RFC 9728 protected resource metadata: public, answered by the gateway itself."""
-        fields["route"] = "metadata"
-        response = endpoint.document_response()
-        self._record(fields, True, "metadata", response.status, None, started)
+            response = await self._forward(request, decision)
+            if response.get(ABORTED):
+                reason = "upstream_aborted"
+        except Refusal as exc:       # the upstream failed, or the client's body did
+            response = self._refused(request, exc)
+            reason = exc.reason
+        except Exception:
+            log.exception("internal error while forwarding %s %s", request.method,
+                          request.path)
+            response = self._refused(request, InternalError())
+            reason = "internal_error"
+        self.pipeline.record(decision, reason, response.status)
         return response
 
-    @staticmethod
-    def _authorize(policy: AuthPolicy, info: TokenInfo) -> None:
-        missing = [s for s in policy.scopes if s not in info.scopes]
-        if missing:
-            raise InsufficientScope("insufficient_scope", "token lacks a required scope",
-                                    " ".join(policy.scopes))
+    async def _forward(self, request: web.Request, decision: Allow) -> web.StreamResponse:
+        response: web.StreamResponse
+        if self.metadata is not None and self.metadata.rewrites(request):
+            response = await self.metadata.rewritten(self.forwarder, request,
+                                                     decision.upstream_url, decision.identity)
+        else:
+            response = await self.forwarder.forward(request, decision.upstream_url,
+                                                    decision.identity, body_bytes=decision.body)
+        self.pipeline.upstream_answered(decision.route, response[UPSTREAM_SECONDS])
+        return response
 
-    def _identity_headers(self, info: TokenInfo, peer: PeerCertificate | None) -> dict[str, str]:
-        ids, out = self._identity, {}
-        for header, value in ((ids.subject, info.subject), (ids.client_id, info.client_id),
-                              (ids.scope, " ".join(sorted(info.scopes))),
-                              (ids.thumbprint, peer.thumbprint if peer else None),
-                              (ids.provider, info.provider)):
-            if header and value:
-                out[header] = value
-        return out
+    def _refused(self, request: web.Request, exc: Refusal) -> web.Response:
+        response = refusal_response(self.pipeline.render(exc))
+        if isinstance(exc, BodyTooLarge | RequestTimeout):
+            response.force_close()  # the rest of the body is not worth reading
+        if request.version not in (HttpVersion10, HttpVersion11):
+            # aiohttp answers in the request's version: say "HTTP/1.1 400", not "HTTP/2.0"
+            request._cache["version"] = HttpVersion11   # (a reify cache)
+            response.force_close()
+        return response
 
-    def _record(self, fields: dict[str, object], authorized: bool, reason: str, status: int,
-                peer: PeerCertificate | None, started: float) -> None:
-        """The decision log line and the request metrics: one place, same facts."""
-        elapsed = time.perf_counter() - started
-        decision = "allow" if authorized else "deny"
-        route = str(fields.get("route", "-"))   # "-": no route matched
-        self.metrics.request(route, decision, reason, status, elapsed)
-        log_decision(
-            decision=decision, reason=reason, status=status,
-            client_thumbprint=peer.thumbprint if peer else None,
-            client_subject=peer.subject if peer else None,
-            latency_ms=round(elapsed * 1000, 3),
-            **fields,
-        )
+    def _serve_metadata(self, endpoint: MetadataEndpoint,
+                        request: web.Request) -> web.StreamResponse:
+        """RFC 9728 protected resource metadata: public, answered by the gateway itself."""
+        started = time.perf_counter()
+        response = endpoint.document_response()
+        self.pipeline.record_fields(
+            {"method": request.method, "path": request.path, "remote": request.remote,
+             "route": "metadata"}, "metadata", response.status, allowed=True, peer=None,
+            started=started)
+        return response

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -35,6 +36,7 @@ __all__ = [
     "TokenEndpoint",
     "basic_client_id",
     "client_id_of",
+    "read_form",
     "token_refusal_response",
 ]
 
@@ -108,34 +110,32 @@ def token_refusal_response(exc: TokenEndpointRefusal, realm: str) -> web.Respons
     return web.json_response(body, status=exc.status, headers=headers)
 
 
+async def read_form(request: web.Request, limit: int) -> bytes:
+    """The whole form body of a token request, refused beyond ``limit`` or if not a form."""
+    if request.content_length is not None and request.content_length > limit:
+        raise InvalidTokenRequest("token_request_too_large", "token request is too large")
+    if request.body_exists and request.content_type != _FORM:
+        raise InvalidTokenRequest("token_request_malformed", f"token requests must be {_FORM}")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(16 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise InvalidTokenRequest("token_request_too_large", "token request is too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 class TokenEndpoint:
-    """One ``mtls_client`` route: read, authenticate, and say what the AS is to be told."""
+    """One ``mtls_client`` route: authenticate, and say what the AS is to be told."""
 
     def __init__(self, policy: AuthMtlsClient, registry: ClientRegistry) -> None:
         self.policy = policy
         self.registry = registry
 
-    async def read_body(self, request: web.Request) -> bytes:
-        """The whole form body, refused beyond ``max_body_bytes`` or if not a form."""
-        limit = self.policy.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise InvalidTokenRequest("token_request_too_large", "token request is too large")
-        if request.body_exists and request.content_type != _FORM:
-            raise InvalidTokenRequest("token_request_malformed",
-                                      f"token requests must be {_FORM}")
-        chunks, size = [], 0
-        async for chunk in request.content.iter_chunked(16 * 1024):
-            size += len(chunk)
-            if size > limit:
-                raise InvalidTokenRequest("token_request_too_large",
-                                          "token request is too large")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def authenticate(self, request: web.Request,
-                           peer: PeerCertificate | None) -> AuthenticatedClient:
-        body = await self.read_body(request)
-        client_id, basic = client_id_of(body, request.headers.getall("Authorization", []))
+    def authenticate(self, body: bytes, authorization: Sequence[str],
+                     peer: PeerCertificate | None) -> AuthenticatedClient:
+        """The client of a token request (its ``body`` as read), or a refusal."""
+        client_id, basic = client_id_of(body, list(authorization))
         client_id = self.registry.authenticate(client_id, peer, basic=basic)
         assert peer is not None   # authenticate() refuses a request without a certificate
         headers = {"Client-Cert": encode_client_cert(peer.der)}

@@ -66,7 +66,7 @@ def test_plain_request_fields() -> None:
                       max_line=16384)
     assert req is not None
     assert (req.method, req.path, req.raw_path, req.host, req.authorization) == (
-        "GET", "/x", "/x?a=1", "h", "Bearer abc")
+        "GET", "/x", "/x?a=1", "h", ("Bearer abc",))
     assert req.connection == {b"keep-alive", b"x-hop"}
 
 

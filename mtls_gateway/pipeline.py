@@ -1,0 +1,338 @@
+"""The decision core: every auth step of every request, top to bottom in one function.
+
+route -> peer certificate -> credential -> verify -> sender constraint -> authorize
+-> identity headers
+
+Transport-neutral: the aiohttp handler (:mod:`mtls_gateway.gateway`) and the fast lane
+(:mod:`mtls_gateway.fastlane`) each describe their request as a :class:`RequestView`, await
+:meth:`Pipeline.decide`, and carry out the :class:`Allow` or :class:`Refuse` it returns: they
+parse and relay bytes, they hold no auth step of their own. What happened is recorded here
+too (:meth:`Pipeline.record`): one decision log line and the request metrics, the same facts
+whichever way a request came in.
+
+Where to change what (docs/architecture.md has the picture):
+
+* a new sender constraint (DPoP, RFC 9449): :meth:`Pipeline.sender_constraint`; the view
+  carries what a proof check needs (method, target, Host, every ``Authorization`` and
+  ``DPoP`` value);
+* a new credential scheme: :meth:`Pipeline.credential`;
+* a new provider kind: a :class:`~mtls_gateway.providers.Verifier`, built in gateway.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+
+from .bearer import bearer_from
+from .binding import check_binding
+from .cert_headers import encode_client_cert
+from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Route
+from .decision_log import log_decision, token_digest, token_hash
+from .errors import InsufficientScope, InternalError, InvalidToken, NoToken, Refusal
+from .metrics import Metrics
+from .providers import Verifier, pick_verifier
+from .refusal import Rendered, render
+from .routing import Router
+from .tls import PeerCertificate
+from .token_endpoint import TokenEndpoint
+from .tokeninfo import TokenInfo
+
+__all__ = [
+    "Allow",
+    "ConnectionMemo",
+    "Credential",
+    "Decision",
+    "Pipeline",
+    "Refuse",
+    "RequestView",
+]
+
+log = logging.getLogger("mtls_gateway.pipeline")
+
+
+@dataclass(slots=True)
+class RequestView:
+    """A request as the decision core sees it, whichever transport parsed it.
+
+    ``target`` is the request target exactly as addressed (origin form, percent-encoding
+    and query untouched); ``path`` its decoded path, for routing. Header values are as
+    sent, every occurrence in order: ``authorization`` and ``dpop`` separately (RFC 9449
+    wants exactly one ``DPoP`` header and the ``DPoP`` scheme), the rest through
+    ``header(name)`` (case-insensitive, all values).
+    """
+
+    method: str
+    target: str
+    path: str
+    host: str | None                     # the Host header (None: absent)
+    authorization: tuple[str, ...]
+    dpop: tuple[str, ...]
+    token_in_query: bool                 # an access_token query parameter is present
+    scheme: str                          # "https" (mutual TLS) or "http" (behind a proxy)
+    remote: str                          # the peer address, "" when unknown
+    memo: ConnectionMemo
+    peer: Callable[[], PeerCertificate | None]   # may raise (a malformed proxy header)
+    header: Callable[[str], tuple[str, ...]]
+    #: The request body, read whole up to a limit (token endpoints); None: not available on
+    #: this transport (the fast lane carries no bodies and never routes a token endpoint).
+    read_form: Callable[[int], Awaitable[bytes]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """The access token a request presents, the scheme it came in (``Bearer``) and the
+    verifier its route picked for it."""
+
+    scheme: str
+    token: str
+    digest: bytes                        # SHA-256: the verifier caches' key
+    token_hash: str                      # the log's name for it
+    verifier: Verifier
+
+
+@dataclass(slots=True)
+class ConnectionMemo:
+    """What one client connection's last credential came to.
+
+    Keep-alive clients send the same ``Authorization`` value on every request: the memo
+    saves parsing, hashing and looking it up again, and building the same identity headers.
+    What is checked on every use (exp, nbf, the key set, binding, scope) still runs on every
+    request. A memo made by another :class:`Pipeline` (before a reload) counts for nothing.
+    """
+
+    owner: object | None = None          # the Pipeline that filled it
+    authorization: str = ""              # the Authorization value, as sent
+    providers: tuple[str, ...] = ()      # of the route the verifier was picked for
+    credential: Credential | None = None
+    entry: object | None = None          # the verifier's cache entry (Verifier.cached_entry)
+    route: Route | None = None           # identity below: made for this route...
+    info: TokenInfo | None = None        # ...this verdict...
+    peer: PeerCertificate | None = None  # ...and this certificate
+    identity: Mapping[str, str] | None = None
+
+
+@dataclass(slots=True)
+class Allow:
+    """Forward the request: to ``upstream_url``, with ``identity`` headers added."""
+
+    route: Route
+    upstream_url: str
+    identity: Mapping[str, str]          # identity headers and Client-Cert; never mutated
+    reason: str                          # allowed | public_route | client_authenticated
+    fields: dict[str, object]            # the decision log line's facts so far
+    peer: PeerCertificate | None
+    started: float
+    body: bytes | None = None            # token endpoints: the body as read, forwarded as is
+
+    allowed = True
+
+
+@dataclass(slots=True)
+class Refuse:
+    """Answer with ``refusal`` (rendered by :mod:`mtls_gateway.refusal`); nothing forwarded."""
+
+    refusal: Refusal
+    fields: dict[str, object]
+    peer: PeerCertificate | None
+    started: float
+    route: Route | None = None
+
+    allowed = False
+
+
+Decision = Allow | Refuse
+
+
+@dataclass(slots=True)
+class _Steps:
+    """Facts gathered while deciding, for the log line of a refusal half-way through."""
+
+    fields: dict[str, object] = field(default_factory=dict)
+    peer: PeerCertificate | None = None
+    route: Route | None = None
+
+
+class Pipeline:
+    """The auth steps of one configuration generation (rebuilt on reload)."""
+
+    def __init__(self, config: GatewayConfig, *, verifiers: Mapping[str, Verifier],
+                 token_endpoints: Mapping[int, TokenEndpoint], metrics: Metrics,
+                 resource_metadata: str | None = None) -> None:
+        self.config = config
+        self.realm = config.realm
+        self.resource_metadata = resource_metadata   # RFC 9728 URL for Bearer challenges
+        self.router = Router(config.routes)
+        self.verifiers = verifiers
+        self.token_endpoints = token_endpoints       # id(route) -> endpoint
+        self.metrics = metrics
+        self.default_upstream = config.upstream.url
+        self._identity = config.upstream.identity_headers
+
+    async def decide(self, view: RequestView,
+                     serves: Callable[[Route], bool] | None = None) -> Decision | None:
+        """Allow or refuse ``view``. ``serves``: the transport's say on the route (the fast
+        lane takes only some); False there returns None before anything else is looked at."""
+        started = time.perf_counter()
+        steps = _Steps({"method": view.method, "path": view.path,
+                        "remote": view.remote or None})
+        fields = steps.fields
+        try:
+            route = steps.route = self.router.match(view.method, view.path, view.target)
+            if serves is not None and not serves(route):
+                return None
+            fields["route"] = route.name
+            peer = steps.peer = view.peer()
+            auth = route.auth
+            identity: Mapping[str, str]
+            body: bytes | None = None
+            if isinstance(auth, AuthPolicy):
+                credential = self.credential(view, auth)
+                if credential is None:
+                    raise NoToken()
+                fields["token_hash"] = credential.token_hash
+                if auth.binding == "required" and peer is None:
+                    raise InvalidToken("no_client_cert", "a client certificate is required")
+                verifier = credential.verifier
+                fields["provider"] = verifier.name
+                info = self._cached(verifier, view.memo, credential.digest)
+                if info is None:
+                    info = await verifier.verify(credential.token, credential.digest)
+                self.sender_constraint(auth, info, peer, view)
+                self.authorize(auth, info)
+                identity = self.identity_headers(route, info, peer, view.memo)
+                reason = "allowed"
+            elif isinstance(auth, AuthMtlsClient):   # a token endpoint (RFC 8705 s2)
+                if view.read_form is None:
+                    raise InternalError("internal_error", "token endpoint without a body")
+                endpoint = self.token_endpoints[id(route)]
+                body = await view.read_form(auth.max_body_bytes)
+                client = endpoint.authenticate(body, view.authorization, peer)
+                fields["client_id"] = client.client_id
+                identity = self._with_client_cert(route, dict(client.upstream_headers), peer)
+                reason = "client_authenticated"
+            elif isinstance(auth, AuthNone):
+                identity = self.identity_headers(route, None, peer, view.memo)
+                reason = "public_route"
+            else:   # an auth type without its branch must fail closed, never become public
+                raise TypeError(f"no request path for {type(auth).__name__}")
+            return Allow(route, route.upstream_url or self.default_upstream, identity, reason,
+                         fields, peer, started, body)
+        except Refusal as exc:
+            return Refuse(exc, fields, steps.peer, started, steps.route)
+        except Exception:  # a bug must fail closed, logged, and never reach the upstream
+            log.exception("internal error while deciding %s %s", view.method, view.path)
+            return Refuse(InternalError(), fields, steps.peer, started, steps.route)
+
+    # --- the steps ------------------------------------------------------------------------------
+
+    def credential(self, view: RequestView, policy: AuthPolicy) -> Credential | None:
+        """The request's access token (RFC 6750 ``Bearer``), None without one; raises for a
+        malformed or ambiguous one. Remembered per connection with its verifier."""
+        memo = view.memo
+        values = view.authorization
+        if memo.credential is not None and memo.owner is self and len(values) == 1 \
+                and values[0] == memo.authorization and memo.providers == policy.providers \
+                and not view.token_in_query:
+            return memo.credential
+        token = bearer_from(values, view.token_in_query)
+        if token is None:
+            return None
+        digest = token_digest(token)
+        credential = Credential("Bearer", token, digest, token_hash(token, digest),
+                                pick_verifier(self.verifiers, policy.providers, token))
+        # a new credential: everything known about the previous one is forgotten
+        memo.owner, memo.authorization, memo.providers = self, values[0], policy.providers
+        memo.credential, memo.entry = credential, None
+        return credential
+
+    @staticmethod
+    def _cached(verifier: Verifier, memo: ConnectionMemo, digest: bytes) -> TokenInfo | None:
+        """The verified-token cache's verdict (may raise a Refusal); None: ask verify()."""
+        if memo.entry is not None:
+            info = verifier.reuse(memo.entry, digest)
+            if info is not None:
+                return info
+        memo.entry = entry = verifier.cached_entry(digest)
+        return None if entry is None else verifier.reuse(entry, digest)
+
+    def sender_constraint(self, policy: AuthPolicy, info: TokenInfo,
+                          peer: PeerCertificate | None, view: RequestView) -> None:
+        """May this sender use this token? Raise a Refusal if not.
+
+        Today RFC 8705 certificate binding (``cnf.x5t#S256``); the hook for more sender
+        constraints (DPoP, RFC 9449: ``view`` carries method, target, Host and the DPoP
+        header values a proof check needs)."""
+        check_binding(policy.binding, info, peer)
+
+    @staticmethod
+    def authorize(policy: AuthPolicy, info: TokenInfo) -> None:
+        missing = [s for s in policy.scopes if s not in info.scopes]
+        if missing:
+            raise InsufficientScope("insufficient_scope", "token lacks a required scope",
+                                    " ".join(policy.scopes))
+
+    def identity_headers(self, route: Route, info: TokenInfo | None,
+                         peer: PeerCertificate | None,
+                         memo: ConnectionMemo) -> Mapping[str, str]:
+        """What the upstream is told about the caller (the same mapping while the route,
+        verdict and certificate are the same: transports may key their own caches on it)."""
+        if memo.identity is not None and memo.route is route and memo.info is info \
+                and memo.peer is peer:
+            return memo.identity
+        out: dict[str, str] = {}
+        if info is not None:
+            ids = self._identity
+            for header, value in ((ids.subject, info.subject), (ids.client_id, info.client_id),
+                                  (ids.scope, " ".join(sorted(info.scopes))),
+                                  (ids.thumbprint, peer.thumbprint if peer else None),
+                                  (ids.provider, info.provider)):
+                if header and value:
+                    out[header] = value
+        self._with_client_cert(route, out, peer)
+        if any("\r" in v or "\n" in v or "\0" in v for v in out.values()):
+            # (a claim no header can carry; aiohttp's client refuses it too)
+            raise InternalError("internal_error", "identity header value not representable")
+        memo.route, memo.info, memo.peer, memo.identity = route, info, peer, out
+        return out
+
+    @staticmethod
+    def _with_client_cert(route: Route, identity: dict[str, str],
+                          peer: PeerCertificate | None) -> dict[str, str]:
+        if route.forward_client_cert and peer is not None and peer.der:
+            identity["Client-Cert"] = encode_client_cert(peer.der)
+        return identity
+
+    # --- what happened --------------------------------------------------------------------------
+
+    def render(self, refusal: Refusal) -> Rendered:
+        """What the client is told (the same on every transport)."""
+        return render(refusal, self.realm, self.resource_metadata)
+
+    def record(self, decision: Decision, reason: str, status: int) -> None:
+        """The decision log line and the request metrics: one place, same facts."""
+        self.record_fields(decision.fields, reason, status, allowed=decision.allowed,
+                           peer=decision.peer, started=decision.started)
+
+    def record_fields(self, fields: dict[str, object], reason: str, status: int, *,
+                      allowed: bool, peer: PeerCertificate | None, started: float) -> None:
+        """:meth:`record` for an answer made without a decision (the metadata document)."""
+        elapsed = time.perf_counter() - started
+        verdict = "allow" if allowed else "deny"
+        route = str(fields.get("route", "-"))   # "-": no route matched
+        if reason.startswith("upstream_"):
+            self.metrics.upstream_errors.labels(route, reason).inc()
+        self.metrics.request(route, verdict, reason, status, elapsed)
+        log_decision(
+            decision=verdict, reason=reason, status=status,
+            client_thumbprint=peer.thumbprint if peer else None,
+            client_subject=peer.subject if peer else None,
+            latency_ms=round(elapsed * 1000, 3),
+            **fields,
+        )
+
+    def upstream_answered(self, route: Route, seconds: float) -> None:
+        """Seconds until the upstream's answer head arrived."""
+        self.metrics.observe(self.metrics.upstream_seconds, route.name, seconds)

@@ -1,0 +1,91 @@
+"""What a refused client is told: one rendering, whichever transport writes it.
+
+:func:`render` turns a :class:`~mtls_gateway.errors.Refusal` into status, headers and body;
+the aiohttp handler makes a ``web.Response`` of it (gateway.py), the fast lane and the
+connection guard write :func:`as_bytes` to their transport. So the answer to a refusal is
+the same bytes (but for ``Date``) on every path.
+
+* token problems: an RFC 6750 ``Bearer`` challenge (``error``, ``error_description``,
+  ``scope``), naming the RFC 9728 metadata URL when configured (section 5.1);
+* token endpoints (``auth: mtls_client``): RFC 6749 section 5.2 JSON, ``WWW-Authenticate:
+  Basic`` only when the client used Basic, never a Bearer challenge;
+* everything else: the small JSON body alone.
+
+Bodies are ``{"error", "reason", "error_description"}`` and never echo the request.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from .errors import (
+    InsufficientScope,
+    InvalidRequest,
+    InvalidToken,
+    NoToken,
+    Refusal,
+    TokenEndpointRefusal,
+)
+from .reasons import generic_error
+
+__all__ = ["Rendered", "as_bytes", "render"]
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A refusal's answer: what every transport writes (``Content-Length``, ``Date``,
+    ``Server`` and ``Connection`` are the transport's)."""
+
+    status: int
+    phrase: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "").replace('"', "'")
+
+
+_JSON = ("Content-Type", "application/json; charset=utf-8")
+
+
+def render(exc: Refusal, realm: str, resource_metadata: str | None = None) -> Rendered:
+    """The answer to ``exc`` (see the module docstring)."""
+    headers: list[tuple[str, str]] = [_JSON, ("Cache-Control", "no-store")]
+    if isinstance(exc, TokenEndpointRefusal):
+        headers.append(("Pragma", "no-cache"))
+        if exc.status == 401 and exc.basic:
+            headers.append(("WWW-Authenticate",
+                            f'Basic realm="{_quote(realm)}", charset="UTF-8"'))
+        error = exc.error or "invalid_request"
+    else:
+        if isinstance(exc, NoToken | InvalidToken | InsufficientScope | InvalidRequest):
+            params = [f'realm="{_quote(realm)}"']
+            if exc.error:
+                params.append(f'error="{exc.error}"')
+                if exc.description:
+                    params.append(f'error_description="{_quote(exc.description)}"')
+            if isinstance(exc, InsufficientScope):
+                params.append(f'scope="{_quote(exc.scope)}"')
+            if resource_metadata:
+                params.append(f'resource_metadata="{_quote(resource_metadata)}"')
+            headers.append(("WWW-Authenticate", "Bearer " + ", ".join(params)))
+        error = exc.error or generic_error(exc.status)
+    body: dict[str, str] = {"error": error, "reason": exc.reason}
+    if exc.description:
+        body["error_description"] = exc.description
+    return Rendered(exc.status, HTTPStatus(exc.status).phrase, tuple(headers),
+                    json.dumps(body).encode())
+
+
+def as_bytes(rendered: Rendered, *, close: bool, date: bytes, server: bytes) -> bytes:
+    """The whole HTTP/1.1 answer, for a transport (``date``: an RFC 9110 date)."""
+    head = [b"HTTP/1.1 %d %s\r\n" % (rendered.status, rendered.phrase.encode())]
+    head += [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in rendered.headers]
+    head.append(b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n"
+                % (len(rendered.body), date, server))
+    if close:
+        head.append(b"Connection: close\r\n")
+    return b"".join(head) + b"\r\n" + rendered.body
