@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import AuthPolicy, GatewayConfig
 from .config_load import load_config
 from .errors import ConfigError
 
@@ -82,6 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.listen.port == 0:
             print("mtls-gateway: --workers needs a fixed listen.port (not 0)", file=sys.stderr)
             return 2
+        if _dpop_memory_store(config):
+            print("mtls-gateway: --workers with routes that accept DPoP needs a shared "
+                  "dpop.replay_store (redis://...): each worker's in-process replay cache "
+                  "would accept a proof another worker has seen", file=sys.stderr)
+            return 2
         from .workers import run_workers
 
         return run_workers(config, args.workers)
@@ -92,6 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run(serve_forever(config))
     return 0
+
+
+def _dpop_memory_store(config: GatewayConfig) -> bool:
+    """Some route accepts DPoP and the replay store is this process's own."""
+    return config.dpop.replay_store == "memory" and any(
+        isinstance(r.auth, AuthPolicy) and r.auth.sender_constraint != "mtls"
+        for r in config.routes)
 
 
 if __name__ == "__main__":

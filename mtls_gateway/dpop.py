@@ -47,6 +47,7 @@ from jwt.exceptions import InvalidKeyError
 
 from .config import ASYMMETRIC_ALGORITHMS, DpopConfig
 from .errors import DependencyDown, Refusal
+from .reasons import REASONS, Reason
 from .strict_json import loads_object, numeric_date
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
     "VerifiedProof",
     "access_token_hash",
     "authorization_scheme",
-    "dpop_challenge",
     "dpop_refusal",
     "jwk_thumbprint",
     "normalize_origin",
@@ -78,50 +78,13 @@ __all__ = [
 
 # --- reasons and refusals ----------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class DpopReason:
-    """One reason code: HTTP status, OAuth ``error`` of the DPoP challenge, what it means."""
+#: One reason code's status, OAuth ``error`` and description (the registry's type).
+DpopReason = Reason
 
-    status: int
-    error: str | None
-    description: str
-    level: str = "info"          # decision-log level
-
-
-#: Every DPoP reason code (RFC 9449 section 7.1 challenges; 12.2 error codes).
-DPOP_REASONS: Mapping[str, DpopReason] = MappingProxyType({
-    "dpop_proof_missing": DpopReason(401, "invalid_dpop_proof",
-                                     "a DPoP proof is required with this token"),
-    "dpop_proof_invalid": DpopReason(401, "invalid_dpop_proof",
-                                     "DPoP proof is malformed or its signature is invalid"),
-    "dpop_alg_not_allowed": DpopReason(401, "invalid_dpop_proof",
-                                       "DPoP proof algorithm is not allowed"),
-    "dpop_htm_mismatch": DpopReason(401, "invalid_dpop_proof",
-                                    "DPoP proof htm does not match the request method"),
-    "dpop_htu_mismatch": DpopReason(401, "invalid_dpop_proof",
-                                    "DPoP proof htu does not match the request URI"),
-    "dpop_proof_expired": DpopReason(401, "invalid_dpop_proof",
-                                     "DPoP proof iat is too old"),
-    "dpop_iat_in_future": DpopReason(401, "invalid_dpop_proof",
-                                     "DPoP proof iat is in the future"),
-    "dpop_ath_mismatch": DpopReason(401, "invalid_dpop_proof",
-                                    "DPoP proof ath does not match the access token"),
-    "dpop_replayed": DpopReason(401, "invalid_dpop_proof",
-                                "DPoP proof has already been used", "warning"),
-    "dpop_nonce_required": DpopReason(401, "use_dpop_nonce",
-                                      "resource server requires a fresh nonce in the DPoP "
-                                      "proof"),
-    "dpop_jkt_mismatch": DpopReason(401, "invalid_token",
-                                    "token is bound to a different DPoP key", "warning"),
-    "dpop_binding_missing": DpopReason(401, "invalid_token",
-                                       "token is not bound to a DPoP key"),
-    "dpop_bearer_downgrade": DpopReason(401, "invalid_token",
-                                        "a DPoP-bound token must be sent with the DPoP "
-                                        "scheme", "warning"),
-    "dpop_replay_store_unavailable": DpopReason(503, None,
-                                                "DPoP replay store is unavailable",
-                                                "error"),
-})
+#: Every DPoP reason code (RFC 9449 section 7.1 challenges, 12.2 error codes): the
+#: ``dpop_`` part of the one registry, :data:`mtls_gateway.reasons.REASONS`.
+DPOP_REASONS: Mapping[str, Reason] = MappingProxyType(
+    {code: reason for code, reason in REASONS.items() if code.startswith("dpop_")})
 
 
 class DpopRefusal(Refusal):
@@ -169,25 +132,6 @@ def dpop_refusal(reason: str, *, nonce: str | None = None) -> Refusal:
     cls = _BY_ERROR[entry.error]
     assert issubclass(cls, DpopRefusal)
     return cls(reason, entry.description, nonce=nonce)
-
-
-def dpop_challenge(refusal: Refusal | None, algorithms: Sequence[str],
-                   realm: str | None = None) -> str:
-    """The ``WWW-Authenticate: DPoP ...`` value: realm, error, description, ``algs``.
-
-    ``refusal`` None (or one without an OAuth error, e.g. no credentials at all) gives the
-    bare challenge of RFC 9449 section 7.1, Figure 13.
-    """
-    params: list[str] = []
-    if realm:
-        params.append(f'realm="{realm}"')
-    error = getattr(refusal, "error", None) if refusal is not None else None
-    if refusal is not None and error:
-        params.append(f'error="{error}"')
-        if refusal.description:
-            params.append(f'error_description="{refusal.description}"')
-    params.append(f'algs="{" ".join(algorithms)}"')
-    return "DPoP " + ", ".join(params)
 
 
 # --- the Authorization header ------------------------------------------------------------
@@ -418,7 +362,7 @@ class MemoryReplayStore:
         return True
 
     async def close(self) -> None:
-        self._cache.clear()
+        """Nothing to release: the cache outlives a reload (see :func:`replay_store_for`)."""
 
 
 class RedisReplayStore:
@@ -455,12 +399,27 @@ class RedisReplayStore:
         await self._client.aclose()
 
 
-def replay_store_for(config: DpopConfig, clock: Callable[[], float] = time.monotonic
+#: In-process stores by (size, window): a reload must not forget the proofs already seen
+#: (a fresh cache would accept every proof of the last window once more).
+_MEMORY_STORES: dict[tuple[int, float], MemoryReplayStore] = {}
+
+
+def replay_store_for(config: DpopConfig, clock: Callable[[], float] | None = None
                      ) -> ReplayStore:
-    """The store ``config.replay_store`` names (``memory`` or a redis URL)."""
+    """The store ``config.replay_store`` names (``memory`` or a redis URL).
+
+    The memory store is shared by every configuration generation of this process with
+    the same size and window (``clock`` given: a private one, for tests).
+    """
     window = config.iat_max_age + config.iat_max_skew
     if config.replay_store == "memory":
-        return MemoryReplayStore(config.replay_cache_size, window, clock)
+        if clock is not None:
+            return MemoryReplayStore(config.replay_cache_size, window, clock)
+        key = (config.replay_cache_size, window)
+        store = _MEMORY_STORES.get(key)
+        if store is None:
+            store = _MEMORY_STORES[key] = MemoryReplayStore(config.replay_cache_size, window)
+        return store
     return RedisReplayStore(config.replay_store, timeout=config.replay_store_timeout,
                             password=config.replay_store_password)
 
@@ -491,7 +450,7 @@ class DpopVerifier:
 
     def __init__(self, config: DpopConfig, *, store: ReplayStore | None = None,
                  clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.config = config
         self.algorithms = tuple(a for a in config.algorithms if a in _ALGORITHMS)
         self._allowed = frozenset(self.algorithms)
@@ -503,9 +462,6 @@ class DpopVerifier:
         origins = [normalize_origin(*_split_origin(o)) for o in config.external_origins]
         self._origins = frozenset(o for o in origins if o)
         self._keys: LRUCache[str, Any] = LRUCache(maxsize=4096)
-
-    def challenge(self, refusal: Refusal | None, realm: str | None = None) -> str:
-        return dpop_challenge(refusal, self.algorithms, realm)
 
     def _fail(self, reason: str, nonce: bool = False) -> Refusal:
         return dpop_refusal(reason, nonce=self.nonces.current() if nonce and self.nonces

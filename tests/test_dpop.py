@@ -29,12 +29,12 @@ from mtls_gateway.dpop import (
     UseDpopNonce,
     access_token_hash,
     authorization_scheme,
-    dpop_challenge,
     dpop_refusal,
     jwk_thumbprint,
     normalize_uri,
 )
-from mtls_gateway.errors import Refusal
+from mtls_gateway.errors import AuthChallenge, Refusal
+from mtls_gateway.refusal import render
 
 NOW = 1_800_000_000.0
 URL = "https://api.example.com/accounts/1"
@@ -478,14 +478,32 @@ def test_every_reason_builds_its_refusal(reason: str) -> None:
     assert '"' not in entry.description and "\\" not in entry.description
 
 
-def test_challenges() -> None:
-    algs = ("ES256", "PS256")
-    assert dpop_challenge(None, algs) == 'DPoP algs="ES256 PS256"'
-    assert dpop_challenge(dpop_refusal("dpop_jkt_mismatch"), algs, "api") == (
-        'DPoP realm="api", error="invalid_token", '
-        'error_description="token is bound to a different DPoP key", algs="ES256 PS256"')
-    assert dpop_challenge(dpop_refusal("dpop_nonce_required"), ("ES256",)).startswith(
-        'DPoP error="use_dpop_nonce", ')
+@pytest.mark.parametrize(("reason", "bearer", "error_in", "expected"), [
+    ("dpop_jkt_mismatch", False, "dpop",
+     ['DPoP realm="api", error="invalid_token", error_description="token is bound to a '
+      'different DPoP key", algs="ES256 PS256"']),
+    ("dpop_proof_missing", True, "dpop",
+     ['Bearer realm="api"', 'DPoP realm="api", error="invalid_dpop_proof", '
+      'error_description="a DPoP proof is required with this token", algs="ES256 PS256"']),
+])
+def test_dpop_refusals_render_a_dpop_challenge(reason: str, bearer: bool, error_in: Any,
+                                               expected: list[str]) -> None:
+    """RFC 9449 section 7.1, through the one renderer (mtls_gateway.refusal)."""
+    refusal = dpop_refusal(reason)
+    refusal.challenge = AuthChallenge(("ES256", "PS256"), bearer, error_in)
+    rendered = render(refusal, "api")
+    assert rendered.status == 401
+    assert [v for k, v in rendered.headers if k == "WWW-Authenticate"] == expected
+    assert json.loads(rendered.body)["reason"] == reason
+
+
+def test_nonce_refusal_renders_dpop_nonce() -> None:
+    refusal = dpop_refusal("dpop_nonce_required", nonce="n-1")
+    refusal.challenge = AuthChallenge(("ES256",), False, "dpop", "n-1")
+    headers = render(refusal, "api").headers
+    assert ("DPoP-Nonce", "n-1") in headers
+    assert ("WWW-Authenticate", 'DPoP realm="api", error="use_dpop_nonce", error_description='
+            '"resource server requires a fresh nonce in the DPoP proof", algs="ES256"') in headers
 
 
 @pytest.mark.parametrize(("value", "expected"), [
