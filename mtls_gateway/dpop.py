@@ -385,13 +385,35 @@ class RedisReplayStore:
                                       retry=Retry(NoBackoff(), 0), health_check_interval=0)
 
     async def first_use(self, key: bytes, ttl: float) -> bool:
+        # The command runs in a task of its own, bounded by a loop timer rather than
+        # asyncio.timeout: the fast lane starts a decision outside any task (it finishes most
+        # without one), and redis-py's own timeouts need one.
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._set(key, ttl))
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            task.cancel()
+
+        timer = loop.call_later(self._timeout * 2, expire)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if expired:
+                raise ReplayStoreUnavailable("redis: timeout") from None
+            raise
+        finally:
+            timer.cancel()
+
+    async def _set(self, key: bytes, ttl: float) -> bool:
         from redis.exceptions import RedisError
 
         try:
-            async with asyncio.timeout(self._timeout * 2):
-                created = await self._client.set(self._PREFIX + key, b"1", nx=True,
-                                                 px=max(1, math.ceil(ttl * 1000)))
-        except (RedisError, OSError, TimeoutError) as exc:
+            created = await self._client.set(self._PREFIX + key, b"1", nx=True,
+                                             px=max(1, math.ceil(ttl * 1000)))
+        except (RedisError, OSError) as exc:
             raise ReplayStoreUnavailable(f"redis: {type(exc).__name__}") from exc
         return bool(created)
 
