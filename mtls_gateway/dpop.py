@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -188,6 +189,7 @@ def _remove_dot_segments(path: str) -> str:
     return result + "/" if trailing and not result.endswith("/") else result
 
 
+@functools.lru_cache(maxsize=512)
 def normalize_origin(scheme: str, authority: str) -> str | None:
     """``scheme://host[:port]`` normalised (lower case, default port dropped), or None."""
     scheme = scheme.lower()
@@ -202,11 +204,13 @@ def normalize_origin(scheme: str, authority: str) -> str | None:
     return f"{scheme}://{host}:{port}" if port else f"{scheme}://{host}"
 
 
+@functools.lru_cache(maxsize=512)
 def normalize_path(path: str) -> str:
     """A path normalised as RFC 3986 section 6.2.2 and 6.2.3 say (empty path is ``/``)."""
     return _remove_dot_segments(_pct_normalize(path)) or "/"
 
 
+@functools.lru_cache(maxsize=512)
 def normalize_uri(uri: str) -> tuple[str, str] | None:
     """``(origin, path)`` of an absolute http(s) URI without query and fragment, or None."""
     if len(uri) > 8192 or not _URI_CHARS.match(uri):
@@ -264,17 +268,22 @@ def _b64(data: bytes) -> str:
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+_B64_VALUE = {c: i for i, c in enumerate(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+
+
 def _b64decode(segment: str) -> bytes:
     """Strict base64url without padding; non-canonical encodings refused (ValueError)."""
-    if not _B64URL.match(segment) or len(segment) % 4 == 1:
+    rest = len(segment) % 4
+    if rest == 1 or not _B64URL.match(segment):
         raise ValueError("not base64url")
+    # the unused low bits of the last character must be zero (RFC 4648 section 3.5)
+    if rest and _B64_VALUE[segment[-1]] & (0x0F if rest == 2 else 0x03):
+        raise ValueError("non-canonical base64url")
     try:
-        data = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        return base64.urlsafe_b64decode(segment + "=" * (-rest % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
-    if _b64(data) != segment:       # stray low bits in the last character
-        raise ValueError("non-canonical base64url")
-    return data
 
 
 # --- nonces (section 9) ------------------------------------------------------------------
@@ -483,7 +492,8 @@ class DpopVerifier:
                        if config.nonce_secret else None)
         origins = [normalize_origin(*_split_origin(o)) for o in config.external_origins]
         self._origins = frozenset(o for o in origins if o)
-        self._keys: LRUCache[str, Any] = LRUCache(maxsize=4096)
+        self._keys: LRUCache[str, Any] = LRUCache(maxsize=1024)
+        self._headers: LRUCache[str, tuple[str, str, Any]] = LRUCache(maxsize=1024)
 
     def _fail(self, reason: str, nonce: bool = False) -> Refusal:
         return dpop_refusal(reason, nonce=self.nonces.current() if nonce and self.nonces
@@ -519,15 +529,24 @@ class DpopVerifier:
         parts = values[0].strip(" \t").split(".")
         if len(parts) != 3:
             raise self._fail("dpop_proof_invalid")
+        # A client sends the same header (typ, alg, its jwk) on every proof: the checked
+        # header and its parsed key are remembered by the exact segment.
+        known = self._headers.get(parts[0])
         try:
-            header = loads_object(_b64decode(parts[0]))
+            header = loads_object(_b64decode(parts[0])) if known is None else None
             claims = loads_object(_b64decode(parts[1]))
             signature = _b64decode(parts[2])
         except (ValueError, UnicodeDecodeError) as exc:
             raise self._fail("dpop_proof_invalid") from exc
-        alg, jwk, jkt = self._header(header)
-        self._claims(claims, request, nonce_required)
-        key = self._key(jkt, alg, jwk)
+        if known is None:
+            assert header is not None
+            alg, jwk, jkt = self._header(header)
+            self._claims(claims, request, nonce_required)
+            key = self._key(jkt, alg, jwk)
+            self._headers[parts[0]] = (alg, jkt, key)
+        else:
+            alg, jkt, key = known
+            self._claims(claims, request, nonce_required)
         signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
         if not _ALGORITHMS[alg].verify(signing_input, key, signature):
             raise self._fail("dpop_proof_invalid")
