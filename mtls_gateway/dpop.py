@@ -494,6 +494,7 @@ class DpopVerifier:
         self._origins = frozenset(o for o in origins if o)
         self._keys: LRUCache[str, Any] = LRUCache(maxsize=1024)
         self._headers: LRUCache[str, tuple[str, str, Any]] = LRUCache(maxsize=1024)
+        self._ath: LRUCache[str, str] = LRUCache(maxsize=1024)   # token -> its ath
 
     def _fail(self, reason: str, nonce: bool = False) -> Refusal:
         return dpop_refusal(reason, nonce=self.nonces.current() if nonce and self.nonces
@@ -611,8 +612,10 @@ class DpopVerifier:
         if iat > now + self.config.iat_max_skew:
             raise self._fail("dpop_iat_in_future", nonce=nonce_required)
         ath = claims.get("ath")
-        if not isinstance(ath, str) or not hmac.compare_digest(
-                ath.encode(), access_token_hash(request.access_token).encode()):
+        expected = self._ath.get(request.access_token)
+        if expected is None:
+            expected = self._ath[request.access_token] = access_token_hash(request.access_token)
+        if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), expected.encode()):
             raise self._fail("dpop_ath_mismatch")
 
     def _htu_matches(self, htu: str, request: ProofRequest) -> bool:
