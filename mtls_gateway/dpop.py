@@ -466,6 +466,9 @@ class ProofRequest:
     host: str | None          # the Host header (None: absent)
     scheme: str               # the listener's scheme: "https" (or "http" without TLS)
     access_token: str
+    #: SHA-256 of the token when the caller has it already (the pipeline does): ``ath``
+    #: is its base64url, so the token is not hashed twice.
+    token_sha256: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,7 +497,6 @@ class DpopVerifier:
         self._origins = frozenset(o for o in origins if o)
         self._keys: LRUCache[str, Any] = LRUCache(maxsize=1024)
         self._headers: LRUCache[str, tuple[str, str, Any]] = LRUCache(maxsize=1024)
-        self._ath: LRUCache[str, str] = LRUCache(maxsize=1024)   # token -> its ath
 
     def _fail(self, reason: str, nonce: bool = False) -> Refusal:
         return dpop_refusal(reason, nonce=self.nonces.current() if nonce and self.nonces
@@ -612,9 +614,8 @@ class DpopVerifier:
         if iat > now + self.config.iat_max_skew:
             raise self._fail("dpop_iat_in_future", nonce=nonce_required)
         ath = claims.get("ath")
-        expected = self._ath.get(request.access_token)
-        if expected is None:
-            expected = self._ath[request.access_token] = access_token_hash(request.access_token)
+        expected = (_b64(request.token_sha256) if request.token_sha256 is not None
+                    else access_token_hash(request.access_token))
         if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), expected.encode()):
             raise self._fail("dpop_ath_mismatch")
 

@@ -309,7 +309,8 @@ class Pipeline:
             check_binding("required", info, peer)
         assert self.dpop is not None        # built whenever a route accepts DPoP
         await self.dpop.check(view.dpop, ProofRequest(view.method, view.target, view.host,
-                                                      view.scheme, credential.token),
+                                                      view.scheme, credential.token,
+                                                      credential.digest),
                               expected_jkt=info.cnf_jkt, nonce_required=policy.dpop_nonce)
 
     @staticmethod
