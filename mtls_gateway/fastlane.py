@@ -68,8 +68,12 @@ _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
                         b"http2-settings"})
 _HOP_BY_HOP = frozenset(name.encode() for name in HOP_BY_HOP)
-#: An upstream answer head larger than this is refused (502), like aiohttp's client limits.
-_MAX_RESPONSE_HEAD = 64 * 1024
+#: aiohttp's client limits on an answer head (ClientSession's defaults): a header field (name
+#: and value) or a status line over _MAX_FIELD bytes, or more than _MAX_FIELDS fields, is
+#: refused (502) on both paths alike.
+_MAX_FIELD = 8190
+_MAX_FIELDS = 128
+_MAX_RESPONSE_HEAD = (_MAX_FIELDS + 1) * (_MAX_FIELD + 4)
 _SERVER = SERVER_SOFTWARE.encode()
 
 
@@ -238,6 +242,12 @@ class _UpstreamConnection(asyncio.Protocol):
         else:                   # an idle connection has nothing to say: not reusable
             self.close()
 
+    @property
+    def reusable(self) -> bool:
+        """Open, and not closing: an answer read to its end leaves nothing else to know."""
+        return not self.closed and self.transport is not None \
+            and not self.transport.is_closing()
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
         self.pool.forget(self)
@@ -310,10 +320,17 @@ class UpstreamPool:
         return conn
 
     def give_back(self, conn: _UpstreamConnection) -> None:
+        """Pool ``conn`` (its answer read to the end): idle, open, and reading, so that the
+        next request drawing it hears its answer (reading may have been paused for a slow
+        client while the last bytes were relayed)."""
         conn.relay = None
-        if conn.closed or self._closed:
+        if not conn.reusable or self._closed:
             conn.close()
             return
+        transport = conn.transport
+        assert transport is not None
+        if not transport.is_reading():
+            transport.resume_reading()
         self._idle.setdefault(conn.key, []).append(conn)
         self._wake()
 
@@ -418,6 +435,7 @@ class FastLane:
         self._drain: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
         self._heard = 0.0
+        self._client_paused = False
         # identity header lines, X-Forwarded-For/Proto included, for the identity mapping
         # the pipeline gave last (it gives the same mapping while nothing changed)
         self._identity: Mapping[str, str] | None = None
@@ -585,7 +603,11 @@ class FastLane:
             self._complete()
 
     def _relay(self, data: bytes) -> bytes:
-        """Client bytes for upstream ``data``; ``_state`` back to _NONE when the answer ends."""
+        """Client bytes for upstream ``data``; ``_state`` back to _NONE when the answer ends.
+
+        The head counts as sent only once the body bytes of the same read are good too: a
+        broken answer in one read is refused (502) whole, as aiohttp's client refuses it,
+        never half relayed and then cut."""
         if not self._head_sent:
             self._rbuf += data
             while True:
@@ -598,9 +620,18 @@ class FastLane:
                 out = self._response_head(head)
                 if out is not None:
                     break
-            self._head_sent = True
             data, self._rbuf = self._rbuf, b""
-            return out + self._body(data) if data else out
+            body = self._body(data) if data else b""
+            # the answer is good so far: from here on the client has a head
+            request, decision, gateway = self._request, self._decision, self._gateway
+            assert request is not None and isinstance(decision, Allow) and gateway is not None
+            gateway.pipeline.upstream_answered(decision.route,
+                                               time.perf_counter() - self._sent_at)
+            self._close_after = self.host.lane_request_done(b"close" in request.connection)
+            self._head_sent = True
+            if self._close_after:
+                out += b"Connection: close\r\n"
+            return out + b"\r\n" + body
         return self._body(data)
 
     def _response_head(self, head: bytes) -> bytes | None:
@@ -612,6 +643,8 @@ class FastLane:
         code, _, reason = rest.partition(b" ")
         if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code) != 3 or not code.isdigit():
             raise _BadResponse("bad status line")
+        if len(reason) > _MAX_FIELD or len(lines) - 1 > _MAX_FIELDS:
+            raise _BadResponse("response head too large")
         status = int(code)
         if status < 200:
             if status == 101:
@@ -627,6 +660,8 @@ class FastLane:
             if not colon or not _TOKEN.fullmatch(name):
                 raise _BadResponse("bad header line")
             lower, value = name.lower(), value.strip(b" \t")
+            if len(name) + len(value) > _MAX_FIELD:
+                raise _BadResponse("response header too large")
             if lower == b"content-length":
                 if not value.isdigit() or len(value) > 18 or (
                         length is not None and int(value) != length):
@@ -660,11 +695,6 @@ class FastLane:
             self._state, self._left = (_LENGTH, length) if length else (_NONE, 0)
         else:                       # delimited by the upstream closing: chunked to the client
             self._state, self._client_chunked, self._upstream_keep = _UNTIL_EOF, True, False
-        gateway, decision = self._gateway, self._decision
-        assert gateway is not None and isinstance(decision, Allow)
-        gateway.pipeline.upstream_answered(decision.route, time.perf_counter() - self._sent_at)
-        self._close_after = self.host.lane_request_done(
-            b"close" in request.connection)
         drop = _HOP_BY_HOP | named if named else _HOP_BY_HOP
         out = [b"HTTP/1.1 ", code, b" ", reason, b"\r\n"]
         seen_date = seen_server = False
@@ -680,10 +710,7 @@ class FastLane:
             out += (b"Server: ", _SERVER, b"\r\n")
         if (chunked or self._client_chunked) and not no_body:
             out.append(b"Transfer-Encoding: chunked\r\n")
-        if self._close_after:
-            out.append(b"Connection: close\r\n")
-        out.append(b"\r\n")
-        return b"".join(out)
+        return b"".join(out)            # (Connection and the final CRLF: see _relay)
 
     def _body(self, data: bytes) -> bytes:
         state = self._state
@@ -761,10 +788,11 @@ class FastLane:
             self._state = _NONE
             self._complete()
             return
-        if not self._head_sent and not self._rbuf and not self._retried:
-            # Closed before any answer (often a kept-alive connection the upstream had just
-            # closed): once more on a new connection, as aiohttp's client does for idempotent
-            # requests (RFC 9112 section 9.3.1); a plain request has no body to resend.
+        if not self._head_sent and not self._retried:
+            # Closed or reset before a whole answer head (often a kept-alive connection the
+            # upstream had just closed): once more on a new connection, as aiohttp's client
+            # does for idempotent requests (RFC 9112 section 9.3.1); a plain request has no
+            # body to resend.
             self._retried = True
             self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
             return
@@ -852,6 +880,10 @@ class FastLane:
         self._timer = None
         if self._conn is None or not self._busy:
             return                      # nothing waits on the upstream now
+        if self._client_paused:
+            # Not the upstream's fault: the client is not reading, and the upstream is not
+            # read until it does (as on the aiohttp path, its download is not cut for that).
+            self._heard = self._loop.time()
         deadline = self._heard + self._read_timeout
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._timed_out)
@@ -876,12 +908,16 @@ class FastLane:
             transport.resume_reading()
 
     def pause_writing(self) -> None:
-        """The client reads slower than the upstream answers: stop reading the upstream."""
+        """The client reads slower than the upstream answers: stop reading the upstream
+        (and stop holding the upstream to ``read_timeout`` meanwhile)."""
+        self._client_paused = True
         conn = self._conn
         if conn is not None and conn.transport is not None:
             conn.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._client_paused = False
+        self._heard = self._loop.time()         # the upstream's clock starts again
         conn = self._conn
         if conn is not None and conn.transport is not None and not conn.closed:
             conn.transport.resume_reading()

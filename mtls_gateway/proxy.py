@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator, Mapping
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
+from .aiohttp_compat import fail_body_on_connection_loss
 from .config import LimitsConfig, UpstreamConfig
 from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, UpstreamTimeout
 
@@ -184,15 +186,18 @@ class Forwarder:
             response[UPSTREAM_SECONDS] = time.perf_counter() - started
             response.headers.extend(strip_hop_by_hop(upstream.headers))
             await response.prepare(request)
+            undo = fail_body_on_connection_loss(upstream)
             try:
                 async for chunk in upstream.content.iter_chunked(_CHUNK):
                     await response.write(chunk)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, HttpProcessingError, OSError) as exc:
                 # Headers are gone already: the only honest signal left is a cut connection.
                 log.warning("upstream broke off mid-response: %s", type(exc).__name__)
                 response[ABORTED] = True
                 if request.transport is not None:
                     request.transport.close()
                 return response
+            finally:
+                undo()
             await response.write_eof()
             return response
