@@ -72,6 +72,7 @@ __all__ = [
     "dpop_refusal",
     "jwk_thumbprint",
     "normalize_origin",
+    "normalize_path",
     "normalize_uri",
     "replay_store_for",
 ]
