@@ -272,6 +272,28 @@ async def test_mtls_or_dpop(make_gateway: GatewayFactory, pki: Pki, issuer: Issu
     assert challenges[1].startswith('DPoP realm="mtls-gateway", algs=')
     no_proof = await gw.request("/either/x", cert="a", headers=_dpop_headers(key_bound, None))
     _assert_refused(no_proof, upstream, "dpop_proof_missing", "invalid_dpop_proof")
+    as_dpop = await gw.request("/either/x", cert="a", headers=_dpop_headers(
+        cert_bound, key.proof("GET", url, cert_bound)))   # the DPoP scheme, a cert-bound token
+    _assert_refused(as_dpop, upstream, "dpop_binding_missing", "invalid_token")
+
+
+async def test_mtls_or_dpop_token_bound_both_ways_is_checked_both_ways(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        tmp_path: Path, key: DpopKey, fast_lane: bool) -> None:
+    gw = await _gateway(make_gateway, pki, issuer, upstream, tmp_path, fast_lane)
+    url = f"{gw.url}/either/x"
+    both = issuer.mint(None, cnf={"x5t#S256": pki.clients["a"].thumbprint,
+                                  "jkt": key.thumbprint})
+    ok = await gw.request("/either/x", cert="a", headers=_dpop_headers(
+        both, key.proof("GET", url, both)))
+    assert ok.status == 200
+    upstream.seen.clear()
+    wrong_cert = await gw.request("/either/x", cert="b", headers=_dpop_headers(
+        both, key.proof("GET", url, both)))
+    _assert_refused(wrong_cert, upstream, "binding_mismatch", "invalid_token")
+    no_cert = await gw.request("/either/x", cert=None, headers=_dpop_headers(
+        both, key.proof("GET", url, both)))
+    _assert_refused(no_cert, upstream, "no_client_cert", "invalid_token")
 
 
 async def test_mtls_routes_unchanged_for_dpop_bound_tokens(
