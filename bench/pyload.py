@@ -4,6 +4,10 @@ Same flags and the same ``RESULT {json}`` line as ``shared/tools/mtlsload`` (a s
 ``-resume``), so ``bench/run.py`` can use either. Closed loop: ``-c`` workers, each with one
 mutual-TLS connection reused (keep-alive) or a new one per request (``-newconn``).
 
+``-dpop-key PEM`` (this tool only): send the token as ``Authorization: DPoP`` with a fresh
+RFC 9449 proof per request (ES256 with that P-256 key: new ``jti``, current ``iat``, ``ath``
+of the token), as a real DPoP client does.
+
 It is much slower than the Go tool (one Python core drives a few thousand requests/s), so
 with it the figures of the fastest rows measure the load generator as much as the server;
 ``bench/run.py`` labels every figure made with it.
@@ -13,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
 import ssl
 import sys
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -70,6 +78,37 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, close
 
 
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _dpop_signer(key_file: str, method: str, htu: str, token: str) -> Callable[[], bytes]:
+    """A function that returns a fresh ``DPoP: <proof>`` header line each call."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    numbers = key.public_key().public_numbers()
+    jwk = {"crv": "P-256", "kty": "EC", "x": _b64(numbers.x.to_bytes(32, "big")),
+           "y": _b64(numbers.y.to_bytes(32, "big"))}
+    header = _b64(json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk},
+                             separators=(",", ":")).encode())
+    ath = _b64(hashlib.sha256(token.encode()).digest())
+    algorithm = ec.ECDSA(hashes.SHA256())
+
+    def proof() -> bytes:
+        claims = {"jti": uuid.uuid4().hex, "htm": method, "htu": htu, "iat": int(time.time()),
+                  "ath": ath}
+        signing_input = f"{header}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
+        r, s = decode_dss_signature(key.sign(signing_input.encode(), algorithm))
+        signature = _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+        return f"DPoP: {signing_input}.{signature}\r\n".encode()
+
+    return proof
+
+
 async def _run(args: argparse.Namespace) -> int:
     url = urlsplit(args.url)
     if url.scheme != "https" or url.hostname is None:
@@ -84,10 +123,13 @@ async def _run(args: argparse.Namespace) -> int:
     lines = [f"{args.m} {url.path or '/'}{'?' + url.query if url.query else ''} HTTP/1.1",
              f"Host: {url.netloc}", "User-Agent: pyload"]
     if args.token:
-        lines.append(f"Authorization: Bearer {args.token}")
+        lines.append(f"Authorization: {'DPoP' if args.dpop_key else 'Bearer'} {args.token}")
     if args.newconn:
         lines.append("Connection: close")
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    dpop = _dpop_signer(args.dpop_key, args.m, f"https://{url.netloc}{url.path or '/'}",
+                        args.token) if args.dpop_key else None
+    head = request[:-2]            # the request without its final CRLF: proofs go after it
 
     warmup, duration = _duration(args.warmup), _duration(args.d)
     stats = _Stats()
@@ -107,7 +149,7 @@ async def _run(args: argparse.Namespace) -> int:
                     if counting:
                         stats.handshakes += 1
                 assert reader is not None and writer is not None
-                writer.write(request)
+                writer.write(request if dpop is None else head + dpop() + b"\r\n")
                 status, close = await asyncio.wait_for(_read_response(reader), 30)
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError,
                     TimeoutError) as exc:
@@ -175,6 +217,7 @@ def main() -> int:
     p.add_argument("-warmup", default="0s")
     p.add_argument("-expect", type=int, default=200)
     p.add_argument("-newconn", action="store_true")
+    p.add_argument("-dpop-key", dest="dpop_key", default="")
     args = p.parse_args()
     args.token = Path(args.token_file).read_text().strip() if args.token_file else ""
     return asyncio.run(_run(args))

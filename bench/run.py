@@ -24,8 +24,10 @@ See bench/README.md for what each row means and how to read the ratios.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -85,6 +87,7 @@ class Material:
     secret_file: Path
     es256_public_pem: Path                # the issuer's ES256 key, for HAProxy's jwt_verify
     server_pem: Path                      # server certificate + key in one file (HAProxy)
+    dpop_key: Path | None = None          # the client's P-256 DPoP key (PEM), for dpop-es256
 
 
 def make_material(directory: Path) -> Material:
@@ -113,9 +116,17 @@ def make_material(directory: Path) -> Material:
               "iat": now, "nbf": now, "exp": now + 3600, "scope": SCOPE,
               "cnf": {"x5t#S256": thumbprints["alice"]}}
     tokens: dict[str, Path] = {}
-    for kind, key, alg, kid in (("rs256", rsa_key, "RS256", "bench-rsa"),
-                                ("es256", ec_key, "ES256", "bench-ec")):
-        token = jwt.encode({**claims, "jti": uuid.uuid4().hex}, key, algorithm=alg,
+    # DPoP (RFC 9449): the client's own key; its token is bound to the key's thumbprint.
+    dpop_key = ec.generate_private_key(ec.SECP256R1())
+    dpop_key_file = directory / "dpop-key.pem"
+    dpop_key_file.write_bytes(dpop_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    dpop_claims = {**claims, "cnf": {"jkt": _jwk_thumbprint(dpop_key.public_key())}}
+    for kind, key, alg, kid, body in (("rs256", rsa_key, "RS256", "bench-rsa", claims),
+                                      ("es256", ec_key, "ES256", "bench-ec", claims),
+                                      ("dpop-es256", ec_key, "ES256", "bench-ec", dpop_claims)):
+        token = jwt.encode({**body, "jti": uuid.uuid4().hex}, key, algorithm=alg,
                            headers={"kid": kid, "typ": "at+jwt"})
         tokens[kind] = directory / f"token-{kind}.txt"
         tokens[kind].write_text(token + "\n")
@@ -135,7 +146,33 @@ def make_material(directory: Path) -> Material:
     server_pem.write_bytes(server_cert.read_bytes() + server_key.read_bytes())
     return Material(directory, ca_file, server_cert, server_key, certs, tokens,
                     {"keys": [rsa_jwk, ec_jwk]}, introspection_tokens, secret_file,
-                    es256_pem, server_pem)
+                    es256_pem, server_pem, dpop_key_file)
+
+
+def _jwk_thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
+    """RFC 7638 thumbprint of a P-256 key (members crv, kty, x, y in that order)."""
+    jwk = json.loads(ECAlgorithm.to_jwk(public_key))
+    canonical = json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")}, separators=(",", ":"))
+    digest = hashlib.sha256(canonical.encode()).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def es256_verify_us(rounds: int = 5, n: int = 2000) -> float:
+    """One ES256 signature verification alone, in CPU microseconds: the call the gateway makes
+    for a DPoP proof (pyjwt's ECAlgorithm.verify on a parsed key), the median of ``rounds``."""
+    alg = ECAlgorithm(ECAlgorithm.SHA256)
+    key = ec.generate_private_key(ec.SECP256R1())
+    message = b"eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJqdGkiOiJ4In0"
+    signature = alg.sign(message, key)
+    public = key.public_key()
+    samples = []
+    for _ in range(rounds):
+        started = time.process_time()
+        for _ in range(n):
+            if not alg.verify(message, public, signature):
+                raise RuntimeError("ES256 verification failed")
+        samples.append((time.process_time() - started) / n * 1e6)
+    return sorted(samples)[len(samples) // 2]
 
 
 def haproxy_config(m: Material, port: int, upstream_port: int) -> str:
@@ -176,7 +213,11 @@ def gateway_config(m: Material, upstream_url: str, introspection_url: str) -> di
             {"name": "jwt", "path_prefix": "/jwt", "auth": {"provider": "jwt", **bound}},
             {"name": "opaque", "path_prefix": "/opaque",
              "auth": {"provider": "opaque", **bound}},
+            {"name": "dpop", "path_prefix": "/dpop",
+             "auth": {"provider": "jwt", "sender_constraint": "dpop", **bound}},
         ],
+        # every proof of the window (65 s) is remembered: room for the fastest row
+        "dpop": {"replay_cache_size": 1_000_000},
     }
 
 
@@ -439,6 +480,7 @@ class Scenario:
     ref: str = "gw-none"      # the row its ratio is taken against
     extra: bool = False       # diagnostic row, run with --extra or --only
     rate: float = 0.0         # mode "rate": requests/s in total (paced, not saturating)
+    loadgen: str = ""         # "python": always bench/pyload.py (it signs DPoP proofs)
 
 
 RATE = 1000.0   # requests/s of the latency rows (the issue's "moderate fixed load")
@@ -511,6 +553,12 @@ SCENARIOS: tuple[Scenario, ...] = (
              "gateway-asyncio", "/none/x", None, extra=True),
     Scenario("asyncio-es256", "bound JWT ES256, gateway on asyncio's loop", "gateway-asyncio",
              "/jwt/x", "es256", ref="gw-es256", extra=True),
+    # --- DPoP (issue 19): a fresh ES256 proof per request, as real clients send. Both rows are
+    # driven by bench/pyload.py (it signs the proofs), so they compare with each other.
+    Scenario("dpop-ref-es256", "gateway, bound JWT ES256 (pyload: reference of dpop-es256)",
+             "gateway", "/jwt/x", "es256", ref="gw-es256", loadgen="python"),
+    Scenario("dpop-es256", "gateway, DPoP-bound JWT ES256 + fresh ES256 proof per request",
+             "gateway", "/dpop/x", "dpop-es256", ref="dpop-ref-es256", loadgen="python"),
     Scenario("gw-none-2", "gateway, auth: none again (drift check)", "gateway", "/none/x", None,
              ref="gw-none"),
 )
@@ -563,6 +611,8 @@ def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, in
     cert, key = m.certs[s.cert]
     scheme = "http" if s.target == "direct" else "https"
     gen_argv = loadgen.argv
+    if s.loadgen == "python" and loadgen.kind == "go":   # [*pinning, mtlsload] -> pyload
+        gen_argv = [*loadgen.argv[:-1], PYTHON, str(BENCH / "pyload.py")]
     if s.target == "gateway-w2" and gen_argv[0].endswith("taskset"):
         gen_argv = [*both_cores, *gen_argv[3:]]   # the load side shares both cores too
     argv = [*gen_argv, "-url", f"{scheme}://127.0.0.1:{ports[s.target]}{s.path}",
@@ -570,6 +620,8 @@ def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, in
             "-d", f"{duration}s", "-warmup", f"{warmup}s", "-expect", str(s.expect)]
     if s.token:
         argv += ["-token-file", str(m.tokens[s.token])]
+    if s.token == "dpop-es256" and m.dpop_key is not None:
+        argv += ["-dpop-key", str(m.dpop_key)]
     if s.mode in ("newconn", "resume"):
         argv.append("-newconn")
     if s.mode == "resume":
@@ -875,6 +927,35 @@ def print_targets(rounds: dict[str, list[Outcome]], outcomes: list[Outcome]) -> 
               "less sensitive\n  to other work on a shared machine than req/s.")
 
 
+#: Issue 19: the DPoP row may cost at most the bound-JWT row's CPU per request plus this many
+#: ES256 verifications (measured alone in the same run).
+DPOP_VERIFICATIONS = 1.5
+
+
+def print_dpop(rounds: dict[str, list[Outcome]], outcomes: list[Outcome],
+               verify_us: float) -> None:
+    """CPU per request of dpop-es256, split into the proof's signature verification and the
+    rest, against the bound-JWT row driven by the same load generator (medians over rounds)."""
+    ok = {o.scenario.key for o in outcomes if o.ok}
+    if not {"dpop-es256", "dpop-ref-es256"} <= ok:
+        return
+    dpop = _median([o.cpu_us_per_request for o in rounds["dpop-es256"]])
+    ref = _median([o.cpu_us_per_request for o in rounds["dpop-ref-es256"]])
+    added = dpop - ref
+    budget = DPOP_VERIFICATIONS * verify_us
+    print("\nDPoP (issue 19), gateway CPU per request (medians over rounds; both rows by "
+          "pyload):")
+    print(f"  bound JWT ES256 (dpop-ref-es256)        {ref:7.0f} us/req")
+    print(f"  DPoP-bound JWT + fresh proof (dpop-es256) {dpop:5.0f} us/req  = reference "
+          f"{added:+.0f} us")
+    print(f"    of which the proof's ES256 verification {verify_us:5.0f} us  (measured alone, "
+          "this run)")
+    print(f"    of which everything else               {added - verify_us:+5.0f} us  (parse, "
+          "checks, thumbprint, replay cache, DPoP header)")
+    print(f"  target: added <= {DPOP_VERIFICATIONS} x verification = {budget:.0f} us   "
+          f"{'met' if added <= budget else 'NOT MET'}")
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
@@ -896,7 +977,7 @@ def decision_counts(log: Path) -> collections.Counter[tuple[str, str, int]]:
 
 EXPECTED_DECISIONS = {("none", "public_route", 200), ("jwt", "allowed", 200),
                       ("opaque", "allowed", 200), ("jwt", "binding_mismatch", 401),
-                      ("jwt", "no_token", 401)}
+                      ("jwt", "no_token", 401), ("dpop", "allowed", 200)}
 
 
 def environment(loadgen: LoadGen, pin: Pinning, args: argparse.Namespace) -> list[str]:
@@ -1095,6 +1176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print_table(outcomes)
     print_costs(outcomes)
     print_targets(rounds, outcomes)
+    if "dpop-es256" in rounds:
+        print_dpop(rounds, outcomes, es256_verify_us())
     print(f"\ngateway resident memory: {rss_before:.0f} MiB after start, {rss_after:.0f} MiB "
           f"after {sum(decisions.values())} requests")
     print("\ngateway decisions (from its log, warm-up included):")

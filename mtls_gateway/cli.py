@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import AuthPolicy, GatewayConfig
 from .config_load import load_config, unreadable_files
 from .errors import ConfigError
 
@@ -99,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if config.listen.port == 0:
             print("mtls-gateway: --workers needs a fixed listen.port (not 0)", file=sys.stderr)
             return 2
+        if _dpop_memory_store(config):
+            print("mtls-gateway: --workers with routes that accept DPoP needs a shared "
+                  "dpop.replay_store (redis://...): each worker's in-process replay cache "
+                  "would accept a proof another worker has seen", file=sys.stderr)
+            return 2
         from .workers import run_workers
 
         try:
@@ -143,6 +149,13 @@ def _check_files(config: Path, files: list[tuple[str, Path]], run_as: str | None
     print(f"{config}: OK ({len(routes)} routes, {providers} providers"
           f"{f', {warned} warnings' if warned else ''})")
     return 0
+
+
+def _dpop_memory_store(config: GatewayConfig) -> bool:
+    """Some route accepts DPoP and the replay store is this process's own."""
+    return config.dpop.replay_store == "memory" and any(
+        isinstance(r.auth, AuthPolicy) and r.auth.sender_constraint != "mtls"
+        for r in config.routes)
 
 
 if __name__ == "__main__":

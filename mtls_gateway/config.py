@@ -28,6 +28,7 @@ __all__ = [
     "ClientAuthMethod",
     "ClientRegistration",
     "ClientRegistryConfig",
+    "DpopConfig",
     "GatewayConfig",
     "HeaderCertificateSource",
     "IdentityHeaders",
@@ -40,6 +41,7 @@ __all__ = [
     "PathMatch",
     "Provider",
     "Route",
+    "SenderConstraint",
     "TlsClientAuthMethod",
     "TrustedProxies",
     "UpstreamConfig",
@@ -52,6 +54,9 @@ ASYMMETRIC_ALGORITHMS: tuple[str, ...] = (
 )
 
 Binding = Literal["required", "optional", "off"]
+#: What a token on a route is bound to: the TLS client certificate (RFC 8705), a DPoP
+#: key (RFC 9449), or either, as the token's ``cnf`` says.
+SenderConstraint = Literal["mtls", "dpop", "mtls_or_dpop"]
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "tls_client_auth"]
 CertHeaderFormat = Literal["rfc9440", "xfcc", "pem"]
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -248,6 +253,8 @@ class AuthPolicy:
     providers: tuple[str, ...]
     binding: Binding
     scopes: tuple[str, ...]
+    sender_constraint: SenderConstraint = "mtls"   # see DpopConfig and docs/dpop.md
+    dpop_nonce: bool = False                       # RFC 9449 s9: proofs carry our nonce
 
 
 @dataclass(frozen=True)
@@ -345,6 +352,31 @@ class MetadataConfig:
     as_metadata: AsMetadataRewrite | None
 
 
+# --- DPoP (RFC 9449, issue 19) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DpopConfig:
+    """The top-level ``dpop:`` section: how DPoP proofs are checked (mtls_gateway.dpop).
+
+    ``replay_store`` is ``"memory"`` (one replica) or a ``redis://`` / ``rediss://`` URL
+    shared by every replica. ``external_origins`` are the scheme://host[:port] clients
+    address (behind a load balancer); empty: the listener's scheme and the Host header.
+    Secrets come from files or the environment, never from the YAML itself.
+    """
+
+    algorithms: tuple[str, ...] = ASYMMETRIC_ALGORITHMS
+    iat_max_age: float = 60.0                # a proof's iat may be this old ...
+    iat_max_skew: float = 5.0                # ... or this far in the future
+    replay_store: str = "memory"
+    replay_cache_size: int = 100_000         # memory store: entries; full -> 503
+    replay_store_timeout: float = 0.5        # redis store: connect and command timeout
+    replay_store_password: str | None = field(default=None, repr=False)
+    nonce_secret: bytes | None = field(default=None, repr=False)
+    nonce_lifetime: float = 300.0            # a nonce is accepted for 1 to 2 lifetimes
+    external_origins: tuple[str, ...] = ()
+    max_proof_size: int = 8192               # bytes of the DPoP header value
+
+
 @dataclass(frozen=True)
 class GatewayConfig:
     source: Path | None
@@ -362,6 +394,7 @@ class GatewayConfig:
     client_registries: dict[str, ClientRegistryConfig] = field(default_factory=dict)
     metadata: MetadataConfig | None = None
     fast_lane: bool = True                 # plain requests skip aiohttp (fastlane.py)
+    dpop: DpopConfig = field(default_factory=DpopConfig)
 
     def watched_files(self) -> tuple[Path, ...]:
         """Files whose change on disk triggers a reload (the config file and TLS material)."""

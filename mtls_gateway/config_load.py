@@ -36,6 +36,7 @@ from .config import (
     CacheConfig,
     ClientRegistration,
     ClientRegistryConfig,
+    DpopConfig,
     GatewayConfig,
     HeaderCertificateSource,
     IdentityHeaders,
@@ -48,6 +49,7 @@ from .config import (
     PathMatch,
     Provider,
     Route,
+    SenderConstraint,
     TrustedProxies,
     UpstreamConfig,
     UpstreamTls,
@@ -985,10 +987,14 @@ def _auth(sec: _Section, providers: Mapping[str, Provider],
         if name not in providers:
             asec.problem("provider", f'unknown provider "{name}"')
     _check_chain(asec, [providers[n] for n in names if n in providers])
+    binding = asec.string("binding", "required", choices=("required", "optional", "off"))
+    constraint, dpop_nonce = _auth_sender_constraint(asec, binding)
     policy = AuthPolicy(
         providers=names,
-        binding=asec.string("binding", "required", choices=("required", "optional", "off")),
+        binding=binding,
         scopes=asec.strings("scopes", ()),
+        sender_constraint=constraint,
+        dpop_nonce=dpop_nonce,
     )
     if binding_only and policy.binding in ("optional", "off"):
         # Under client_ca: any a certificate proves key possession, not identity: only a
@@ -1368,6 +1374,113 @@ def _metadata(sec: _Section | None, providers: Mapping[str, Provider],
     return metadata
 
 
+# --- DPoP (RFC 9449, issue 19): route fields and the top-level dpop section ----------------
+
+def _auth_sender_constraint(asec: _Section, binding: Any) -> tuple[SenderConstraint, bool]:
+    """``auth.sender_constraint`` and ``auth.dpop_nonce`` of one route."""
+    constraint = asec.string("sender_constraint", "mtls",
+                             choices=("mtls", "dpop", "mtls_or_dpop")) or "mtls"
+    nonce = asec.boolean("dpop_nonce", False)
+    if constraint != "mtls" and binding in ("optional", "off"):
+        asec.problem("binding", f"{binding} is refused with sender_constraint: {constraint} "
+                     "(a DPoP route accepts only tokens bound to the proof's key)")
+    if nonce and constraint == "mtls":
+        asec.problem("dpop_nonce", "needs sender_constraint: dpop or mtls_or_dpop")
+    return cast(SenderConstraint, constraint), nonce
+
+
+def _secret_bytes(sec: _Section, name: str) -> bytes | None:
+    """``<name>_file`` or ``<name>_env``; an inline ``<name>`` is refused."""
+    if name in sec.data:
+        sec.seen.add(name)
+        sec.problem(name, f"inline secrets are refused; use {name}_file or {name}_env")
+    path = sec.file(f"{name}_file", None)
+    env = sec.string(f"{name}_env", None)
+    if path and env:
+        sec.problem(f"{name}_file", f"set only one of {name}_file, {name}_env")
+    if path and path.is_file():
+        return path.read_bytes().strip() or None
+    if env:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            sec.problem(f"{name}_env", f"environment variable {env} is not set or empty")
+        return value.encode() or None
+    return None
+
+
+def _dpop_replay_store(sec: _Section) -> str:
+    store = sec.string("replay_store", "memory")
+    if not isinstance(store, str) or store == "memory":
+        return "memory"
+    parts = urlsplit(store)
+    if parts.scheme not in ("redis", "rediss", "unix") or (
+            parts.scheme != "unix" and not parts.hostname):
+        sec.problem("replay_store", 'must be "memory" or a redis://, rediss:// or unix:// URL '
+                    f"(got {store!r})")
+    elif parts.password is not None:
+        sec.problem("replay_store", "must not contain a password; use "
+                    "replay_store_password_file or replay_store_password_env")
+    return store
+
+
+def _dpop_origins(sec: _Section) -> tuple[str, ...]:
+    origins = sec.strings("external_origins", ())
+    for i, origin in enumerate(origins):
+        parts = urlsplit(origin)
+        if parts.scheme not in ("https", "http") or not parts.hostname or \
+                parts.path not in ("", "/") or parts.query or parts.fragment or \
+                parts.username is not None:
+            sec.problems.add(f"{sec.at('external_origins')}[{i}]",
+                             "must be scheme://host[:port] with nothing else "
+                             f"(got {origin!r})")
+    return tuple(origins)
+
+
+def _dpop(sec: _Section | None, problems: _Problems, routes: tuple[Route, ...]) -> DpopConfig:
+    """The ``dpop:`` section (every field optional); checked against the routes using it."""
+    nonce_routes = [r.name for r in routes
+                    if isinstance(r.auth, AuthPolicy) and r.auth.dpop_nonce]
+    if sec is None:
+        if nonce_routes:
+            problems.add("dpop.nonce_secret_file", "is required: routes "
+                         f"{', '.join(nonce_routes[:3])} set dpop_nonce (or nonce_secret_env)")
+        return DpopConfig()
+    algorithms = sec.strings("algorithms", ASYMMETRIC_ALGORITHMS)
+    for alg in algorithms:
+        if alg not in ASYMMETRIC_ALGORITHMS:
+            sec.problem("algorithms", f"{alg!r} is not allowed (only asymmetric: "
+                        f"{', '.join(ASYMMETRIC_ALGORITHMS)})")
+    if not algorithms:
+        sec.problem("algorithms", "must not be empty")
+    store = _dpop_replay_store(sec)
+    password = _secret_bytes(sec, "replay_store_password")
+    if password and store == "memory":
+        sec.problem("replay_store_password_file", "is only used with a redis replay_store")
+    secret = _secret_bytes(sec, "nonce_secret")
+    if secret is not None and len(secret) < 32:
+        sec.problem("nonce_secret_file", "the nonce secret must be at least 32 bytes")
+    if nonce_routes and secret is None and not any(
+            k in sec.data for k in ("nonce_secret_file", "nonce_secret_env")):
+        sec.problem("nonce_secret_file", "is required: routes "
+                    f"{', '.join(nonce_routes[:3])} set dpop_nonce (or nonce_secret_env)")
+    config = DpopConfig(
+        algorithms=tuple(algorithms),
+        iat_max_age=sec.duration("iat_max_age", 60.0),
+        iat_max_skew=sec.duration("iat_max_skew", 5.0, positive=False),
+        replay_store=store,
+        replay_cache_size=sec.integer("replay_cache_size", 100_000, low=1000,
+                                      high=10_000_000),
+        replay_store_timeout=sec.duration("replay_store_timeout", 0.5),
+        replay_store_password=password.decode() if password else None,
+        nonce_secret=secret,
+        nonce_lifetime=sec.duration("nonce_lifetime", 300.0),
+        external_origins=_dpop_origins(sec),
+        max_proof_size=sec.integer("max_proof_size", 8192, low=1024, high=65536),
+    )
+    sec.finish()
+    return config
+
+
 def _logging(sec: _Section | None, problems: _Problems) -> LoggingConfig:
     sec = sec or _Section({}, "logging", problems)
     cfg = LoggingConfig(level=sec.string("level", "INFO",
@@ -1402,6 +1515,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None,
     metadata = _metadata(top.section("metadata", required=False), providers, routes)
     _check_route_resources(routes, metadata, problems)
     logging_cfg = _logging(top.section("logging", required=False), problems)
+    dpop = _dpop(top.section("dpop", required=False), problems, routes)
     limits = _limits(top.section("limits", required=False), problems)
     realm = top.string("realm", "mtls-gateway")
     if isinstance(realm, str) and ('"' in realm or "\\" in realm):
@@ -1418,7 +1532,7 @@ def load_config_text(text: str, *, base_dir: Path, source: Path | None = None,
                          providers=providers, upstream=upstream, routes=routes,
                          logging=logging_cfg, shutdown_grace=grace, shutdown_delay=delay,
                          reload_interval=reload_interval, client_registries=registries,
-                         metadata=metadata, limits=limits, fast_lane=fast_lane)
+                         metadata=metadata, limits=limits, fast_lane=fast_lane, dpop=dpop)
 
 
 def load_config(path: Path, *, read_files: list[tuple[str, Path]] | None = None

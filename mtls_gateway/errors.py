@@ -29,9 +29,11 @@ show the client and never contains the token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 __all__ = [
+    "AuthChallenge",
     "BodyTooLarge",
     "ConfigError",
     "DependencyDown",
@@ -66,11 +68,29 @@ class ConfigError(GatewayError):
         super().__init__(head + ":\n" + "\n".join(f"  - {p}" for p in self.problems))
 
 
+@dataclass(frozen=True, slots=True)
+class AuthChallenge:
+    """The challenges of a route that accepts DPoP (RFC 9449 section 7.1).
+
+    Set on a refusal by the decision core; :mod:`mtls_gateway.refusal` renders it:
+    a ``DPoP`` challenge with ``algs``, the ``Bearer`` one too when the route also takes
+    certificate-bound tokens, the error in the challenge of the scheme the client used,
+    and ``DPoP-Nonce`` when the client is to retry with a nonce.
+    """
+
+    dpop_algs: tuple[str, ...]
+    bearer: bool                          # send the Bearer challenge too (mtls_or_dpop)
+    error_in: Literal["bearer", "dpop"]   # the challenge that carries error=...
+    nonce: str | None = None
+
+
 class Refusal(GatewayError):
     """A request is refused. Subclasses fix the HTTP status and RFC 6750 error code."""
 
     status: ClassVar[int] = 403
     error: ClassVar[str | None] = None
+    #: None: the Bearer challenge alone (RFC 6750), as on every mutual-TLS route.
+    challenge: AuthChallenge | None = None
 
     def __init__(self, reason: str, description: str = "") -> None:
         super().__init__(f"{reason}: {description}" if description else reason)

@@ -167,6 +167,7 @@ class Gateway:
         for registry in self.registries.values():
             await registry.close()
         await self.forwarder.close()
+        await self.pipeline.close()
 
     def begin(self) -> None:
         self._in_flight += 1

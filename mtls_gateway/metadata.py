@@ -60,23 +60,23 @@ def protected_resource_document(config: GatewayConfig,
     meta = config.metadata
     assert meta is not None
     guarded = guarding_routes(config, resource)
-    bound = any(isinstance(r.auth, AuthPolicy) and r.auth.binding != "off" for r in guarded)
+    policies = [r.auth for r in guarded if isinstance(r.auth, AuthPolicy)]
+    bound = any(p.binding != "off" and p.sender_constraint != "dpop" for p in policies)
     doc: dict[str, Any] = {"resource": resource or meta.resource}
     servers = list(meta.authorization_servers)
     scopes = list(meta.scopes_supported)
     if resource is not None:
-        issuers = {p.issuer for r in guarded if isinstance(r.auth, AuthPolicy)
-                   for name in r.auth.providers
+        issuers = {p.issuer for a in policies for name in a.providers
                    if (p := config.providers.get(name)) is not None and p.issuer}
         servers = [s for s in servers if s in issuers] or servers
-        scopes = sorted({s for r in guarded if isinstance(r.auth, AuthPolicy)
-                         for s in r.auth.scopes})
+        scopes = sorted({s for a in policies for s in a.scopes})
     if servers:
         doc["authorization_servers"] = servers
     if scopes:
         doc["scopes_supported"] = scopes
     doc["bearer_methods_supported"] = ["header"]   # the only method the gateway accepts
     doc["tls_client_certificate_bound_access_tokens"] = bound
+    doc.update(_dpop_members(config, policies))
     if meta.resource_name:
         doc["resource_name"] = meta.resource_name
     if meta.resource_documentation:
@@ -89,6 +89,21 @@ def guarding_routes(config: GatewayConfig, resource: str | None) -> list[Route]:
     if resource is None:
         return [r for r in config.routes if r.resource is None]
     return [r for r in config.routes if r.resource == resource]
+
+
+def _dpop_members(config: GatewayConfig, policies: list[AuthPolicy]) -> dict[str, Any]:
+    """RFC 9728 section 2: DPoP members, only when some route accepts DPoP.
+
+    ``dpop_bound_access_tokens_required`` is true only when every token route demands DPoP.
+    """
+    dpop = [p for p in policies if p.sender_constraint != "mtls"]
+    if not dpop:
+        return {}
+    return {
+        "dpop_signing_alg_values_supported": list(config.dpop.algorithms),
+        "dpop_bound_access_tokens_required": len(dpop) == len(policies)
+        and all(p.sender_constraint == "dpop" for p in dpop),
+    }
 
 
 def rewrite_as_metadata(doc: Mapping[str, Any], rewrite: AsMetadataRewrite) -> dict[str, Any]:

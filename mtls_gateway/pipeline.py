@@ -31,7 +31,16 @@ from .binding import check_binding
 from .cert_headers import encode_client_cert
 from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Route
 from .decision_log import log_decision, token_digest, token_hash
-from .errors import InsufficientScope, InternalError, InvalidToken, NoToken, Refusal
+from .dpop import DpopRefusal, DpopVerifier, ProofRequest, authorization_scheme, dpop_refusal
+from .errors import (
+    AuthChallenge,
+    InsufficientScope,
+    InternalError,
+    InvalidRequest,
+    InvalidToken,
+    NoToken,
+    Refusal,
+)
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
 from .refusal import Rendered, render
@@ -162,6 +171,10 @@ class Pipeline:
         self.metrics = metrics
         self.default_upstream = config.upstream.url
         self._identity = config.upstream.identity_headers
+        # DPoP (RFC 9449): one proof verifier for the routes that accept DPoP, if any
+        self.dpop = DpopVerifier(config.dpop) if any(
+            isinstance(r.auth, AuthPolicy) and r.auth.sender_constraint != "mtls"
+            for r in config.routes) else None
 
     async def decide(self, view: RequestView,
                      serves: Callable[[Route], bool] | None = None) -> Decision | None:
@@ -186,14 +199,15 @@ class Pipeline:
                 if credential is None:
                     raise NoToken()
                 fields["token_hash"] = credential.token_hash
-                if auth.binding == "required" and peer is None:
+                if auth.binding == "required" and peer is None \
+                        and auth.sender_constraint == "mtls":
                     raise InvalidToken("no_client_cert", "a client certificate is required")
                 verifier = credential.verifier
                 fields["provider"] = verifier.name
                 info = self._cached(verifier, view.memo, credential.digest)
                 if info is None:
                     info = await verifier.verify(credential.token, credential.digest)
-                self.sender_constraint(auth, info, peer, view)
+                await self.sender_constraint(auth, info, peer, view, credential)
                 self.authorize(auth, info)
                 identity = self.identity_headers(route, info, peer, view.memo)
                 reason = "allowed"
@@ -214,6 +228,9 @@ class Pipeline:
             return Allow(route, route.upstream_url or self.default_upstream, identity, reason,
                          fields, peer, started, body)
         except Refusal as exc:
+            if route is not None and isinstance(route.auth, AuthPolicy) \
+                    and route.auth.sender_constraint != "mtls":
+                self._challenge(exc, route.auth, view)
             return Refuse(exc, fields, peer, started, route)
         except Exception:  # a bug must fail closed, logged, and never reach the upstream
             log.exception("internal error while deciding %s %s", view.method, view.path)
@@ -228,13 +245,18 @@ class Pipeline:
         values = view.authorization
         if memo.credential is not None and memo.owner is self and len(values) == 1 \
                 and values[0] == memo.authorization and memo.providers == policy.providers \
-                and not view.token_in_query:
+                and not view.token_in_query and (memo.credential.scheme == "Bearer"
+                                                 or policy.sender_constraint != "mtls"):
             return memo.credential
-        token = bearer_from(values, view.token_in_query)
+        scheme = "Bearer"
+        if policy.sender_constraint == "mtls":
+            token = bearer_from(values, view.token_in_query)
+        else:
+            scheme, token = self._dpop_credential(policy, values, view.token_in_query)
         if token is None:
             return None
         digest = token_digest(token)
-        credential = Credential("Bearer", token, digest, token_hash(token, digest),
+        credential = Credential(scheme, token, digest, token_hash(token, digest),
                                 pick_verifier(self.verifiers, policy.providers, token))
         # a new credential: everything known about the previous one is forgotten
         memo.owner, memo.authorization, memo.providers = self, values[0], policy.providers
@@ -251,14 +273,74 @@ class Pipeline:
         memo.entry = entry = verifier.cached_entry(digest)
         return None if entry is None else verifier.reuse(entry, digest)
 
-    def sender_constraint(self, policy: AuthPolicy, info: TokenInfo,
-                          peer: PeerCertificate | None, view: RequestView) -> None:
+    async def sender_constraint(self, policy: AuthPolicy, info: TokenInfo,
+                                peer: PeerCertificate | None, view: RequestView,
+                                credential: Credential) -> None:
         """May this sender use this token? Raise a Refusal if not.
 
-        Today RFC 8705 certificate binding (``cnf.x5t#S256``); the hook for more sender
-        constraints (DPoP, RFC 9449: ``view`` carries method, target, Host and the DPoP
-        header values a proof check needs)."""
-        check_binding(policy.binding, info, peer)
+        ``mtls``: RFC 8705 certificate binding (``cnf.x5t#S256``), as ``binding`` says.
+        ``dpop``: the token must be bound to a DPoP key (``cnf.jkt``), sent with the DPoP
+        scheme and one valid, fresh proof by that key (RFC 9449 sections 4.3, 7).
+        ``mtls_or_dpop``: the token's ``cnf`` decides; a token bound both ways is checked
+        both ways. A DPoP-bound token sent as Bearer is refused (section 7.2)."""
+        constraint = policy.sender_constraint
+        if constraint == "mtls":
+            check_binding(policy.binding, info, peer)
+            return
+        if info.cnf_jkt is None:
+            if constraint == "mtls_or_dpop" and info.cnf_x5t_s256 is not None \
+                    and credential.scheme == "Bearer":
+                check_binding("required", info, peer)
+                return
+            if constraint == "mtls_or_dpop" and not info.has_cnf:
+                raise InvalidToken("binding_missing", "token is not bound to a client "
+                                   "certificate or a DPoP key")
+            raise dpop_refusal("dpop_binding_missing")
+        if credential.scheme != "DPoP":
+            raise dpop_refusal("dpop_bearer_downgrade")
+        if constraint == "mtls_or_dpop" and info.cnf_x5t_s256 is not None:
+            check_binding("required", info, peer)
+        assert self.dpop is not None        # built whenever a route accepts DPoP
+        await self.dpop.check(view.dpop, ProofRequest(view.method, view.target, view.host,
+                                                      view.scheme, credential.token,
+                                                      credential.digest),
+                              expected_jkt=info.cnf_jkt, nonce_required=policy.dpop_nonce)
+
+    @staticmethod
+    def _dpop_credential(policy: AuthPolicy, values: tuple[str, ...],
+                         in_query: bool) -> tuple[str, str | None]:
+        """``(scheme, token)`` on a route that accepts DPoP: the ``DPoP`` scheme, or Bearer
+        where certificate-bound tokens are accepted too (mtls_or_dpop)."""
+        parsed = authorization_scheme(values[0]) if len(values) == 1 else None
+        if parsed is None or parsed[0] == "bearer":
+            token = bearer_from(values, in_query)
+            if token is not None and policy.sender_constraint == "dpop":
+                raise dpop_refusal("dpop_bearer_downgrade")   # (before any verification)
+            return "Bearer", token
+        if in_query:
+            raise InvalidRequest("multiple_tokens", "more than one access token in the request")
+        if not parsed[1]:
+            raise InvalidRequest("malformed_authorization", "malformed DPoP credentials")
+        return "DPoP", parsed[1]
+
+    def _challenge(self, exc: Refusal, policy: AuthPolicy, view: RequestView) -> None:
+        """A refusal on a route that accepts DPoP challenges for DPoP (RFC 9449 s7.1): the
+        error goes in the challenge of the scheme the client used."""
+        if exc.status not in (400, 401, 403) or self.dpop is None:
+            return
+        values = view.authorization
+        used = authorization_scheme(values[0]) if len(values) == 1 else None
+        nonce = exc.nonce if isinstance(exc, DpopRefusal) else None
+        exc.challenge = AuthChallenge(
+            dpop_algs=self.dpop.algorithms, bearer=policy.sender_constraint == "mtls_or_dpop",
+            error_in="bearer" if used is not None and used[0] == "bearer"
+            and policy.sender_constraint == "mtls_or_dpop" else "dpop",
+            nonce=nonce)
+
+    async def close(self) -> None:
+        """Release what this generation holds (the DPoP replay store's connections)."""
+        if self.dpop is not None:
+            await self.dpop.store.close()
 
     @staticmethod
     def authorize(policy: AuthPolicy, info: TokenInfo) -> None:

@@ -35,6 +35,7 @@ def _r(status: int, error: str | None, description: str, level: Level = "info") 
 _TOKEN = "invalid_token"
 _CLIENT = "invalid_client"
 _REQ = "invalid_request"
+_DPOP = "invalid_dpop_proof"
 
 #: Refusals: code -> what the client gets.
 REASONS: dict[str, Reason] = {
@@ -78,6 +79,24 @@ REASONS: dict[str, Reason] = {
     "binding_missing": _r(401, _TOKEN, "the token is not bound (binding: required)"),
     "binding_mismatch": _r(401, _TOKEN, "the token is bound to another certificate"),
     "binding_unsupported": _r(401, _TOKEN, "a confirmation method other than x5t#S256"),
+    # the sender constraint: DPoP (RFC 9449; WWW-Authenticate: DPoP, see mtls_gateway/dpop.py)
+    "dpop_proof_missing": _r(401, _DPOP, "a DPoP proof is required with this token"),
+    "dpop_proof_invalid": _r(401, _DPOP, "DPoP proof is malformed or its signature is invalid"),
+    "dpop_alg_not_allowed": _r(401, _DPOP, "DPoP proof algorithm is not allowed"),
+    "dpop_htm_mismatch": _r(401, _DPOP, "DPoP proof htm does not match the request method"),
+    "dpop_htu_mismatch": _r(401, _DPOP, "DPoP proof htu does not match the request URI"),
+    "dpop_proof_expired": _r(401, _DPOP, "DPoP proof iat is too old"),
+    "dpop_iat_in_future": _r(401, _DPOP, "DPoP proof iat is in the future"),
+    "dpop_ath_mismatch": _r(401, _DPOP, "DPoP proof ath does not match the access token"),
+    "dpop_replayed": _r(401, _DPOP, "DPoP proof has already been used", "warning"),
+    "dpop_nonce_required": _r(401, "use_dpop_nonce", "resource server requires a fresh nonce "
+                              "in the DPoP proof"),
+    "dpop_jkt_mismatch": _r(401, _TOKEN, "token is bound to a different DPoP key", "warning"),
+    "dpop_binding_missing": _r(401, _TOKEN, "token is not bound to a DPoP key"),
+    "dpop_bearer_downgrade": _r(401, _TOKEN, "a DPoP-bound token must be sent with the DPoP "
+                                "scheme", "warning"),
+    "dpop_replay_store_unavailable": _r(503, None, "DPoP replay store is unavailable",
+                                        "warning"),
     # authorization and routing
     "insufficient_scope": _r(403, "insufficient_scope", "a required scope is missing"),
     "no_route": _r(404, None, "no route matches path and method"),

@@ -7,6 +7,9 @@ the same bytes (but for ``Date``) on every path.
 
 * token problems: an RFC 6750 ``Bearer`` challenge (``error``, ``error_description``,
   ``scope``), naming the RFC 9728 metadata URL when configured (section 5.1);
+* on a route that accepts DPoP (the refusal carries an
+  :class:`~mtls_gateway.errors.AuthChallenge`): a ``DPoP`` challenge with ``algs`` (RFC 9449
+  section 7.1), the Bearer one too under ``mtls_or_dpop``, and ``DPoP-Nonce`` (section 9);
 * token endpoints (``auth: mtls_client``): RFC 6749 section 5.2 JSON, ``WWW-Authenticate:
   Basic`` only when the client used Basic, never a Bearer challenge;
 * everything else: the small JSON body alone.
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from .errors import (
+    AuthChallenge,
     InsufficientScope,
     InvalidRequest,
     InvalidToken,
@@ -61,17 +65,12 @@ def render(exc: Refusal, realm: str, resource_metadata: str | None = None) -> Re
                             f'Basic realm="{_quote(realm)}", charset="UTF-8"'))
         error = exc.error or "invalid_request"
     else:
-        if isinstance(exc, NoToken | InvalidToken | InsufficientScope | InvalidRequest):
-            params = [f'realm="{_quote(realm)}"']
-            if exc.error:
-                params.append(f'error="{exc.error}"')
-                if exc.description:
-                    params.append(f'error_description="{_quote(exc.description)}"')
-            if isinstance(exc, InsufficientScope):
-                params.append(f'scope="{_quote(exc.scope)}"')
-            if resource_metadata:
-                params.append(f'resource_metadata="{_quote(resource_metadata)}"')
-            headers.append(("WWW-Authenticate", "Bearer " + ", ".join(params)))
+        challenge = exc.challenge
+        if challenge is not None:
+            headers += _dpop_challenges(exc, challenge, realm, resource_metadata)
+        elif isinstance(exc, NoToken | InvalidToken | InsufficientScope | InvalidRequest):
+            headers.append(("WWW-Authenticate",
+                            "Bearer " + _params(exc, realm, resource_metadata, True)))
         error = exc.error or generic_error(exc.status)
     body: dict[str, str] = {"error": error, "reason": exc.reason}
     if exc.description:
@@ -88,6 +87,35 @@ def render_code(reason: str, status: int | None = None) -> Rendered:
     body = {"error": entry.error or generic_error(status), "reason": reason}
     return Rendered(status, HTTPStatus(status).phrase, (_JSON, ("Cache-Control", "no-store")),
                     json.dumps(body).encode())
+
+
+def _params(exc: Refusal, realm: str, resource_metadata: str | None, with_error: bool) -> str:
+    """The RFC 6750 section 3 parameters (RFC 9449 section 7.1 reuses them for DPoP)."""
+    params = [f'realm="{_quote(realm)}"']
+    if with_error and exc.error:
+        params.append(f'error="{exc.error}"')
+        if exc.description:
+            params.append(f'error_description="{_quote(exc.description)}"')
+    if with_error and isinstance(exc, InsufficientScope):
+        params.append(f'scope="{_quote(exc.scope)}"')
+    if resource_metadata:
+        params.append(f'resource_metadata="{_quote(resource_metadata)}"')
+    return ", ".join(params)
+
+
+def _dpop_challenges(exc: Refusal, challenge: AuthChallenge, realm: str,
+                     resource_metadata: str | None) -> list[tuple[str, str]]:
+    """A DPoP route's answer: the DPoP challenge with ``algs``, the Bearer one too on a
+    route that also takes certificate-bound tokens, and ``DPoP-Nonce`` (RFC 9449 s7.1, 9)."""
+    out: list[tuple[str, str]] = []
+    if challenge.bearer:
+        out.append(("WWW-Authenticate", "Bearer " + _params(
+            exc, realm, resource_metadata, challenge.error_in == "bearer")))
+    dpop = _params(exc, realm, resource_metadata, challenge.error_in == "dpop")
+    out.append(("WWW-Authenticate", f'DPoP {dpop}, algs="{" ".join(challenge.dpop_algs)}"'))
+    if challenge.nonce:
+        out.append(("DPoP-Nonce", challenge.nonce))
+    return out
 
 
 def as_bytes(rendered: Rendered, *, close: bool, date: bytes, server: bytes) -> bytes:

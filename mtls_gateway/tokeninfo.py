@@ -25,6 +25,7 @@ class TokenInfo:
     cnf_x5t_s256: str | None     # the certificate the token is bound to (RFC 8705 s3.1)
     has_cnf: bool                # any confirmation at all (an x5t#S256 or another method)
     expires_at: float | None
+    cnf_jkt: str | None = None   # the DPoP key the token is bound to (RFC 9449 s6)
 
 
 def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
@@ -39,23 +40,24 @@ def _scopes(claims: Mapping[str, Any]) -> frozenset[str]:
     raise InvalidToken("token_malformed", "scope claim is malformed")
 
 
-def _confirmation(claims: Mapping[str, Any]) -> tuple[str | None, bool]:
+def _confirmation(claims: Mapping[str, Any]) -> tuple[str | None, str | None, bool]:
+    """(x5t#S256, jkt, any cnf at all); a malformed member is refused, never ignored."""
     cnf = claims.get("cnf")
     if cnf is None:
-        return None, False
+        return None, None, False
     if not isinstance(cnf, dict):
         raise InvalidToken("token_malformed", "cnf claim is malformed")
-    x5t = cnf.get("x5t#S256")
-    if x5t is None:
-        return None, True
-    if not isinstance(x5t, str) or not x5t:
+    x5t, jkt = cnf.get("x5t#S256"), cnf.get("jkt")
+    if x5t is not None and (not isinstance(x5t, str) or not x5t):
         raise InvalidToken("token_malformed", "cnf x5t#S256 is malformed")
-    return x5t, True
+    if jkt is not None and (not isinstance(jkt, str) or not jkt):
+        raise InvalidToken("token_malformed", "cnf jkt is malformed")
+    return x5t, jkt, True
 
 
 def token_info_from_claims(provider: str, claims: Mapping[str, Any]) -> TokenInfo:
     """Reduce validated claims to :class:`TokenInfo`; malformed members are refused."""
-    cnf, has_cnf = _confirmation(claims)
+    cnf, jkt, has_cnf = _confirmation(claims)
     sub, client_id, exp = claims.get("sub"), claims.get("client_id"), claims.get("exp")
     return TokenInfo(
         provider=provider,
@@ -66,4 +68,5 @@ def token_info_from_claims(provider: str, claims: Mapping[str, Any]) -> TokenInf
         has_cnf=has_cnf,
         expires_at=float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool)
         else None,
+        cnf_jkt=jkt,
     )

@@ -193,3 +193,20 @@ def test_check_flags_files_the_image_user_cannot_read(pki: Pki, tmp_path: Path) 
         assert _cli("check", "--config", str(path), "--run-as", "65532:65532").returncode == 0
     finally:
         shutil.rmtree(folder)
+def test_workers_refuse_an_in_process_dpop_replay_store(pki: Pki, tmp_path: Path) -> None:
+    """Each worker would keep its own replay cache: a proof replayed to another worker would
+    pass. A shared (redis) store is required instead (docs/dpop.md)."""
+    config = tmp_path / "dpop.yaml"
+    config.write_text(yaml.safe_dump({
+        "listen": {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key),
+                   "client_ca_file": str(pki.ca_file), "port": 18443},
+        "providers": {"corp": {"type": "jwt", "issuer": "https://i.test",
+                               "audiences": ["https://api.test"],
+                               "jwks_uri": "https://i.test/jwks"}},
+        "upstream": {"url": "http://127.0.0.1:1"},
+        "routes": [{"path_prefix": "/", "auth": {"provider": "corp",
+                                                 "sender_constraint": "dpop"}}],
+    }))
+    result = _cli("run", "--config", str(config), "--workers", "2")
+    assert result.returncode == 2
+    assert "needs a shared dpop.replay_store" in result.stderr

@@ -734,3 +734,78 @@ def test_validating_a_config_does_not_import_aiohttp(pki: Pki, tmp_path: Path) -
                             timeout=60, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# --- DPoP (issue 19): the dpop section and the route fields ----------------------------------
+
+def _dpop_route(pki: Pki, **auth: Any) -> dict[str, Any]:
+    data = _valid(pki)
+    data["routes"][1]["auth"].update(auth)
+    return data
+
+
+def test_dpop_defaults(pki: Pki, tmp_path: Path) -> None:
+    config = _load(_dpop_route(pki, sender_constraint="dpop"), tmp_path)
+    auth = config.routes[1].auth
+    assert (auth.sender_constraint, auth.dpop_nonce, auth.binding) == ("dpop", False,
+                                                                        "required")
+    assert config.dpop.replay_store == "memory"
+    assert (config.dpop.iat_max_age, config.dpop.iat_max_skew) == (60.0, 5.0)
+    assert "HS256" not in config.dpop.algorithms and "ES256" in config.dpop.algorithms
+    assert _load(_valid(pki), tmp_path).routes[1].auth.sender_constraint == "mtls"
+
+
+def test_dpop_section_loads(pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "nonce"
+    secret.write_text("s" * 40 + "\n")
+    monkeypatch.setenv("REDIS_PW", "pw")
+    data = _dpop_route(pki, sender_constraint="mtls_or_dpop", dpop_nonce=True)
+    data["dpop"] = {"algorithms": ["ES256"], "iat_max_age": "2m", "iat_max_skew": 0,
+                    "replay_store": "rediss://redis.internal:6380/1",
+                    "replay_store_password_env": "REDIS_PW", "nonce_secret_file": "nonce",
+                    "external_origins": ["https://api.example.com"]}
+    config = _load(data, tmp_path)
+    assert config.dpop.nonce_secret == b"s" * 40
+    assert config.dpop.replay_store_password == "pw"
+    assert (config.dpop.iat_max_age, config.dpop.iat_max_skew) == (120.0, 0.0)
+    assert "pw" not in repr(config.dpop) and "sss" not in repr(config.dpop)
+
+
+@pytest.mark.parametrize(("auth", "dpop", "expected"), [
+    ({"sender_constraint": "both"}, None,
+     "routes[1].auth.sender_constraint: must be one of mtls, dpop, mtls_or_dpop"),
+    ({"sender_constraint": "dpop", "binding": "optional"}, None,
+     "routes[1].auth.binding: optional is refused with sender_constraint: dpop"),
+    ({"dpop_nonce": True}, None,
+     "routes[1].auth.dpop_nonce: needs sender_constraint: dpop or mtls_or_dpop"),
+    ({"sender_constraint": "dpop", "dpop_nonce": True}, None,
+     "dpop.nonce_secret_file: is required: routes routes[1] set dpop_nonce"),
+    ({"sender_constraint": "dpop", "dpop_nonce": True}, {"iat_max_age": "1m"},
+     "dpop.nonce_secret_file: is required: routes routes[1] set dpop_nonce"),
+    ({}, {"nonce_secret": "inline"}, "dpop.nonce_secret: inline secrets are refused"),
+    ({}, {"algorithms": ["HS256"]}, "dpop.algorithms: 'HS256' is not allowed"),
+    ({}, {"algorithms": ["none"]}, "dpop.algorithms: 'none' is not allowed"),
+    ({}, {"replay_store": "memcached://x"}, "dpop.replay_store: must be \"memory\" or a"),
+    ({}, {"replay_store": "redis://:secret@r:6379/0"},
+     "dpop.replay_store: must not contain a password"),
+    ({}, {"external_origins": ["https://api.example.com/v1"]},
+     "dpop.external_origins[0]: must be scheme://host[:port] with nothing else"),
+    ({}, {"iat_max_age": 0}, "dpop.iat_max_age: must be greater than zero"),
+    ({}, {"replay_cache_size": 10}, "dpop.replay_cache_size: must be between 1000"),
+    ({}, {"unknown": 1}, "dpop.unknown: unknown field"),
+])
+def test_dpop_problems_have_their_yaml_path(pki: Pki, tmp_path: Path, auth: dict[str, Any],
+                                            dpop: dict[str, Any] | None, expected: str) -> None:
+    data = _dpop_route(pki, **auth)
+    if dpop is not None:
+        data["dpop"] = dpop
+    problems = _problems(data, tmp_path)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_dpop_nonce_secret_too_short(pki: Pki, tmp_path: Path) -> None:
+    (tmp_path / "short").write_text("tiny")
+    data = _dpop_route(pki, sender_constraint="dpop", dpop_nonce=True)
+    data["dpop"] = {"nonce_secret_file": "short"}
+    assert "dpop.nonce_secret_file: the nonce secret must be at least 32 bytes" in \
+        _problems(data, tmp_path)

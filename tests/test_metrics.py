@@ -51,3 +51,16 @@ def test_flush_hands_over_once() -> None:
     assert child._value.get() == 3
     assert _series(metrics.render(), "mtls_gateway_request_duration_seconds_count") == {
         '{route="api"}': 3.0}
+
+
+def test_every_metric_is_documented() -> None:
+    """docs/metrics.md lists every series the gateway exports (a new one cannot be forgotten)."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    names = set(re.findall(r'"(mtls_gateway_[a-z_]+)"',
+                           (repo / "mtls_gateway" / "metrics.py").read_text()))
+    documented = (repo / "docs" / "metrics.md").read_text()
+    assert len(names) >= 12
+    assert {n for n in names if f"`{n}" not in documented} == set()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mtls_gateway import errors
+from mtls_gateway.dpop import dpop_refusal
 from mtls_gateway.reasons import ALLOWED, REASONS, generic_error
 from mtls_gateway.refusal import render, render_code
 
@@ -102,6 +103,8 @@ def test_the_rendered_answer_agrees_with_the_registry(code: str) -> None:
         exc: errors.Refusal = errors.InvalidClient(code)
     elif code.startswith("token_request_"):
         exc = errors.InvalidTokenRequest(code)
+    elif code.startswith("dpop_"):      # (dpop.py raises its own, with the DPoP challenge)
+        exc = dpop_refusal(code)
     elif code == "no_token":
         exc = errors.NoToken()
     elif code == "insufficient_scope":
