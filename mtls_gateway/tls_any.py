@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from aiohttp import web
+from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
@@ -34,7 +35,8 @@ from .config import ListenConfig
 from .handshake import HandshakeFailures, reason_from_openssl
 from .tls import PEER_CERTIFICATE, PeerCertificate, describe_certificate
 
-__all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context"]
+__all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context",
+           "openssl_context", "pki_context"]
 
 log = logging.getLogger("mtls_gateway.tls_any")
 
@@ -72,11 +74,8 @@ def _verify_callback(refused: frozenset[int]) -> Callable[..., bool]:
     return verify
 
 
-def any_cert_context(listen: ListenConfig) -> SSL.Context:
-    """The pyOpenSSL server context for ``client_ca: any`` (blocking file reads: build once).
-
-    Raises ValueError when the certificate or key cannot be used.
-    """
+def _server_context(listen: ListenConfig) -> SSL.Context:
+    """What both client_ca modes share: versions, ciphers, our certificate, resumption."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     try:
         ctx.set_min_proto_version(_VERSIONS[listen.min_tls_version])
@@ -90,13 +89,65 @@ def any_cert_context(listen: ListenConfig) -> SSL.Context:
     except SSL.Error as exc:
         raise ValueError(f"cannot use {listen.cert_file} / {listen.key_file}: {exc}") from exc
     # A server that asks for client certificates must name its session context, else OpenSSL
-    # fails every resumption attempt (CPython's ssl sets one for the same reason).
+    # fails every resumption attempt (CPython's ssl sets one for the same reason). Session
+    # cache and ticket keys belong to this context: a reload (a new context) ends every
+    # earlier session, so no session outlives the CA bundle it was verified against.
     ctx.set_session_id(b"mtls-gateway")
+    return ctx
+
+
+def any_cert_context(listen: ListenConfig) -> SSL.Context:
+    """The pyOpenSSL server context for ``client_ca: any`` (blocking file reads: build once).
+
+    Raises ValueError when the certificate or key cannot be used.
+    """
+    ctx = _server_context(listen)
     mode = SSL.VERIFY_PEER
     if listen.client_cert == "required":
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
     ctx.set_verify(mode, _verify_callback(_refused_errors(listen.client_cert_validity)))
     return ctx
+
+
+def _chain_verify(conn: SSL.Connection, _cert: crypto.X509, errnum: int, _depth: int,
+                  ok: int) -> bool:
+    """OpenSSL's own verdict; a refusal's X509_V_ERR is kept for the failure's reason label."""
+    if not ok:
+        conn.set_app_data(errnum)
+    return bool(ok)
+
+
+def pki_context(listen: ListenConfig) -> SSL.Context:
+    """The pyOpenSSL server context for ``client_ca: pki``: the client's chain is verified by
+    OpenSSL, inside the handshake, against ``client_ca_file``; the registered self-signed
+    certificates (``pinned_client_certs``) are accepted as exactly themselves.
+
+    The pins go into the same store as the CA bundle, as with CPython's ``ssl``: config load
+    admits only pins OpenSSL will not take as issuers (``anchors.can_issue`` is false), so a
+    pin verifies itself and nothing else. Blocking file reads: build in a thread.
+    Raises ValueError when a file cannot be used.
+    """
+    if listen.cert_file is None or listen.key_file is None or listen.client_ca_file is None:
+        raise ValueError("the TLS listener needs cert_file, key_file and client_ca_file")
+    ctx = _server_context(listen)
+    try:
+        ctx.load_verify_locations(str(listen.client_ca_file))
+        store = ctx.get_cert_store()
+        assert store is not None
+        for der in listen.pinned_client_certs:
+            store.add_cert(crypto.X509.from_cryptography(x509.load_der_x509_certificate(der)))
+    except (SSL.Error, crypto.Error) as exc:
+        raise ValueError(f"cannot use {listen.client_ca_file}: {exc}") from exc
+    mode = SSL.VERIFY_PEER
+    if listen.client_cert == "required":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode, _chain_verify)
+    return ctx
+
+
+def openssl_context(listen: ListenConfig) -> SSL.Context:
+    """The listener's pyOpenSSL context for its ``client_ca`` mode (:class:`AnyCertSite`)."""
+    return any_cert_context(listen) if listen.client_ca == "any" else pki_context(listen)
 
 
 class TlsAnyTransport(asyncio.Transport):
