@@ -511,6 +511,12 @@ SCENARIOS: tuple[Scenario, ...] = (
              "gateway-asyncio", "/none/x", None, extra=True),
     Scenario("asyncio-es256", "bound JWT ES256, gateway on asyncio's loop", "gateway-asyncio",
              "/jwt/x", "es256", ref="gw-es256", extra=True),
+    Scenario("pyssl-es256", "bound JWT ES256, gateway on listen.tls_stack: python (CPython ssl)",
+             "gateway-pyssl", "/jwt/x", "es256", ref="hap-es256", extra=True),
+    Scenario("pyssl-new", "tls_stack: python, new conn + full mTLS handshake per request",
+             "gateway-pyssl", "/jwt/x", "es256", mode="newconn", ref="hap-new", extra=True),
+    Scenario("pyssl-resume", "tls_stack: python, new conn, TLS session resumed",
+             "gateway-pyssl", "/jwt/x", "es256", mode="resume", ref="hap-resume", extra=True),
     Scenario("gw-none-2", "gateway, auth: none again (drift check)", "gateway", "/none/x", None,
              ref="gw-none"),
 )
@@ -1065,6 +1071,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 nolane["fast_lane"] = False
                 sut["gateway-nolane"], ports["gateway-nolane"] = start_gateway(
                     procs, pin.sut, "gateway-nolane", nolane, work / "gateway-nolane.yaml")
+            if any(s.target == "gateway-pyssl" for s in scenarios):
+                pyssl = json.loads(json.dumps(config))
+                pyssl["listen"]["tls_stack"] = "python"
+                sut["gateway-pyssl"], ports["gateway-pyssl"] = start_gateway(
+                    procs, pin.sut, "gateway-pyssl", pyssl, work / "gateway-pyssl.yaml")
             if any(s.target == "gateway-nolog" for s in scenarios):
                 config["logging"]["level"] = "WARNING"  # no decision lines at all
                 sut["gateway-nolog"], ports["gateway-nolog"] = start_gateway(
@@ -1083,7 +1094,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes = [median_outcome(rounds[s.key]) for s in scenarios]
             rss_after = gateway.rss_mb()
             decisions = decision_counts(gateway.log)
-            for other in ("gateway-w2", "gateway-asyncio", "gateway-nolane"):
+            for other in ("gateway-w2", "gateway-asyncio", "gateway-nolane", "gateway-pyssl"):
                 if other in sut:
                     decisions.update(decision_counts(sut[other].log))
         finally:

@@ -28,11 +28,16 @@ from typing import Any, cast
 
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
 from .config import ListenConfig
 from .handshake import HandshakeFailures, reason_from_openssl
+
+try:   # the raw OpenSSL calls pyOpenSSL makes, without its per-call checks (_FastIO)
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - a pyOpenSSL without them: the public API only
+    _ffi = _lib = None
 from .tls import PEER_CERTIFICATE, PeerCertificate, describe_certificate
 
 __all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context",
@@ -150,6 +155,89 @@ def openssl_context(listen: ListenConfig) -> SSL.Context:
     return any_cert_context(listen) if listen.client_ca == "any" else pki_context(listen)
 
 
+class _FastIO:
+    """The data phase of one connection without pyOpenSSL's per-call overhead.
+
+    ``Connection.recv``/``sendall``/``bio_read`` allocate a buffer, check three helpers and
+    raise an exception to say "no more data" (two or three per request): about 5 us of a
+    keep-alive request's ~10 us of TLS work. Established connections call the same OpenSSL
+    functions directly (``SSL_read``, ``SSL_write``, ``BIO_read``, and ``BIO_get_mem_data``
+    to see how much ciphertext is waiting) through the ``cffi`` bindings pyOpenSSL itself
+    uses, on the ``SSL``/``BIO`` pointers of its ``Connection``. Anything but success or
+    "want read" is handed back to the public API, which raises pyOpenSSL's own exception;
+    the handshake always uses the public API. :func:`fast_io` returns None (the public API
+    is used throughout) when an installed pyOpenSSL lacks any of it.
+    """
+
+    __slots__ = ("_from", "_into", "_ssl")
+
+    def __init__(self, tls: SSL.Connection) -> None:
+        # pyOpenSSL's own pointers (private attributes: fast_io checks they exist)
+        self._ssl = tls._ssl
+        self._into = tls._into_ssl
+        self._from = tls._from_ssl
+
+    def feed(self, data: bytes) -> None:
+        """Ciphertext from the socket into OpenSSL (a memory BIO always takes all of it)."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        _lib.BIO_write(self._into, data, len(data))
+
+    def read(self, buf: Any) -> bytes | None:
+        """Plaintext, or None: no complete record left (an error: -> the public API)."""
+        n = _lib.SSL_read(self._ssl, buf, _READ_SIZE)
+        if n > 0:
+            return _ffi.buffer(buf, n)[:]       # type: ignore[no-any-return]
+        if _lib.SSL_get_error(self._ssl, n) == _lib.SSL_ERROR_WANT_READ:
+            return None
+        raise _PublicApi
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt all of ``data``; an error -> the public API (``sendall``) for the rest."""
+        with _ffi.from_buffer(data) as cdata:
+            done, size = 0, len(cdata)
+            while done < size:
+                n = _lib.SSL_write(self._ssl, cdata + done, size - done)
+                if n <= 0:
+                    raise _PublicApi(done)
+                done += n
+
+    def drain(self, buf: Any, pointer: Any) -> bytes:
+        """The ciphertext OpenSSL produced (b"" if none), without an exception when empty."""
+        pending = _lib.BIO_get_mem_data(self._from, pointer)
+        if pending <= 0:
+            return b""
+        if pending <= _BIO_READ_SIZE:
+            n = _lib.BIO_read(self._from, buf, pending)
+            return _ffi.buffer(buf, n)[:] if n > 0 else b""
+        chunks = []
+        while pending > 0:
+            n = _lib.BIO_read(self._from, buf, min(pending, _BIO_READ_SIZE))
+            if n <= 0:
+                break
+            chunks.append(_ffi.buffer(buf, n)[:])
+            pending -= n
+        return b"".join(chunks)
+
+
+class _PublicApi(Exception):
+    """A _FastIO call met something other than data or "want read": redo it publicly."""
+
+
+_FAST_IO_NAMES = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ", "BIO_read",
+                  "BIO_write", "BIO_get_mem_data")
+
+
+def fast_io(tls: SSL.Connection) -> _FastIO | None:
+    """The fast data path for ``tls`` (established), or None if this pyOpenSSL lacks it."""
+    if _lib is None or _ffi is None or not all(hasattr(_lib, n) for n in _FAST_IO_NAMES):
+        return None
+    try:
+        return _FastIO(tls)
+    except AttributeError:
+        return None
+
+
 class TlsAnyTransport(asyncio.Transport):
     """What aiohttp's request handler writes to and reads from: the decrypted stream."""
 
@@ -162,6 +250,9 @@ class TlsAnyTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._info:
             return self._info[name]
+        if name in ("cipher", "tls_version"):
+            cipher = self._connection.cipher()
+            return default if cipher is None else cipher if name == "cipher" else cipher[1]
         raw = self._connection.raw
         return raw.get_extra_info(name, default) if raw is not None else default
 
@@ -230,6 +321,7 @@ class TlsAnyConnection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self.raw: asyncio.Transport | None = None
         self._tls: SSL.Connection | None = None
+        self._io: _FastIO | None = None        # once established (and available)
         self._app: asyncio.Protocol | None = None
         self._transport: TlsAnyTransport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -250,9 +342,13 @@ class TlsAnyConnection(asyncio.Protocol):
         tls = self._tls
         if tls is None or self.closing:
             return
-        tls.bio_write(data)
-        if self._app is None and not self._handshake(tls):
-            return
+        io = self._io
+        if io is not None:
+            io.feed(data)
+        else:
+            tls.bio_write(data)
+            if self._app is None and not self._handshake(tls):
+                return
         self._read()
 
     def eof_received(self) -> bool:
@@ -267,7 +363,7 @@ class TlsAnyConnection(asyncio.Protocol):
         self._site.handshaking.discard(self)
         self.closing = True
         app, self._app = self._app, None
-        self._tls = None
+        self._tls = self._io = None
         if app is not None:
             app.connection_lost(exc)
         self.raw = None
@@ -295,9 +391,13 @@ class TlsAnyConnection(asyncio.Protocol):
         self._flush()
         self._cancel_timer()
         self._site.handshaking.discard(self)
-        cert = tls.get_peer_certificate(as_cryptography=True)
-        peer = describe_certificate(cert.public_bytes(Encoding.DER)) if cert is not None else None
+        # The session's certificate: on a resumed session, the one of its full handshake.
+        # DER straight from OpenSSL (no parse; describe_certificate caches by DER).
+        cert = tls.get_peer_certificate()
+        peer = (describe_certificate(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+                if cert is not None else None)
         assert self.raw is not None
+        self._io = fast_io(tls)
         self._transport = TlsAnyTransport(self, self._extra(tls, peer))
         app = self._app_factory()
         self._transport.set_protocol(app)
@@ -315,20 +415,24 @@ class TlsAnyConnection(asyncio.Protocol):
         failures.failed(reason, peer, str(exc))
 
     def _extra(self, tls: SSL.Connection, peer: PeerCertificate | None) -> dict[str, Any]:
+        """What ``get_extra_info`` answers itself; the rest ("sockname", "socket", ...) is
+        asked of the TCP transport when someone wants it (most never do)."""
         raw = self.raw
         assert raw is not None
         return {
             PEER_CERTIFICATE: peer,
-            "peername": raw.get_extra_info("peername"),
-            "sockname": raw.get_extra_info("sockname"),
-            "socket": raw.get_extra_info("socket"),
+            "peername": raw.get_extra_info("peername"),   # kept for logs after the close
             "sslcontext": self._site.context,   # aiohttp: request.scheme == "https"
             "ssl_object": None,                 # not a CPython SSLObject; see PEER_CERTIFICATE
-            "peercert": None,                   # like ssl: no dict for an unverified certificate
-            "cipher": (tls.get_cipher_name(), tls.get_protocol_version_name(),
-                       tls.get_cipher_bits()),
-            "tls_version": tls.get_protocol_version_name(),
+            "peercert": None,                   # no dict: the DER is in PEER_CERTIFICATE
         }
+
+    def cipher(self) -> tuple[str | None, str, int | None] | None:
+        """``get_extra_info("cipher")``: (name, protocol, secret bits), like ``ssl``."""
+        tls = self._tls
+        if tls is None:
+            return None
+        return (tls.get_cipher_name(), tls.get_protocol_version_name(), tls.get_cipher_bits())
 
     def _timed_out(self) -> None:  # the handshake's timer
         self._timer = None
@@ -349,6 +453,23 @@ class TlsAnyConnection(asyncio.Protocol):
 
     def _read(self) -> None:
         """Deliver decrypted data until the BIO is empty, reading is paused or the peer closed."""
+        io = self._io
+        if io is not None:
+            buf = self._site.buffer
+            try:
+                while self._app is not None and not self.reading_paused and not self.closing:
+                    data = io.read(buf)
+                    if data is None:
+                        break
+                    self._app.data_received(data)
+            except _PublicApi:
+                self._read_public()     # close_notify, an error: pyOpenSSL names it
+                return
+            self._flush()   # TLS 1.3 key updates and alerts the reads produced
+            return
+        self._read_public()
+
+    def _read_public(self) -> None:
         tls = self._tls
         while tls is not None and self._app is not None and not self.reading_paused \
                 and not self.closing:
@@ -370,8 +491,15 @@ class TlsAnyConnection(asyncio.Protocol):
         tls = self._tls
         if tls is None or self.closing or not data:
             return
+        io = self._io
         try:
-            tls.sendall(data)
+            if io is not None:
+                try:
+                    io.write(data)
+                except _PublicApi as rest:
+                    tls.sendall(memoryview(data)[rest.args[0]:])
+            else:
+                tls.sendall(data)
         except SSL.Error as exc:
             self._fail("TLS write failed", exc)
             return
@@ -381,6 +509,12 @@ class TlsAnyConnection(asyncio.Protocol):
         """Move the ciphertext OpenSSL produced into the TCP transport."""
         tls, raw = self._tls, self.raw
         if tls is None or raw is None:
+            return
+        io = self._io
+        if io is not None:
+            data = io.drain(self._site.buffer, self._site.pointer)
+            if data:
+                raw.write(data)
             return
         chunks: list[bytes] = []
         while True:
@@ -463,6 +597,9 @@ class AnyCertSite(web.BaseSite):
         self.shutdown_timeout = shutdown_timeout
         self.handshaking: set[TlsAnyConnection] = set()
         self.failures = failures
+        # Scratch space of this loop's connections' _FastIO calls (copied out at once).
+        self.buffer = _ffi.new("char[]", max(_READ_SIZE, _BIO_READ_SIZE)) if _ffi else None
+        self.pointer = _ffi.new("char **") if _ffi else None
 
     @property
     def name(self) -> str:
