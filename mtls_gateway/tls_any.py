@@ -50,6 +50,9 @@ _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 _CIPHERS = (b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:"
             b"!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM")
 _READ_SIZE = 65536
+#: Seconds a TLS 1.3 connection's session tickets may wait for its first response (see
+#: TlsAnyConnection._handshake).
+TICKET_HOLD = 0.5
 _BIO_READ_SIZE = 65536
 
 # X509_V_ERR_* codes still refused for the client's own certificate (depth 0).
@@ -87,6 +90,8 @@ def _server_context(listen: ListenConfig) -> SSL.Context:
         ctx.set_max_proto_version(_VERSIONS[listen.max_tls_version])
         ctx.set_options(SSL.OP_ALL | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
                         | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        # An idle connection keeps no 16 KiB record buffers (CPython's ssl sets it too).
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(_CIPHERS)
         ctx.use_certificate_chain_file(str(listen.cert_file))
         ctx.use_privatekey_file(str(listen.key_file))
@@ -241,6 +246,8 @@ def fast_io(tls: SSL.Connection) -> _FastIO | None:
 class TlsAnyTransport(asyncio.Transport):
     """What aiohttp's request handler writes to and reads from: the decrypted stream."""
 
+    __slots__ = ("_connection", "_info", "_protocol")    # one per idle connection: no dict
+
     def __init__(self, connection: TlsAnyConnection, extra: dict[str, Any]) -> None:
         super().__init__(extra)
         self._info = extra
@@ -315,6 +322,9 @@ class TlsAnyConnection(asyncio.Protocol):
     stops both the socket and the delivery of already decrypted records.
     """
 
+    __slots__ = ("_app", "_app_factory", "_held", "_io", "_loop", "_site", "_timer", "_tls",
+                 "_transport", "closing", "raw", "reading_paused")
+
     def __init__(self, site: AnyCertSite, app_factory: Callable[[], asyncio.Protocol]) -> None:
         self._site = site
         self._app_factory = app_factory
@@ -324,7 +334,8 @@ class TlsAnyConnection(asyncio.Protocol):
         self._io: _FastIO | None = None        # once established (and available)
         self._app: asyncio.Protocol | None = None
         self._transport: TlsAnyTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._held = False          # TLS 1.3 session tickets waiting for the first response
         self.closing = False
         self.reading_paused = False
 
@@ -388,8 +399,15 @@ class TlsAnyConnection(asyncio.Protocol):
             self._handshake_failed(tls, exc)
             self._fail("TLS handshake failed", exc)
             return False
-        self._flush()
         self._cancel_timer()
+        if tls.get_protocol_version() == SSL.TLS1_3_VERSION:
+            # All that is left to send is the session tickets, which the client does not
+            # wait for: they leave with the first response (or after TICKET_HOLD), one
+            # write instead of two. TLS 1.2: our Finished, which the client waits for.
+            self._held = True
+            self._timer = self._loop.call_later(TICKET_HOLD, self._release)
+        else:
+            self._flush()
         self._site.handshaking.discard(self)
         # The session's certificate: on a resumed session, the one of its full handshake.
         # DER straight from OpenSSL (no parse; describe_certificate caches by DER).
@@ -465,7 +483,8 @@ class TlsAnyConnection(asyncio.Protocol):
             except _PublicApi:
                 self._read_public()     # close_notify, an error: pyOpenSSL names it
                 return
-            self._flush()   # TLS 1.3 key updates and alerts the reads produced
+            if not self._held:
+                self._flush()   # TLS 1.3 key updates and alerts the reads produced
             return
         self._read_public()
 
@@ -485,7 +504,8 @@ class TlsAnyConnection(asyncio.Protocol):
                 self._fail("TLS error", exc)
                 return
             self._app.data_received(data)
-        self._flush()   # TLS 1.3 key updates and alerts the reads produced
+        if not self._held:
+            self._flush()   # TLS 1.3 key updates and alerts the reads produced
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         tls = self._tls
@@ -503,7 +523,21 @@ class TlsAnyConnection(asyncio.Protocol):
         except SSL.Error as exc:
             self._fail("TLS write failed", exc)
             return
+        if self._held:
+            # The first response: it leaves with the tickets at the end of this turn of the
+            # loop, with whatever else is written by then (a close_notify after
+            # "Connection: close": then one write per new connection instead of three).
+            self._cancel_timer()
+            self._timer = self._loop.call_soon(self._release)
+            return
         self._flush()
+
+    def _release(self) -> None:
+        """The held tickets (and the first response) go out."""
+        self._timer = None
+        if self._held:
+            self._held = False
+            self._flush()
 
     def _flush(self) -> None:
         """Move the ciphertext OpenSSL produced into the TCP transport."""
@@ -550,6 +584,7 @@ class TlsAnyConnection(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
+        self._held = False
         tls = self._tls
         if tls is not None:
             with contextlib.suppress(SSL.Error):
@@ -571,6 +606,7 @@ class TlsAnyConnection(asyncio.Protocol):
     def _fail(self, what: str, exc: SSL.Error) -> None:
         peer = self.raw.get_extra_info("peername") if self.raw is not None else None
         log.debug("%s from %s: %s", what, peer, exc)
+        self._held = False
         self._flush()    # the alert OpenSSL queued tells the client why
         self.closing = True
         self._close_raw()
