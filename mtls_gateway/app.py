@@ -4,7 +4,8 @@
 upstream pool). A reload builds a complete new one from the new files and swaps
 it in only if everything loaded; requests already running finish on the old one.
 New TLS handshakes pick up new certificate/key/client-CA material through
-:class:`TlsContextSwitch`; established connections keep theirs.
+:meth:`AnyCertSite.update` (``listen.tls_stack: openssl``) or :class:`TlsContextSwitch`
+(``python``); established connections keep theirs.
 """
 
 from __future__ import annotations

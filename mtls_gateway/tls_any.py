@@ -1,4 +1,6 @@
-"""``listen.client_ca: any``: mutual TLS that accepts a client certificate from any issuer.
+"""The pyOpenSSL listener: ``listen.client_ca: any`` (any issuer), and ``client_ca: pki`` with
+``listen.tls_stack: openssl`` (the default; :func:`pki_context`, docs/performance.md "Two TLS
+stacks"). Below: why ``any`` needs it.
 
 RFC 8705 section 3 only needs the resource server to know *which* certificate the client
 proved possession of in the handshake; the token's ``cnf`` thumbprint says which one it must
