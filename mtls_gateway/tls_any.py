@@ -242,9 +242,13 @@ _FAST_IO_NAMES = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ
                   "BIO_write", "BIO_get_mem_data")
 
 
+_FAST_IO_BOUND = (_lib is not None and _ffi is not None
+                  and all(hasattr(_lib, n) for n in _FAST_IO_NAMES))
+
+
 def fast_io(tls: SSL.Connection) -> _FastIO | None:
     """The fast data path for ``tls`` (established), or None if this pyOpenSSL lacks it."""
-    if _lib is None or _ffi is None or not all(hasattr(_lib, n) for n in _FAST_IO_NAMES):
+    if not _FAST_IO_BOUND:
         return None
     try:
         return _FastIO(tls)
