@@ -107,3 +107,25 @@ async def test_b_cannot_resume_into_a_session_of_its_own_with_a_s_token(
     assert results == [(401, "binding_mismatch", False), (401, "binding_mismatch", True),
                        (401, "binding_mismatch", True)]
     assert upstream.seen == []
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_a_reload_ends_the_sessions_of_the_openssl_listener(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        version: str) -> None:
+    """Sessions live in the listener's context, which a reload replaces: a session never
+    outlives the CA bundle it was verified against (the client gets a full handshake)."""
+    config = base_config(pki, issuer, upstream)
+    config["listen"].update(min_tls_version="1.2", tls_stack="openssl")
+    gw = await make_gateway(config)
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    ctx = _client_context(pki, "a", version)
+    _, _, _, session, _ = await asyncio.to_thread(_get, ctx, gw.server.port, "/1", token, None)
+    status, _, _, session, reused = await asyncio.to_thread(_get, ctx, gw.server.port, "/2",
+                                                            token, session)
+    assert (status, reused) == (200, True)
+    assert await gw.server.reload("test") is True
+    status, _, _, _, reused = await asyncio.to_thread(_get, ctx, gw.server.port, "/3", token,
+                                                      session)
+    assert (status, reused) == (200, False)
+    assert [s.path_qs for s in upstream.seen] == ["/1", "/2", "/3"]
