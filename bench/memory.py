@@ -1,6 +1,6 @@
 """Memory of the gateway: idle mutual-TLS connections, and many distinct tokens.
 
-    .venv/bin/python bench/memory.py connections [--count 10000] [--haproxy]
+    .venv/bin/python bench/memory.py connections [--count 10000] [--haproxy | --tls-stack python]
     .venv/bin/python bench/memory.py tokens [--count 1000000]
     .venv/bin/python bench/memory.py churn [--count 2000] [--rounds 6] [--no-trim]
 
@@ -87,7 +87,8 @@ def tree_rss_mib(pid: int) -> float:
 
 # --- idle connections ---------------------------------------------------------------------
 
-def connections(count: int, timeout: float, haproxy: bool = False) -> int:
+def connections(count: int, timeout: float, haproxy: bool = False,
+                tls_stack: str = "openssl") -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < count + 200:
@@ -105,6 +106,7 @@ def connections(count: int, timeout: float, haproxy: bool = False) -> int:
             del config["providers"]["opaque"]
             config["routes"] = [r for r in config["routes"] if r["name"] != "opaque"]
             config["logging"]["level"] = "WARNING"
+            config["listen"]["tls_stack"] = tls_stack
             if haproxy:
                 port = free_port()
                 text = haproxy_config(m, port, up_port).replace("maxconn 4000",
@@ -149,7 +151,7 @@ def connections(count: int, timeout: float, haproxy: bool = False) -> int:
             gen.terminate()
             gen.wait(30)
             ok = ready.startswith("IDLE READY")
-            what = "haproxy" if haproxy else "gateway"
+            what = "haproxy" if haproxy else f"gateway (tls_stack: {tls_stack})"
             print(f"{what} pid {gateway.pid}: {count} idle keep-alive mTLS connections "
                   f"{'established' if ok else 'NOT all established'} in {took:.1f}s "
                   f"(one ES256 request each); {what} fds open: {open_fds}")
@@ -290,13 +292,15 @@ def main() -> int:
                    help="connections (default 10000) or distinct tokens (default 1000000)")
     p.add_argument("--haproxy", action="store_true",
                    help="connections: measure HAProxy (bench/haproxy.cfg.template) instead")
+    p.add_argument("--tls-stack", choices=("openssl", "python"), default="openssl",
+                   help="connections: the gateway's listen.tls_stack (default openssl)")
     p.add_argument("--timeout", type=float, default=240,
                    help="connections: seconds allowed to open them all (default 240)")
     args = p.parse_args()
     if args.what == "churn":
         return churn(args.count or 2_000, args.rounds, not args.no_trim)
     if args.what == "connections":
-        return connections(args.count or 10_000, args.timeout, args.haproxy)
+        return connections(args.count or 10_000, args.timeout, args.haproxy, args.tls_stack)
     return tokens(args.count or 1_000_000)
 
 

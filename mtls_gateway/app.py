@@ -4,7 +4,8 @@
 upstream pool). A reload builds a complete new one from the new files and swaps
 it in only if everything loaded; requests already running finish on the old one.
 New TLS handshakes pick up new certificate/key/client-CA material through
-:class:`TlsContextSwitch`; established connections keep theirs.
+:meth:`AnyCertSite.update` (``listen.tls_stack: openssl``) or :class:`TlsContextSwitch`
+(``python``); established connections keep theirs.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .memtrim import configure_allocator, trim_forever
 from .metrics import FLUSH_SECONDS, Metrics
 from .reload_carry import Carried, carry_over, provider_files_digest
 from .tls import TlsContextSwitch, server_ssl_context
-from .tls_any import AnyCertSite, any_cert_context
+from .tls_any import AnyCertSite, openssl_context
 from .upstream_tls import UpstreamTargets
 
 __all__ = ["RELOAD_SETTLE_SECONDS", "SERVER", "GatewayServer", "serve_forever"]
@@ -215,9 +216,10 @@ class GatewayServer:
         site: web.BaseSite
         if not listen.tls:      # behind a front proxy: certificates come in a header
             site = web.TCPSite(self._runner, listen.host, listen.port, reuse_port=reuse_port)
-        elif listen.client_ca == "any":     # any issuer: pyOpenSSL, see tls_any.py
+        elif listen.client_ca == "any" or listen.tls_stack == "openssl":   # see tls_any.py
+            context = await asyncio.to_thread(openssl_context, listen)
             site = self._tls = AnyCertSite(self._runner, listen.host, listen.port,
-                                           context=any_cert_context(listen),
+                                           context=context,
                                            reuse_port=reuse_port,
                                            failures=self.handshake_failures)
         else:
@@ -243,7 +245,9 @@ class GatewayServer:
                  listen.host, self.port, "mutual TLS" if listen.tls else "plain HTTP",
                  f"from the {source.header} header of trusted front proxies" if source
                  else f"{listen.client_cert}, "
-                 + ("any issuer" if listen.client_ca == "any" else "issued by client_ca_file"),
+                 + ("any issuer" if listen.client_ca == "any" else "issued by client_ca_file")
+                 + (", TLS by " + ("pyOpenSSL" if isinstance(self._tls, AnyCertSite)
+                                   else "Python's ssl") if listen.tls else ""),
                  f"; admin on {self.config.admin.host}:{self.admin_port}"
                  if self._admin_runner else "")
         self._notify_ready()
@@ -410,8 +414,8 @@ class GatewayServer:
         tls = self._tls
         if tls is None or not listen.tls:   # plain HTTP (a tls change needs a restart)
             return lambda: None
-        if isinstance(tls, AnyCertSite):
-            context = any_cert_context(listen)
+        if isinstance(tls, AnyCertSite):   # the stack chosen at start (tls_stack: restart)
+            context = openssl_context(listen)
             return lambda: tls.update(context)
         assert tls is not None
         ssl_context = server_ssl_context(listen, self.handshake_failures)
@@ -419,12 +423,15 @@ class GatewayServer:
 
     def _warn_restart_only(self, new: GatewayConfig) -> None:
         old = self.config
-        # client_ca: any rebuilds its whole TLS context on reload, so client_cert applies there
-        client_cert = new.listen.client_cert if new.listen.client_ca == "pki" else None
+        # The pyOpenSSL listener rebuilds its whole TLS context on reload, so client_cert
+        # applies there; Python's ssl keeps the verify mode of the context it was bound with.
+        client_cert = (None if isinstance(self._tls, AnyCertSite)
+                       else new.listen.client_cert)
         for what, before, after in (
                 ("listen address", (old.listen.host, old.listen.port),
                  (new.listen.host, new.listen.port)),
                 ("listen.tls", old.listen.tls, new.listen.tls),
+                ("listen.tls_stack", old.listen.tls_stack, new.listen.tls_stack),
                 ("listen.client_cert", old.listen.client_cert,
                  client_cert or old.listen.client_cert),
                 ("admin", old.admin, new.admin)):

@@ -104,9 +104,12 @@ class ListenConfig:
     tls: bool = True
     #: None: the certificate of our own TLS handshake (the default).
     client_certificate: HeaderCertificateSource | None = None
-    # "pki": client certificates must chain to client_ca_file (CPython ssl).
-    # "any": any issuer, self-signed too (pyOpenSSL, mtls_gateway.tls_any); binding only.
+    # "pki": client certificates must chain to client_ca_file.
+    # "any": any issuer, self-signed too (pyOpenSSL only, mtls_gateway.tls_any); binding only.
     client_ca: Literal["pki", "any"] = "pki"
+    #: Who terminates TLS: "openssl" (pyOpenSSL on the OpenSSL inside the cryptography wheel,
+    #: mtls_gateway.tls_any) or "python" (CPython's ssl on the system's OpenSSL; pki only).
+    tls_stack: Literal["openssl", "python"] = "openssl"
     client_cert_validity: Literal["enforce", "ignore"] = "enforce"   # "any" only
     #: "pki" only: DER of the registered self_signed_tls_client_auth certificates (inline
     #: jwks) the handshake accepts as themselves; none of them can issue (anchors.py).

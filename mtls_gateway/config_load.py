@@ -560,6 +560,10 @@ def _listen(sec: _Section) -> ListenConfig:
     need = _REQUIRED if tls else None
     client_ca = sec.string("client_ca", "pki", choices=("pki", "any"))
     validity = sec.string("client_cert_validity", "enforce", choices=("enforce", "ignore"))
+    stack = sec.string("tls_stack", "openssl", choices=("openssl", "python"))
+    if stack == "python" and client_ca == "any":
+        sec.problem("tls_stack", "python cannot serve client_ca: any (Python's ssl module "
+                    "has no verify callback); use tls_stack: openssl")
     if client_ca == "any":
         if sec.has("client_ca_file"):
             sec.problem("client_ca_file", "is not used with client_ca: any (every issuer is "
@@ -590,6 +594,7 @@ def _listen(sec: _Section) -> ListenConfig:
             sec.at("client_certificate")),
         client_ca=client_ca or "pki",
         client_cert_validity=validity or "enforce",
+        tls_stack=stack or "openssl",
     )
     if listen.min_tls_version == "1.3" and listen.max_tls_version == "1.2":
         sec.problem("min_tls_version", "is higher than max_tls_version")

@@ -16,9 +16,10 @@ handshake timeout fires.
 
 Every failure is counted (``mtls_gateway_tls_handshake_failures_total{reason}``) and logged at
 WARNING, at most once per reason per :data:`LOG_INTERVAL` (the rest at DEBUG, their number in
-the next WARNING line). The ``client_ca: any`` listener (:mod:`mtls_gateway.tls_any`) reports
-its failures here too, with the peer address; the ``ssl`` object of the default listener never
-sees the socket, so its lines say ``peer: unknown`` (see docs/upstream-tls.md).
+the next WARNING line). The pyOpenSSL listener (:mod:`mtls_gateway.tls_any`: ``tls_stack:
+openssl``, the default, and every ``client_ca: any``) reports its failures here too, with the
+peer address; the ``ssl`` object of the ``tls_stack: python`` listener never sees the socket,
+so its lines say ``from unknown`` (see docs/upstream-tls.md).
 """
 
 from __future__ import annotations

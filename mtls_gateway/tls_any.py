@@ -1,4 +1,6 @@
-"""``listen.client_ca: any``: mutual TLS that accepts a client certificate from any issuer.
+"""The pyOpenSSL listener: ``listen.client_ca: any`` (any issuer), and ``client_ca: pki`` with
+``listen.tls_stack: openssl`` (the default; :func:`pki_context`, docs/performance.md "Two TLS
+stacks"). Below: why ``any`` needs it.
 
 RFC 8705 section 3 only needs the resource server to know *which* certificate the client
 proved possession of in the handshake; the token's ``cnf`` thumbprint says which one it must
@@ -27,14 +29,21 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from aiohttp import web
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography import x509
 from OpenSSL import SSL, crypto
 
 from .config import ListenConfig
 from .handshake import HandshakeFailures, reason_from_openssl
+
+try:   # the raw OpenSSL calls pyOpenSSL makes, without its per-call checks (_FastIO)
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+except ImportError:  # pragma: no cover - a pyOpenSSL without them: the public API only
+    _ffi = _lib = None
 from .tls import PEER_CERTIFICATE, PeerCertificate, describe_certificate
 
-__all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context"]
+__all__ = ["AnyCertSite", "TlsAnyConnection", "TlsAnyTransport", "any_cert_context",
+           "openssl_context", "pki_context"]
 
 log = logging.getLogger("mtls_gateway.tls_any")
 
@@ -43,6 +52,9 @@ _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 _CIPHERS = (b"@SECLEVEL=2:ECDH+AESGCM:ECDH+CHACHA20:ECDH+AES:DHE+AES:"
             b"!aNULL:!eNULL:!aDSS:!SHA1:!AESCCM")
 _READ_SIZE = 65536
+#: Seconds a TLS 1.3 connection's session tickets may wait for its first response (see
+#: TlsAnyConnection._handshake).
+TICKET_HOLD = 0.5
 _BIO_READ_SIZE = 65536
 
 # X509_V_ERR_* codes still refused for the client's own certificate (depth 0).
@@ -72,17 +84,16 @@ def _verify_callback(refused: frozenset[int]) -> Callable[..., bool]:
     return verify
 
 
-def any_cert_context(listen: ListenConfig) -> SSL.Context:
-    """The pyOpenSSL server context for ``client_ca: any`` (blocking file reads: build once).
-
-    Raises ValueError when the certificate or key cannot be used.
-    """
+def _server_context(listen: ListenConfig) -> SSL.Context:
+    """What both client_ca modes share: versions, ciphers, our certificate, resumption."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     try:
         ctx.set_min_proto_version(_VERSIONS[listen.min_tls_version])
         ctx.set_max_proto_version(_VERSIONS[listen.max_tls_version])
         ctx.set_options(SSL.OP_ALL | SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
                         | SSL.OP_CIPHER_SERVER_PREFERENCE)
+        # An idle connection keeps no 16 KiB record buffers (CPython's ssl sets it too).
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(_CIPHERS)
         ctx.use_certificate_chain_file(str(listen.cert_file))
         ctx.use_privatekey_file(str(listen.key_file))
@@ -90,8 +101,26 @@ def any_cert_context(listen: ListenConfig) -> SSL.Context:
     except SSL.Error as exc:
         raise ValueError(f"cannot use {listen.cert_file} / {listen.key_file}: {exc}") from exc
     # A server that asks for client certificates must name its session context, else OpenSSL
-    # fails every resumption attempt (CPython's ssl sets one for the same reason).
+    # fails every resumption attempt (CPython's ssl sets one for the same reason). Session
+    # cache and ticket keys belong to this context: a reload (a new context) ends every
+    # earlier session, so no session outlives the CA bundle it was verified against.
     ctx.set_session_id(b"mtls-gateway")
+    # Stateful resumption: sessions stay in this context's cache and a ticket only names one
+    # (SSL_OP_NO_TICKET; TLS 1.2 resumes by session ID). Encrypting the whole session, peer
+    # certificate included, into each of OpenSSL's two TLS 1.3 tickets cost ~60 us of a
+    # full handshake. The cache holds at most OpenSSL's default 20,480 sessions (pyOpenSSL
+    # has no setter), each expires after OpenSSL's default 300 s.
+    ctx.set_options(SSL.OP_NO_TICKET)
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+    return ctx
+
+
+def any_cert_context(listen: ListenConfig) -> SSL.Context:
+    """The pyOpenSSL server context for ``client_ca: any`` (blocking file reads: build once).
+
+    Raises ValueError when the certificate or key cannot be used.
+    """
+    ctx = _server_context(listen)
     mode = SSL.VERIFY_PEER
     if listen.client_cert == "required":
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
@@ -99,8 +128,145 @@ def any_cert_context(listen: ListenConfig) -> SSL.Context:
     return ctx
 
 
+def _verify_result(tls: SSL.Connection) -> int | None:
+    """The X509_V_ERR of a failed chain verification (``SSL_get_verify_result``), or None.
+
+    The pki context has no Python verify callback (OpenSSL decides alone: ~15 us less per
+    handshake than a callback that builds two X509 objects), so a failed handshake's reason
+    label asks OpenSSL afterwards, through the bindings pyOpenSSL uses (_FastIO's caveat)."""
+    if _lib is None or not hasattr(_lib, "SSL_get_verify_result"):
+        return None
+    try:
+        code = int(_lib.SSL_get_verify_result(tls._ssl))
+    except (AttributeError, TypeError):
+        return None
+    return code or None     # X509_V_OK: not a verification failure
+
+
+def pki_context(listen: ListenConfig) -> SSL.Context:
+    """The pyOpenSSL server context for ``client_ca: pki``: the client's chain is verified by
+    OpenSSL, inside the handshake, against ``client_ca_file``; the registered self-signed
+    certificates (``pinned_client_certs``) are accepted as exactly themselves.
+
+    The pins go into the same store as the CA bundle, as with CPython's ``ssl``: config load
+    admits only pins OpenSSL will not take as issuers (``anchors.can_issue`` is false), so a
+    pin verifies itself and nothing else. Blocking file reads: build in a thread.
+    Raises ValueError when a file cannot be used.
+    """
+    if listen.cert_file is None or listen.key_file is None or listen.client_ca_file is None:
+        raise ValueError("the TLS listener needs cert_file, key_file and client_ca_file")
+    ctx = _server_context(listen)
+    try:
+        ctx.load_verify_locations(str(listen.client_ca_file))
+        store = ctx.get_cert_store()
+        assert store is not None
+        for der in listen.pinned_client_certs:
+            store.add_cert(crypto.X509.from_cryptography(x509.load_der_x509_certificate(der)))
+    except (SSL.Error, crypto.Error) as exc:
+        raise ValueError(f"cannot use {listen.client_ca_file}: {exc}") from exc
+    mode = SSL.VERIFY_PEER
+    if listen.client_cert == "required":
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    ctx.set_verify(mode)        # OpenSSL's own verdict; see _verify_result
+    return ctx
+
+
+def openssl_context(listen: ListenConfig) -> SSL.Context:
+    """The listener's pyOpenSSL context for its ``client_ca`` mode (:class:`AnyCertSite`)."""
+    return any_cert_context(listen) if listen.client_ca == "any" else pki_context(listen)
+
+
+class _FastIO:
+    """The data phase of one connection without pyOpenSSL's per-call overhead.
+
+    ``Connection.recv``/``sendall``/``bio_read`` allocate a buffer, check three helpers and
+    raise an exception to say "no more data" (two or three per request): about 5 us of a
+    keep-alive request's ~10 us of TLS work. Established connections call the same OpenSSL
+    functions directly (``SSL_read``, ``SSL_write``, ``BIO_read``, and ``BIO_get_mem_data``
+    to see how much ciphertext is waiting) through the ``cffi`` bindings pyOpenSSL itself
+    uses, on the ``SSL``/``BIO`` pointers of its ``Connection``. Anything but success or
+    "want read" is handed back to the public API, which raises pyOpenSSL's own exception;
+    the handshake always uses the public API. :func:`fast_io` returns None (the public API
+    is used throughout) when an installed pyOpenSSL lacks any of it.
+    """
+
+    __slots__ = ("_from", "_into", "_ssl")
+
+    def __init__(self, tls: SSL.Connection) -> None:
+        # pyOpenSSL's own pointers (private attributes: fast_io checks they exist)
+        self._ssl = tls._ssl
+        self._into = tls._into_ssl
+        self._from = tls._from_ssl
+
+    def feed(self, data: bytes) -> None:
+        """Ciphertext from the socket into OpenSSL (a memory BIO always takes all of it)."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        _lib.BIO_write(self._into, data, len(data))
+
+    def read(self, buf: Any) -> bytes | None:
+        """Plaintext, or None: no complete record left (an error: -> the public API)."""
+        n = _lib.SSL_read(self._ssl, buf, _READ_SIZE)
+        if n > 0:
+            return _ffi.buffer(buf, n)[:]       # type: ignore[no-any-return]
+        if _lib.SSL_get_error(self._ssl, n) == _lib.SSL_ERROR_WANT_READ:
+            return None
+        raise _PublicApi
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt all of ``data``; an error -> the public API (``sendall``) for the rest."""
+        with _ffi.from_buffer(data) as cdata:
+            done, size = 0, len(cdata)
+            while done < size:
+                n = _lib.SSL_write(self._ssl, cdata + done, size - done)
+                if n <= 0:
+                    raise _PublicApi(done)
+                done += n
+
+    def drain(self, buf: Any, pointer: Any) -> bytes:
+        """The ciphertext OpenSSL produced (b"" if none), without an exception when empty."""
+        pending = _lib.BIO_get_mem_data(self._from, pointer)
+        if pending <= 0:
+            return b""
+        if pending <= _BIO_READ_SIZE:
+            n = _lib.BIO_read(self._from, buf, pending)
+            return _ffi.buffer(buf, n)[:] if n > 0 else b""
+        chunks = []
+        while pending > 0:
+            n = _lib.BIO_read(self._from, buf, min(pending, _BIO_READ_SIZE))
+            if n <= 0:
+                break
+            chunks.append(_ffi.buffer(buf, n)[:])
+            pending -= n
+        return b"".join(chunks)
+
+
+class _PublicApi(Exception):
+    """A _FastIO call met something other than data or "want read": redo it publicly."""
+
+
+_FAST_IO_NAMES = ("SSL_read", "SSL_write", "SSL_get_error", "SSL_ERROR_WANT_READ", "BIO_read",
+                  "BIO_write", "BIO_get_mem_data")
+
+
+_FAST_IO_BOUND = (_lib is not None and _ffi is not None
+                  and all(hasattr(_lib, n) for n in _FAST_IO_NAMES))
+
+
+def fast_io(tls: SSL.Connection) -> _FastIO | None:
+    """The fast data path for ``tls`` (established), or None if this pyOpenSSL lacks it."""
+    if not _FAST_IO_BOUND:
+        return None
+    try:
+        return _FastIO(tls)
+    except AttributeError:
+        return None
+
+
 class TlsAnyTransport(asyncio.Transport):
     """What aiohttp's request handler writes to and reads from: the decrypted stream."""
+
+    __slots__ = ("_connection", "_info", "_protocol")    # one per idle connection: no dict
 
     def __init__(self, connection: TlsAnyConnection, extra: dict[str, Any]) -> None:
         super().__init__(extra)
@@ -111,6 +277,9 @@ class TlsAnyTransport(asyncio.Transport):
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name in self._info:
             return self._info[name]
+        if name in ("cipher", "tls_version"):
+            cipher = self._connection.cipher()
+            return default if cipher is None else cipher if name == "cipher" else cipher[1]
         raw = self._connection.raw
         return raw.get_extra_info(name, default) if raw is not None else default
 
@@ -173,15 +342,20 @@ class TlsAnyConnection(asyncio.Protocol):
     stops both the socket and the delivery of already decrypted records.
     """
 
+    __slots__ = ("_app", "_app_factory", "_held", "_io", "_loop", "_site", "_timer", "_tls",
+                 "_transport", "closing", "raw", "reading_paused")
+
     def __init__(self, site: AnyCertSite, app_factory: Callable[[], asyncio.Protocol]) -> None:
         self._site = site
         self._app_factory = app_factory
         self._loop = asyncio.get_running_loop()
         self.raw: asyncio.Transport | None = None
         self._tls: SSL.Connection | None = None
+        self._io: _FastIO | None = None        # once established (and available)
         self._app: asyncio.Protocol | None = None
         self._transport: TlsAnyTransport | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
+        self._held = False          # TLS 1.3 session tickets waiting for the first response
         self.closing = False
         self.reading_paused = False
 
@@ -199,9 +373,13 @@ class TlsAnyConnection(asyncio.Protocol):
         tls = self._tls
         if tls is None or self.closing:
             return
-        tls.bio_write(data)
-        if self._app is None and not self._handshake(tls):
-            return
+        io = self._io
+        if io is not None:
+            io.feed(data)
+        else:
+            tls.bio_write(data)
+            if self._app is None and not self._handshake(tls):
+                return
         self._read()
 
     def eof_received(self) -> bool:
@@ -216,7 +394,13 @@ class TlsAnyConnection(asyncio.Protocol):
         self._site.handshaking.discard(self)
         self.closing = True
         app, self._app = self._app, None
-        self._tls = None
+        if app is not None and self._tls is not None:
+            # An established connection that ended without our close_notify (the client
+            # just closed): its session stays resumable (RFC 5246 section 7.2.1), else
+            # OpenSSL would drop it from the cache when the SSL object goes. A session
+            # that ended in a fatal alert was removed by OpenSSL already.
+            self._tls.set_shutdown(self._tls.get_shutdown() | SSL.SENT_SHUTDOWN)
+        self._tls = self._io = None
         if app is not None:
             app.connection_lost(exc)
         self.raw = None
@@ -241,12 +425,23 @@ class TlsAnyConnection(asyncio.Protocol):
             self._handshake_failed(tls, exc)
             self._fail("TLS handshake failed", exc)
             return False
-        self._flush()
         self._cancel_timer()
+        if tls.get_protocol_version() == SSL.TLS1_3_VERSION:
+            # All that is left to send is the session tickets, which the client does not
+            # wait for: they leave with the first response (or after TICKET_HOLD), one
+            # write instead of two. TLS 1.2: our Finished, which the client waits for.
+            self._held = True
+            self._timer = self._loop.call_later(TICKET_HOLD, self._release)
+        else:
+            self._flush()
         self._site.handshaking.discard(self)
-        cert = tls.get_peer_certificate(as_cryptography=True)
-        peer = describe_certificate(cert.public_bytes(Encoding.DER)) if cert is not None else None
+        # The session's certificate: on a resumed session, the one of its full handshake.
+        # DER straight from OpenSSL (no parse; describe_certificate caches by DER).
+        cert = tls.get_peer_certificate()
+        peer = (describe_certificate(crypto.dump_certificate(crypto.FILETYPE_ASN1, cert))
+                if cert is not None else None)
         assert self.raw is not None
+        self._io = fast_io(tls)
         self._transport = TlsAnyTransport(self, self._extra(tls, peer))
         app = self._app_factory()
         self._transport.set_protocol(app)
@@ -258,26 +453,30 @@ class TlsAnyConnection(asyncio.Protocol):
         failures = self._site.failures
         if failures is None:
             return
-        code = tls.get_app_data()
-        reason = reason_from_openssl(exc, code if isinstance(code, int) else None)
+        code = tls.get_app_data()       # client_ca: any's verify callback says why
+        reason = reason_from_openssl(exc, code if isinstance(code, int) else _verify_result(tls))
         peer = self.raw.get_extra_info("peername") if self.raw is not None else None
         failures.failed(reason, peer, str(exc))
 
     def _extra(self, tls: SSL.Connection, peer: PeerCertificate | None) -> dict[str, Any]:
+        """What ``get_extra_info`` answers itself; the rest ("sockname", "socket", ...) is
+        asked of the TCP transport when someone wants it (most never do)."""
         raw = self.raw
         assert raw is not None
         return {
             PEER_CERTIFICATE: peer,
-            "peername": raw.get_extra_info("peername"),
-            "sockname": raw.get_extra_info("sockname"),
-            "socket": raw.get_extra_info("socket"),
+            "peername": raw.get_extra_info("peername"),   # kept for logs after the close
             "sslcontext": self._site.context,   # aiohttp: request.scheme == "https"
             "ssl_object": None,                 # not a CPython SSLObject; see PEER_CERTIFICATE
-            "peercert": None,                   # like ssl: no dict for an unverified certificate
-            "cipher": (tls.get_cipher_name(), tls.get_protocol_version_name(),
-                       tls.get_cipher_bits()),
-            "tls_version": tls.get_protocol_version_name(),
+            "peercert": None,                   # no dict: the DER is in PEER_CERTIFICATE
         }
+
+    def cipher(self) -> tuple[str | None, str, int | None] | None:
+        """``get_extra_info("cipher")``: (name, protocol, secret bits), like ``ssl``."""
+        tls = self._tls
+        if tls is None:
+            return None
+        return (tls.get_cipher_name(), tls.get_protocol_version_name(), tls.get_cipher_bits())
 
     def _timed_out(self) -> None:  # the handshake's timer
         self._timer = None
@@ -298,6 +497,24 @@ class TlsAnyConnection(asyncio.Protocol):
 
     def _read(self) -> None:
         """Deliver decrypted data until the BIO is empty, reading is paused or the peer closed."""
+        io = self._io
+        if io is not None:
+            buf = self._site.buffer
+            try:
+                while self._app is not None and not self.reading_paused and not self.closing:
+                    data = io.read(buf)
+                    if data is None:
+                        break
+                    self._app.data_received(data)
+            except _PublicApi:
+                self._read_public()     # close_notify, an error: pyOpenSSL names it
+                return
+            if not self._held:
+                self._flush()   # TLS 1.3 key updates and alerts the reads produced
+            return
+        self._read_public()
+
+    def _read_public(self) -> None:
         tls = self._tls
         while tls is not None and self._app is not None and not self.reading_paused \
                 and not self.closing:
@@ -313,23 +530,51 @@ class TlsAnyConnection(asyncio.Protocol):
                 self._fail("TLS error", exc)
                 return
             self._app.data_received(data)
-        self._flush()   # TLS 1.3 key updates and alerts the reads produced
+        if not self._held:
+            self._flush()   # TLS 1.3 key updates and alerts the reads produced
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         tls = self._tls
         if tls is None or self.closing or not data:
             return
+        io = self._io
         try:
-            tls.sendall(data)
+            if io is not None:
+                try:
+                    io.write(data)
+                except _PublicApi as rest:
+                    tls.sendall(memoryview(data)[rest.args[0]:])
+            else:
+                tls.sendall(data)
         except SSL.Error as exc:
             self._fail("TLS write failed", exc)
             return
+        if self._held:
+            # The first response: it leaves with the tickets at the end of this turn of the
+            # loop, with whatever else is written by then (a close_notify after
+            # "Connection: close": then one write per new connection instead of three).
+            self._cancel_timer()
+            self._timer = self._loop.call_soon(self._release)
+            return
         self._flush()
+
+    def _release(self) -> None:
+        """The held tickets (and the first response) go out."""
+        self._timer = None
+        if self._held:
+            self._held = False
+            self._flush()
 
     def _flush(self) -> None:
         """Move the ciphertext OpenSSL produced into the TCP transport."""
         tls, raw = self._tls, self.raw
         if tls is None or raw is None:
+            return
+        io = self._io
+        if io is not None:
+            data = io.drain(self._site.buffer, self._site.pointer)
+            if data:
+                raw.write(data)
             return
         chunks: list[bytes] = []
         while True:
@@ -365,6 +610,7 @@ class TlsAnyConnection(asyncio.Protocol):
         if self.closing:
             return
         self.closing = True
+        self._held = False
         tls = self._tls
         if tls is not None:
             with contextlib.suppress(SSL.Error):
@@ -386,6 +632,7 @@ class TlsAnyConnection(asyncio.Protocol):
     def _fail(self, what: str, exc: SSL.Error) -> None:
         peer = self.raw.get_extra_info("peername") if self.raw is not None else None
         log.debug("%s from %s: %s", what, peer, exc)
+        self._held = False
         self._flush()    # the alert OpenSSL queued tells the client why
         self.closing = True
         self._close_raw()
@@ -412,6 +659,9 @@ class AnyCertSite(web.BaseSite):
         self.shutdown_timeout = shutdown_timeout
         self.handshaking: set[TlsAnyConnection] = set()
         self.failures = failures
+        # Scratch space of this loop's connections' _FastIO calls (copied out at once).
+        self.buffer = _ffi.new("char[]", max(_READ_SIZE, _BIO_READ_SIZE)) if _ffi else None
+        self.pointer = _ffi.new("char **") if _ffi else None
 
     @property
     def name(self) -> str:

@@ -145,9 +145,10 @@ def test_attack_a_the_old_readme_configuration_is_refused_at_start(
 @pytest.mark.parametrize("shape", [{"ca": False}, {"ca": None},
                                    {"ca": True, "key_cert_sign": False}],
                          ids=["CA:FALSE", "no basicConstraints", "CA:TRUE without keyCertSign"])
+@pytest.mark.parametrize("stack", ["openssl", "python"])   # two OpenSSL builds (tls_stack)
 async def test_attack_a_end_to_end_a_pinned_self_signed_client_issues_nothing(
         make_gateway: GatewayFactory, pki: Pki, upstream: Upstream, tmp_path: Path,
-        shape: dict[str, Any]) -> None:
+        shape: dict[str, Any], stack: str) -> None:
     """The new way: the self-signed client is registered (jwks) and not in the bundle; the
     listener accepts exactly its certificate, which cannot issue (each shape can_issue calls
     non-issuing, checked against OpenSSL here): a certificate it signed with client-a's DN
@@ -156,8 +157,10 @@ async def test_attack_a_end_to_end_a_pinned_self_signed_client_issues_nothing(
     assert not can_issue(mine.cert)
     client_s = {"client_id": "client-s", "token_endpoint_auth_method":
                 "self_signed_tls_client_auth", "jwks": jwks_of(mine)}
-    gw = await make_gateway(token_config(pki, upstream, pki.ca_file, [client_s, CLIENT_A],
-                                         ca_file=str(pki.ca_file)))
+    config = token_config(pki, upstream, pki.ca_file, [client_s, CLIENT_A],
+                          ca_file=str(pki.ca_file))
+    config["listen"]["tls_stack"] = stack
+    gw = await make_gateway(config)
     forged = issued_by(mine, VICTIM_DN)
     with pytest.raises((aiohttp.ClientError, ssl.SSLError)):
         await connect_with(gw.url, pki, forged, tmp_path, "/token", method="POST",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -108,23 +109,25 @@ async def _handshake_ok(port: int, ctx: ssl.SSLContext) -> bool:
 
 
 async def _start(make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
-                 material: Material, **extra: Any) -> RunningGateway:
+                 material: Material, stack: str = "openssl", **extra: Any) -> RunningGateway:
     config = base_config(pki, issuer, upstream)
     config["listen"].update(cert_file=str(material.root / "tls.crt"),
                             key_file=str(material.root / "tls.key"),
-                            client_ca_file=str(material.root / "ca.crt"))
+                            client_ca_file=str(material.root / "ca.crt"), tls_stack=stack)
     config.update(extra)
     gw: RunningGateway = await make_gateway(config)
     return gw
 
 
+@pytest.mark.parametrize("stack", ["openssl", "python"])     # listen.tls_stack
 async def test_rotated_server_cert_and_client_ca(make_gateway: Any, pki: Pki, issuer: Issuer,
                                                 upstream: Upstream, tmp_path: Path,
-                                                cas: dict[str, Any]) -> None:
+                                                cas: dict[str, Any], stack: str) -> None:
     material = Material(tmp_path / "secret")
     material.root.mkdir()
     material.publish(_files(cas["server1"], cas["ca1"]))
-    gw = await _start(make_gateway, pki, issuer, upstream, material, reload_interval="100ms")
+    gw = await _start(make_gateway, pki, issuer, upstream, material, stack,
+                      reload_interval="100ms")
     port = gw.server.port
     trust_both = (cas["ca1"], cas["ca2"])
     c1 = _client_ctx(tmp_path, cas["client1"], *trust_both)
@@ -154,16 +157,19 @@ async def test_rotated_server_cert_and_client_ca(make_gateway: Any, pki: Pki, is
     assert [s.path_qs for s in upstream.seen] == ["/public/a", "/public/b", "/public/c"]
 
 
+@pytest.mark.parametrize("stack", ["openssl", "python"])
 @pytest.mark.parametrize("broken", ["garbage-cert", "key-mismatch", "half-yaml", "bad-route"])
 async def test_broken_material_is_refused_and_old_kept(make_gateway: Any, pki: Pki,
                                                       issuer: Issuer, upstream: Upstream,
                                                       tmp_path: Path, cas: dict[str, Any],
                                                       broken: str,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      stack: str) -> None:
     material = Material(tmp_path / "secret")
     material.root.mkdir()
     material.publish(_files(cas["server1"], cas["ca1"]))
-    gw = await _start(make_gateway, pki, issuer, upstream, material, reload_interval="0s")
+    gw = await _start(make_gateway, pki, issuer, upstream, material, stack,
+                      reload_interval="0s")
     c1 = _client_ctx(tmp_path, cas["client1"], cas["ca1"])
     if broken == "garbage-cert":
         material.publish({**_files(cas["server1"], cas["ca1"]), "tls.crt": b"-----BEGIN CERT"})
@@ -361,3 +367,34 @@ async def test_half_written_config_is_never_loaded(
         assert 200 not in seen, seen
         assert seen[-1] == 403
     assert not [s for s in upstream.seen if s.path_qs.startswith("/admin")]
+
+
+@pytest.mark.parametrize(("stack", "applies"), [("openssl", True), ("python", False)])
+async def test_reload_of_client_cert_and_tls_stack_on_the_pki_listener(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream,
+        caplog: pytest.LogCaptureFixture, stack: str, applies: bool) -> None:
+    """The openssl stack rebuilds its whole context on reload, so client_cert applies to new
+    handshakes; Python's ssl keeps the verify mode it was bound with (a restart, as logged).
+    A changed tls_stack keeps the running stack until a restart, and says so."""
+    config = base_config(pki, issuer, upstream)
+    config["listen"].update(tls_stack=stack, client_cert="optional")
+    gw = await make_gateway(config)
+    site_before = gw.server._tls
+    assert (await gw.request("/public/a", cert=None)).status == 200
+    config["listen"].update(client_cert="required",
+                            tls_stack="python" if stack == "openssl" else "openssl")
+    gw.config_path.write_text(yaml.safe_dump(config))
+    with caplog.at_level(logging.WARNING, logger="mtls_gateway.app"):
+        assert await gw.server.reload("test") is True
+    assert gw.server._tls is site_before                      # the stack chosen at start
+    assert "listen.tls_stack changed in the config; it takes effect after a restart" \
+        in caplog.text
+    assert ("listen.client_cert changed" in caplog.text) is not applies
+    try:
+        status: int | None = (await gw.request("/public/b", cert=None)).status
+    except (aiohttp.ClientError, ssl.SSLError, ConnectionError):
+        status = None
+    assert status == (None if applies else 200)
+    assert (await gw.request("/public/c", cert="a")).status == 200
+    assert [s.path_qs for s in upstream.seen] == (
+        ["/public/a", "/public/c"] if applies else ["/public/a", "/public/b", "/public/c"])

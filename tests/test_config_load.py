@@ -456,6 +456,25 @@ def test_client_ca_any_problems(pki: Pki, tmp_path: Path, change: Any, expected:
     assert len(problems) == 1 and problems[0].startswith(expected), problems
 
 
+def test_tls_stack_defaults_to_openssl_and_python_is_pki_only(pki: Pki, tmp_path: Path) -> None:
+    assert _load(_valid(pki), tmp_path).listen.tls_stack == "openssl"
+    data = _valid(pki)
+    data["listen"]["tls_stack"] = "python"
+    assert _load(data, tmp_path).listen.tls_stack == "python"
+    assert _load(_any(pki, tls_stack="openssl"), tmp_path).listen.tls_stack == "openssl"
+
+
+@pytest.mark.parametrize(("data_of", "expected"), [
+    (lambda pki: _any(pki, tls_stack="python"),
+     "listen.tls_stack: python cannot serve client_ca: any"),
+    (lambda pki: {**_valid(pki), "listen": {**_valid(pki)["listen"], "tls_stack": "ssl"}},
+     "listen.tls_stack: must be one of openssl, python (got 'ssl')"),
+])
+def test_tls_stack_problems(pki: Pki, tmp_path: Path, data_of: Any, expected: str) -> None:
+    problems = _problems(data_of(pki), tmp_path)
+    assert len(problems) == 1 and problems[0].startswith(expected), problems
+
+
 @pytest.mark.parametrize(("listen", "expected"), [
     ({"client_cert_validity": "ignore"},
      "listen.client_cert_validity: ignore needs client_ca: any"),

@@ -21,6 +21,9 @@ from mtls_gateway.app import GatewayServer
 from mtls_gateway.config_load import load_config
 from mtls_gateway.handshake import HandshakeFailures, reason_from_ssl_error
 
+#: listen.tls_stack: pyOpenSSL (the default) and CPython's ssl, each with its own TLS layer.
+STACKS = ["openssl", "python"]
+
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
@@ -105,18 +108,21 @@ TLS12 = {"none": "SSLV3_ALERT_HANDSHAKE_FAILURE", "unknown_ca": "TLSV1_ALERT_UNK
 REASONS = {"none": "no_certificate", "unknown_ca": "unknown_ca", "expired": "expired"}
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("version", ["1.3", "1.2"])
 @pytest.mark.parametrize("kind", ["none", "unknown_ca", "expired"])
 async def test_pki_listener_sends_the_alert_and_counts(
         pki: Pki, hs_pki: dict[str, Path], upstream: Upstream, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture, kind: str, version: str) -> None:
-    config = pki_config(pki, hs_pki, upstream.url, max_tls_version=version)
+        caplog: pytest.LogCaptureFixture, kind: str, version: str, stack: str) -> None:
+    config = pki_config(pki, hs_pki, upstream.url, max_tls_version=version, tls_stack=stack)
     with caplog.at_level(logging.WARNING, logger="mtls_gateway.tls"):
         seen, counts = await run_case(config, tmp_path, client_context(pki, hs_pki, kind))
     assert seen == (TLS13 if version == "1.3" else TLS12)[kind]
     assert counts == {REASONS[kind]: 1.0}
     lines = [r.getMessage() for r in caplog.records if r.name == "mtls_gateway.tls"]
     assert len(lines) == 1 and f"TLS handshake failed ({REASONS[kind]})" in lines[0]
+    # pyOpenSSL's transport sees the socket; CPython's SSLObject does not (handshake.py)
+    assert ("from 127.0.0.1" if stack == "openssl" else "from unknown") in lines[0]
     assert upstream.seen == []
 
 
@@ -128,11 +134,13 @@ async def test_good_client_still_served(pki: Pki, hs_pki: dict[str, Path], upstr
     assert len(upstream.seen) == 1
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("kind", ["none", "unknown_ca", "expired"])
 def test_pki_listener_on_uvloop(pki: Pki, hs_pki: dict[str, Path], tmp_path: Path,
-                                kind: str) -> None:
-    """uvloop's SSLProtocol (Cython) drops the alert the same way; the same fix applies."""
-    config = pki_config(pki, hs_pki, "http://127.0.0.1:9")
+                                kind: str, stack: str) -> None:
+    """uvloop's SSLProtocol (Cython) drops the alert the same way; the same fix applies
+    (and the pyOpenSSL listener, on uvloop's TCP transport, sends it too)."""
+    config = pki_config(pki, hs_pki, "http://127.0.0.1:9", tls_stack=stack)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert "uvloop" in type(runner.get_loop()).__module__
         seen, counts = runner.run(run_case(config, tmp_path,
@@ -195,9 +203,11 @@ def test_reason_labels(reason_text: str, code: int | None, expected: str) -> Non
     assert reason_from_ssl_error(exc) == expected
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_plain_http_to_the_tls_port_is_closed_at_once(pki: Pki, hs_pki: dict[str, Path],
-                                                      tmp_path: Path, loop: str) -> None:
+                                                      tmp_path: Path, loop: str,
+                                                      stack: str) -> None:
     """No alert to send: the connection is not kept waiting for the handshake timeout."""
     import socket
     import time
@@ -214,7 +224,8 @@ def test_plain_http_to_the_tls_port_is_closed_at_once(pki: Pki, hs_pki: dict[str
 
     async def case() -> tuple[tuple[bytes, float], dict[str, float]]:
         path = tmp_path / "gw.yaml"
-        path.write_text(yaml.safe_dump(pki_config(pki, hs_pki, "http://127.0.0.1:9")))
+        path.write_text(yaml.safe_dump(pki_config(pki, hs_pki, "http://127.0.0.1:9",
+                                                  tls_stack=stack)))
         server = GatewayServer(load_config(path))
         await server.start()
         try:

@@ -19,6 +19,8 @@ import pytest
 
 from gwtest import GatewayFactory, Issuer, Pki, Upstream, base_config
 
+#: listen.tls_stack: pyOpenSSL (the default) and CPython's ssl keep sessions differently.
+STACKS = ["openssl", "python"]
 VERSIONS = {"1.3": ssl.TLSVersion.TLSv1_3, "1.2": ssl.TLSVersion.TLSv1_2}
 
 
@@ -49,12 +51,13 @@ def _get(ctx: ssl.SSLContext, port: int, path: str, token: str,
         return int(lines[0].split()[1]), headers, body, tls.session, tls.session_reused
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("version", ["1.3", "1.2"])
 async def test_resumed_session_keeps_the_original_certificate(
         make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
-        version: str) -> None:
+        version: str, stack: str) -> None:
     config = base_config(pki, issuer, upstream)
-    config["listen"]["min_tls_version"] = "1.2"
+    config["listen"].update(min_tls_version="1.2", tls_stack=stack)
     gw = await make_gateway(config)
     port = gw.server.port
     a, b = pki.clients["a"], pki.clients["b"]
@@ -84,13 +87,14 @@ async def test_resumed_session_keeps_the_original_certificate(
     assert [s.path_qs for s in upstream.seen] == ["/first", "/resumed-a"]
 
 
+@pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize("version", ["1.3", "1.2"])
 async def test_b_cannot_resume_into_a_session_of_its_own_with_a_s_token(
         make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
-        version: str) -> None:
+        version: str, stack: str) -> None:
     """b's own resumed session is b's: a's token stays refused on it, resumed or not."""
     config = base_config(pki, issuer, upstream)
-    config["listen"]["min_tls_version"] = "1.2"
+    config["listen"].update(min_tls_version="1.2", tls_stack=stack)
     gw = await make_gateway(config)
     token_a = issuer.mint(pki.clients["a"].thumbprint)
     ctx = _client_context(pki, "b", version)
@@ -103,3 +107,25 @@ async def test_b_cannot_resume_into_a_session_of_its_own_with_a_s_token(
     assert results == [(401, "binding_mismatch", False), (401, "binding_mismatch", True),
                        (401, "binding_mismatch", True)]
     assert upstream.seen == []
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_a_reload_ends_the_sessions_of_the_openssl_listener(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        version: str) -> None:
+    """Sessions live in the listener's context, which a reload replaces: a session never
+    outlives the CA bundle it was verified against (the client gets a full handshake)."""
+    config = base_config(pki, issuer, upstream)
+    config["listen"].update(min_tls_version="1.2", tls_stack="openssl")
+    gw = await make_gateway(config)
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    ctx = _client_context(pki, "a", version)
+    _, _, _, session, _ = await asyncio.to_thread(_get, ctx, gw.server.port, "/1", token, None)
+    status, _, _, session, reused = await asyncio.to_thread(_get, ctx, gw.server.port, "/2",
+                                                            token, session)
+    assert (status, reused) == (200, True)
+    assert await gw.server.reload("test") is True
+    status, _, _, _, reused = await asyncio.to_thread(_get, ctx, gw.server.port, "/3", token,
+                                                      session)
+    assert (status, reused) == (200, False)
+    assert [s.path_qs for s in upstream.seen] == ["/1", "/2", "/3"]

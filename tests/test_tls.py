@@ -12,10 +12,15 @@ import pytest
 from gwtest import Issuer, Pki, RunningGateway, base_config, count_certificate_reads
 
 
+@pytest.mark.parametrize("stack", ["openssl", "python"])
 async def test_thumbprint_computed_once_per_connection(
-        gateway: RunningGateway, issuer: Issuer, pki: Pki,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = count_certificate_reads(monkeypatch, "mtls_gateway.tls")
+        make_gateway: Any, issuer: Issuer, pki: Pki, upstream: Any,
+        monkeypatch: pytest.MonkeyPatch, stack: str) -> None:
+    config = base_config(pki, issuer, upstream)
+    config["listen"]["tls_stack"] = stack
+    gateway: RunningGateway = await make_gateway(config)
+    calls = count_certificate_reads(
+        monkeypatch, "mtls_gateway.tls_any" if stack == "openssl" else "mtls_gateway.tls")
     token = issuer.mint(pki.clients["a"].thumbprint)
     connector = aiohttp.TCPConnector(ssl=pki.client_context("a"), limit=1)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -28,6 +33,7 @@ async def test_thumbprint_computed_once_per_connection(
     assert len(calls) == 2
 
 
+@pytest.mark.parametrize("stack", ["openssl", "python"])
 @pytest.mark.parametrize(("versions", "client_max", "ok"), [
     (("1.2", "1.3"), ssl.TLSVersion.TLSv1_2, True),
     (("1.3", "1.3"), ssl.TLSVersion.TLSv1_2, False),
@@ -35,9 +41,10 @@ async def test_thumbprint_computed_once_per_connection(
 ])
 async def test_tls_versions(make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Any,
                             versions: tuple[str, str], client_max: ssl.TLSVersion,
-                            ok: bool) -> None:
+                            ok: bool, stack: str) -> None:
     config = base_config(pki, issuer, upstream)
-    config["listen"].update(min_tls_version=versions[0], max_tls_version=versions[1])
+    config["listen"].update(min_tls_version=versions[0], max_tls_version=versions[1],
+                            tls_stack=stack)
     gw = await make_gateway(config)
     ctx = ssl.create_default_context(cafile=str(pki.ca_file))
     ctx.load_cert_chain(pki.clients["a"].cert, pki.clients["a"].key)
@@ -55,10 +62,11 @@ async def test_tls_versions(make_gateway: Any, pki: Pki, issuer: Issuer, upstrea
         assert version == f"TLSv{versions[1] if client_max == ssl.TLSVersion.TLSv1_3 else '1.2'}"
 
 
+@pytest.mark.parametrize("stack", ["openssl", "python"])
 async def test_required_client_cert_refuses_handshake_without_one(
-        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Any) -> None:
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Any, stack: str) -> None:
     config = base_config(pki, issuer, upstream)
-    config["listen"]["client_cert"] = "required"
+    config["listen"].update(client_cert="required", tls_stack=stack)
     gw = await make_gateway(config)
     with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
         await gw.request("/public/x", cert=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import socket
@@ -34,6 +35,7 @@ from gwtest import (
     count_certificate_reads,
 )
 from mtls_gateway import pki as pki_mod
+from mtls_gateway import tls_any
 from mtls_gateway.thumbprint import x5t_s256
 from mtls_gateway.tls_any import TlsAnyConnection
 
@@ -169,12 +171,31 @@ def count_calls(monkeypatch: pytest.MonkeyPatch, *names: str) -> list[str]:
     return calls
 
 
+def data_path(monkeypatch: pytest.MonkeyPatch, path: str) -> list[object]:
+    """Make established connections use ``path`` ("fast": tls_any._FastIO, "public":
+    pyOpenSSL's public API only, as with a pyOpenSSL lacking what _FastIO needs); returns
+    what fast_io gave each connection."""
+    given: list[object] = []
+    real = tls_any.fast_io
+
+    def chosen(tls: Any) -> Any:
+        io = real(tls) if path == "fast" else None
+        given.append(io)
+        return io
+
+    monkeypatch.setattr(tls_any, "fast_io", chosen)
+    return given
+
+
+@pytest.mark.parametrize("path", ["fast", "public"])
 @pytest.mark.parametrize(("upload", "download"), [(8 << 20, 0), (0, 24 << 20)])
 async def test_large_bodies_stream_both_ways(make_gateway: Any, any_pki: Pki, issuer: Issuer,
                                              upstream: Upstream, upload: int, download: int,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             path: str) -> None:
     """More data than any buffer holds passes intact; a fast upload makes the gateway pause
-    reading from the client while it sends on to the upstream."""
+    reading from the client while it sends on to the upstream. Both data paths."""
+    given = data_path(monkeypatch, path)
     calls = count_calls(monkeypatch, "pause_reading", "resume_reading")
     gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
     body = hashlib.sha256(b"seed").digest() * (upload // 32)
@@ -188,6 +209,86 @@ async def test_large_bodies_stream_both_ways(make_gateway: Any, any_pki: Pki, is
         assert {"pause_reading", "resume_reading"} <= set(calls), calls
     else:
         assert len(reply.body) == download
+    assert len(given) == 1
+    assert isinstance(given[0], tls_any._FastIO) if path == "fast" else given[0] is None
+
+
+@pytest.mark.parametrize("path", ["fast", "public"])
+@pytest.mark.parametrize("close", ["client close_notify", "server Connection: close"])
+async def test_keep_alive_requests_and_both_ways_of_closing(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch, path: str, close: str) -> None:
+    """Pipelined and sequential requests on one connection, then its end: the client's
+    close_notify (read on the data path, handed to the public API) or the gateway's own
+    close after "Connection: close" (the first answer and the tickets leave together)."""
+    data_path(monkeypatch, path)
+    calls = count_calls(monkeypatch, "connection_lost")
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    token = issuer.mint(any_pki.clients["ss1"].thumbprint)
+
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", gw.server.port), timeout=20) as raw, \
+                any_pki.client_context("ss1").wrap_socket(raw,
+                                                         server_hostname="localhost") as tls:
+            head = f"Host: x\r\nAuthorization: Bearer {token}\r\n"
+            tls.sendall(f"GET /p1 HTTP/1.1\r\n{head}\r\nGET /p2 HTTP/1.1\r\n{head}\r\n"
+                        .encode())                                 # two at once
+            data = b""
+            while data.count(b"HTTP/1.1 200") < 2:
+                data += tls.recv(65536)
+            last = "Connection: close\r\n" if close.startswith("server") else ""
+            tls.sendall(f"GET /p3 HTTP/1.1\r\n{head}{last}\r\n".encode())
+            while data.count(b"HTTP/1.1 200") < 3:
+                data += tls.recv(65536)
+            if last:
+                while chunk := tls.recv(65536):    # b"": the gateway's close_notify
+                    data += chunk
+            else:
+                tls.unwrap()                       # our close_notify; the gateway answers
+            return data
+
+    data = await asyncio.to_thread(exchange)
+    assert data.count(b"HTTP/1.1 200") == 3
+    assert [s.path_qs for s in upstream.seen] == ["/p1", "/p2", "/p3"]
+    for _ in range(3000):               # bounded wait (up to 30 s) for the server side
+        if calls:
+            break
+        await asyncio.sleep(0.01)
+    assert calls == ["connection_lost"]
+
+
+async def test_session_tickets_reach_a_client_that_sends_nothing(
+        make_gateway: Any, any_pki: Pki, issuer: Issuer, upstream: Upstream,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """TLS 1.3 tickets wait for the first answer, but not for ever (TICKET_HOLD): a client
+    that only handshakes gets a ticket it can resume with."""
+    monkeypatch.setattr(tls_any, "TICKET_HOLD", 0.05)
+    gw = await start(make_gateway, any_pki, any_config(any_pki, issuer, upstream))
+    ctx = any_pki.client_context("ss1")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+
+    def handshake_only() -> ssl.SSLSession | None:
+        with socket.create_connection(("127.0.0.1", gw.server.port), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.settimeout(0.05)
+            for _ in range(400):          # bounded (up to ~20 s): no request is ever sent
+                with contextlib.suppress(TimeoutError, ssl.SSLWantReadError):
+                    tls.recv(1)           # processes the ticket; no data comes
+                if tls.session is not None and tls.session.has_ticket:
+                    return tls.session
+            return None
+
+    def resumed(session: ssl.SSLSession) -> bool:
+        with socket.create_connection(("127.0.0.1", gw.server.port), timeout=20) as raw, \
+                ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
+            tls.sendall(b"GET /public/r HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert tls.recv(65536).startswith(b"HTTP/1.1 200")
+            return tls.session_reused
+
+    session = await asyncio.to_thread(handshake_only)
+    assert session is not None
+    assert await asyncio.to_thread(resumed, session) is True
+    assert [s.path_qs for s in upstream.seen] == ["/public/r"]
 
 
 async def test_slow_reader_pauses_the_gateway_writes(
