@@ -181,6 +181,7 @@ class IntrospectionVerifier:
                                  {"active": answer.active, "endpoint": p.endpoint}))
         if not answer.active:
             return
+        passing = True
         for step, reason, values in (
                 ("exp", "token_expired", {"exp": claims.get("exp"), "now": now,
                                           "leeway": p.leeway}),
@@ -189,8 +190,9 @@ class IntrospectionVerifier:
                 ("iss", "wrong_issuer", {"token": claims.get("iss"), "expected": p.issuer}),
                 ("aud", "wrong_audience", {"token": claims.get("aud"),
                                            "expected": list(p.audiences)})):
-            steps.append(trace.Check(step, "fail" if failed == reason else
-                                     "pass" if failed is None else "not checked", values))
+            verdict = "fail" if failed == reason else "pass" if passing else "not checked"
+            passing = passing and failed != reason      # (_check's order: the ones before)
+            steps.append(trace.Check(step, verdict, values))
 
     # --- one call per token at a time ----------------------------------------------------------
 

@@ -20,6 +20,7 @@ import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric import rsa
+
 from dpop_client import DpopKey
 from gwtest import (
     GatewayFactory,
@@ -28,7 +29,6 @@ from gwtest import (
     Upstream,
     base_config,
 )
-
 from mtls_gateway.cli import main
 from mtls_gateway.config_load import load_config
 from mtls_gateway.explain import explain, peer_from_pem

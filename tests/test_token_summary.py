@@ -15,10 +15,10 @@ from typing import Any
 
 import jwt
 import pytest
-from dpop_client import DpopKey
-from gwtest import AUDIENCE, ISSUER, GatewayFactory, Issuer, Pki, Upstream, base_config
 from test_introspection import AuthServer, introspection_config
 
+from dpop_client import DpopKey
+from gwtest import AUDIENCE, ISSUER, GatewayFactory, Issuer, Pki, Upstream, base_config
 from mtls_gateway.token_summary import token_summary
 
 
