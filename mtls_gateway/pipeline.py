@@ -41,6 +41,7 @@ from .errors import (
     NoToken,
     Refusal,
 )
+from .jwt_verifier import JwtVerifier
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
 from .refusal import Rendered, render
@@ -282,6 +283,10 @@ class Pipeline:
         elif reason == "wrong_typ" and isinstance(provider, JwtProvider):
             out["expected_typ"] = ["at+jwt"] if provider.require_typ_at_jwt else \
                 ["at+jwt", "jwt", "(none)"]
+        elif reason == "unknown_key" and isinstance(credential.verifier, JwtVerifier):
+            keys = credential.verifier.keys.current
+            if keys is not None:        # (kid, alg) pairs of the provider's key set
+                out["expected_kid"] = sorted(f"{kid} ({alg})" for kid, alg in keys.by_kid)[:16]
         elif reason == "insufficient_scope":
             out["expected_scope"] = list(policy.scopes)
             if info is not None:
