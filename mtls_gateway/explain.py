@@ -18,6 +18,7 @@ checks were not made (``undetermined``) instead of guessing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,12 +31,13 @@ from yarl import URL
 
 from .config import AuthMtlsClient, GatewayConfig, JwtProvider, Provider
 from .dpop import MemoryReplayStore
-from .errors import DependencyDown
+from .errors import DependencyDown, Refusal
 from .gateway import Gateway, build_verifier
 from .jwks import JwksSource, KeySet
 from .jwt_verifier import JwtVerifier
 from .pipeline import ConnectionMemo, Refuse, RequestView
 from .providers import Verifier
+from .routing import Router
 from .tls import PeerCertificate, describe_certificate
 from .tokeninfo import TokenInfo
 from .trace import Check
@@ -178,7 +180,14 @@ async def explain(config: GatewayConfig, method: str, target: str, *,
     """Decide ``method target`` as the gateway for ``config`` would (module docstring).
 
     Raises :class:`ValueError` for a request explain cannot make (a token endpoint)."""
-    verifiers: Mapping[str, Verifier] | None = None
+    peek = _view(config, method, target, token=token, scheme=scheme, dpop_proof=dpop_proof,
+                 host=host, peer=peer, trace=[])
+    with contextlib.suppress(Refusal):      # (no route: decide() says so, traced)
+        route = Router(config.routes).match(peek.method, peek.path, peek.target)
+        if isinstance(route.auth, AuthMtlsClient):
+            raise ValueError(f"route {route.name} is a token endpoint (auth: mtls_client): "
+                             "explain covers resource routes")
+    verifiers: Mapping[str, Verifier]
     if offline:
         verifiers = {n: _offline_verifier(p) for n, p in config.providers.items()}
     else:
@@ -203,9 +212,6 @@ async def explain(config: GatewayConfig, method: str, target: str, *,
         await pipeline.close()
     assert decision is not None           # (no ``serves`` filter)
     route = decision.route
-    if route is not None and isinstance(route.auth, AuthMtlsClient):
-        raise ValueError(f"route {route.name} is a token endpoint (auth: mtls_client): "
-                         "explain covers resource routes")
     out = Explanation(method=view.method, target=view.target,
                       route=route.name if route is not None else None,
                       provider=str(decision.fields.get("provider") or "") or None,

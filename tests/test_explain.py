@@ -248,6 +248,10 @@ def test_cli_exit_codes_json_and_stdin(inline: Path, pki: Pki, issuer: Issuer,
     assert (doc["status"], doc["reason"], doc["allowed"]) == (401, "binding_mismatch", False)
     assert doc["www_authenticate"][0].startswith('Bearer realm="')
 
+    # keys that cannot be fetched: the gateway's own answer, 503 jwks_unavailable
+    remote = issuer.mint(pki.clients["a"].thumbprint, iss="https://remote.test")
+    assert main([*base, "--token", remote, "GET", "/remote/x"]) == 1
+    assert "answer    503 jwks_unavailable" in capsys.readouterr().out
     assert main([*base, "GET", "/nowhere"]) == 1
     assert "answer    404 no_route" in capsys.readouterr().out
     assert main(["explain", "--config", str(inline), "--cert", "/nonexistent.pem",
@@ -275,3 +279,15 @@ def test_offline_says_which_checks_it_could_not_make(
                                                 headers={"typ": "dpop+jwt"}),
                  "GET", "/remote/x"]) == 1
     assert "answer    401 wrong_typ" in capsys.readouterr().out
+
+
+def test_a_token_endpoint_is_a_usage_error(pki: Pki, upstream: Upstream, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    config = base_config(pki, None, upstream)
+    config["client_registries"] = {"partners": {"clients": [], "ca_file": str(pki.ca_file)}}
+    config["routes"] = [{"name": "token", "path": "/token", "methods": ["POST"],
+                         "auth": {"mtls_client": {"registry": "partners"}}}]
+    path = tmp_path / "token.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["explain", "--config", str(path), "POST", "/token"]) == 2
+    assert "token endpoint" in capsys.readouterr().err
