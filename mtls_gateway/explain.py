@@ -183,9 +183,9 @@ async def explain(config: GatewayConfig, method: str, target: str, *,
     peek = _view(config, method, target, token=token, scheme=scheme, dpop_proof=dpop_proof,
                  host=host, peer=peer, trace=[])
     with contextlib.suppress(Refusal):      # (no route: decide() says so, traced)
-        route = Router(config.routes).match(peek.method, peek.path, peek.target)
-        if isinstance(route.auth, AuthMtlsClient):
-            raise ValueError(f"route {route.name} is a token endpoint (auth: mtls_client): "
+        matched = Router(config.routes).match(peek.method, peek.path, peek.target)
+        if isinstance(matched.auth, AuthMtlsClient):
+            raise ValueError(f"route {matched.name} is a token endpoint (auth: mtls_client): "
                              "explain covers resource routes")
     verifiers: Mapping[str, Verifier]
     if offline:
