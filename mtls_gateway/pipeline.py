@@ -17,6 +17,11 @@ Where to change what (docs/architecture.md has the picture):
   ``DPoP`` value);
 * a new credential scheme: :meth:`Pipeline.credential`;
 * a new provider kind: a :class:`~mtls_gateway.providers.Verifier`, built in gateway.py.
+
+A refusal's decision line carries the token's safe summary and what was expected
+(:meth:`Pipeline.refusal_facts`, built only for refusals). ``mtls-gateway explain`` runs
+:meth:`Pipeline.decide` itself with ``view.trace`` set (:mod:`mtls_gateway.trace`): a new
+step should note its check there when tracing, so explain keeps showing every check.
 """
 
 from __future__ import annotations
