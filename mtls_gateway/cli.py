@@ -1,4 +1,4 @@
-"""``mtls-gateway``: run (default), check, thumbprint, demo."""
+"""``mtls-gateway``: run (default), check, explain, thumbprint, demo."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 __all__ = ["main"]
 
-_COMMANDS = ("run", "check", "thumbprint", "demo")
+_COMMANDS = ("run", "check", "explain", "thumbprint", "demo")
 _CONFIG_ENV = "MTLS_GATEWAY_CONFIG"
 #: USER of the Dockerfile's final stage: the files the config names must be readable by it.
 IMAGE_USER = (65532, 65532)
@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                        help="also fail when a file the config names is unreadable by this "
                             f"user (without it: warn for the container image's user, "
                             f"{IMAGE_USER[0]}:{IMAGE_USER[1]})")
+    _explain_parser(sub.add_parser(
+        "explain", help="say what the gateway would answer to a request, and why",
+        description="Run the gateway's own decision on one request (no upstream call) and "
+                    "print every check with the values it compared. Exit 0: allowed, "
+                    "1: refused, 2: usage or config error, 3: undetermined (--offline)."))
     thumb = sub.add_parser("thumbprint", help="print the x5t#S256 of a certificate")
     thumb.add_argument("cert", type=Path, help="PEM or DER certificate file")
     demo = sub.add_parser("demo", help="a complete local setup to try with curl")
@@ -53,6 +58,56 @@ def _parser() -> argparse.ArgumentParser:
                            "(default: a temporary folder, removed on exit)")
     demo.add_argument("--port", type=int, default=8443, help="gateway port (default 8443)")
     return parser
+
+
+def _explain_parser(explain: argparse.ArgumentParser) -> None:
+    _config_arg(explain)
+    explain.add_argument("method", help="request method, e.g. GET")
+    explain.add_argument("target", help="request path (with its query), or a whole URL "
+                                        "whose authority is then the Host")
+    explain.add_argument("--cert", type=Path, default=None,
+                         help="the client certificate (PEM) the request comes with")
+    token = explain.add_mutually_exclusive_group()
+    token.add_argument("--token", default=None, help="the access token ('-': stdin)")
+    token.add_argument("--token-file", type=Path, default=None,
+                       help="file holding the access token ('-': stdin)")
+    explain.add_argument("--scheme", choices=("Bearer", "DPoP"), default=None,
+                         help="Authorization scheme (default: DPoP with --dpop-proof, "
+                              "else Bearer)")
+    explain.add_argument("--dpop-proof", default=None, help="the DPoP header (a proof JWT)")
+    explain.add_argument("--host", default=None,
+                         help="the Host header (default: the URL's, else listen.host:port)")
+    explain.add_argument("--offline", action="store_true",
+                         help="no network: inline keys only; says which checks it could "
+                              "not make")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _run_explain(args: argparse.Namespace, config: GatewayConfig) -> int:
+    import asyncio
+
+    from .explain import EXIT_USAGE, explain, peer_from_pem, render_text
+
+    try:
+        token = args.token
+        if token == "-" or (args.token_file is not None and str(args.token_file) == "-"):
+            token = sys.stdin.read()
+        elif args.token_file is not None:
+            token = args.token_file.read_text()
+        token = token.strip() if token is not None else None
+        peer = peer_from_pem(args.cert.read_bytes()) if args.cert is not None else None
+    except (OSError, ValueError) as exc:
+        print(f"mtls-gateway explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = asyncio.run(explain(config, args.method, args.target, token=token,
+                                     scheme=args.scheme, dpop_proof=args.dpop_proof,
+                                     host=args.host, peer=peer, offline=args.offline))
+    except ValueError as exc:
+        print(f"mtls-gateway explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.as_json() if args.json else render_text(result))
+    return result.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,6 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mtls-gateway: {args.config}: {exc}", file=sys.stderr)
         return 2
+    if args.command == "explain":
+        return _run_explain(args, config)
     from .anchors import handshake_warnings
 
     warnings = handshake_warnings(config)

@@ -101,6 +101,8 @@ class DpopRefusal(Refusal):
     def __init__(self, reason: str, description: str = "", *, nonce: str | None = None) -> None:
         super().__init__(reason, description or DPOP_REASONS[reason].description)
         self.nonce = nonce
+        #: dpop_jkt_mismatch: the proof key's thumbprint, for the deny line
+        self.proof_jkt: str | None = None
 
 
 class InvalidDpopProof(DpopRefusal):
@@ -513,7 +515,10 @@ class DpopVerifier:
         if expected_jkt is None:
             raise self._fail("dpop_binding_missing")
         if not hmac.compare_digest(proof.jkt.encode(), expected_jkt.encode()):
-            raise self._fail("dpop_jkt_mismatch")
+            refusal = self._fail("dpop_jkt_mismatch")
+            if isinstance(refusal, DpopRefusal):
+                refusal.proof_jkt = proof.jkt
+            raise refusal
         key = hashlib.sha256(f"{proof.jkt}\x00{proof.jti}".encode()).digest()
         try:
             fresh = await self.store.first_use(key, self._window)

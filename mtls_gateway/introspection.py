@@ -43,6 +43,7 @@ from urllib.parse import quote
 import aiohttp
 from cachetools import TLRUCache
 
+from . import trace
 from .bodies import read_capped
 from .config import IntrospectionProvider
 from .errors import DependencyDown, InvalidToken
@@ -162,7 +163,36 @@ class IntrospectionVerifier:
             self._count("hit")
         else:
             answer = await self._introspect_once(key, token)
-        return self._check(answer)
+        steps = trace.current()          # None but under ``explain`` (trace.py)
+        if steps is None:
+            return self._check(answer)
+        try:
+            info = self._check(answer)
+        except InvalidToken as exc:
+            self._trace(steps, answer, exc.reason)
+            raise
+        self._trace(steps, answer, None)
+        return info
+
+    def _trace(self, steps: list[trace.Check], answer: _Answer, failed: str | None) -> None:
+        """``explain``: the endpoint's answer and what :meth:`_check` compared."""
+        claims, p, now = answer.claims, self.provider, int(time.time())
+        steps.append(trace.Check("introspection", "pass" if answer.active else "fail",
+                                 {"active": answer.active, "endpoint": p.endpoint}))
+        if not answer.active:
+            return
+        passing = True
+        for step, reason, values in (
+                ("exp", "token_expired", {"exp": claims.get("exp"), "now": now,
+                                          "leeway": p.leeway}),
+                ("nbf", "token_not_yet_valid", {"nbf": claims.get("nbf"), "now": now,
+                                                "leeway": p.leeway}),
+                ("iss", "wrong_issuer", {"token": claims.get("iss"), "expected": p.issuer}),
+                ("aud", "wrong_audience", {"token": claims.get("aud"),
+                                           "expected": list(p.audiences)})):
+            verdict = "fail" if failed == reason else "pass" if passing else "not checked"
+            passing = passing and failed != reason      # (_check's order: the ones before)
+            steps.append(trace.Check(step, verdict, values))
 
     # --- one call per token at a time ----------------------------------------------------------
 

@@ -38,6 +38,7 @@ import jwt
 from cachetools import TLRUCache
 from jwt.types import Options
 
+from . import trace
 from .config import JwtProvider
 from .errors import InvalidToken
 from .jwks import JwksSource, KeySet
@@ -234,20 +235,55 @@ class JwtVerifier:
         header = _segment(token, 0)
         if header is None:
             raise InvalidToken("token_malformed", "token is not a valid JWT")
+        steps = trace.current()          # None but under ``explain`` (trace.py)
         alg = _check_header(header, self.provider.algorithms, self.provider.require_typ_at_jwt)
         kid = header.get("kid")
+        trace.note(steps, "header", "pass", alg=alg, allowed=list(self.provider.algorithms),
+                   typ=header.get("typ"), kid=kid)
         payload = _segment(token, 1)
         if payload is None:
             raise InvalidToken("token_malformed", "token payload is not a JSON object")
         _check_claim_types(payload)
         keys, candidates = await self.keys.keys_for(kid, alg)
+        trace.note(steps, "key", "pass", kid=kid, alg=alg, candidates=len(candidates))
         self.verifications += 1
         if self.metrics and self._verified is not None:
             self.metrics.jwt_cache.labels(self.name, "miss").inc()
-        claims = self._decode(token, alg, candidates)
-        if claims.get("iss") != self.provider.issuer:   # exact, whatever PyJWT's version does
-            raise InvalidToken("wrong_issuer", "token issuer is not accepted")
+        try:
+            claims = self._decode(token, alg, candidates)
+            if claims.get("iss") != self.provider.issuer:   # exact, whatever PyJWT's does
+                raise InvalidToken("wrong_issuer", "token issuer is not accepted")
+        except InvalidToken as exc:
+            if steps is not None:
+                self._trace_claims(steps, payload, alg, kid, exc.reason)
+            raise
+        if steps is not None:
+            self._trace_claims(steps, payload, alg, kid, None)
         return token_info_from_claims(self.name, claims), claims, keys
+
+    def _trace_claims(self, steps: list[trace.Check], claims: dict[str, Any], alg: str,
+                      kid: object, failed: str | None) -> None:
+        """``explain``: the signature and the claim checks PyJWT made in one call; the one
+        that failed (``failed``: its reason) and the values each compared."""
+        p, now = self.provider, time.time()
+        checks: tuple[tuple[str, str, dict[str, object]], ...] = (
+            ("signature", "bad_signature", {"alg": alg, "kid": kid}),
+            ("exp", "token_expired", {"exp": claims.get("exp"), "now": int(now),
+                                      "leeway": p.leeway}),
+            ("nbf", "token_not_yet_valid", {"nbf": claims.get("nbf"), "now": int(now),
+                                            "leeway": p.leeway}),
+            ("iss", "wrong_issuer", {"token": claims.get("iss"), "expected": p.issuer}),
+            ("aud", "wrong_audience", {"token": claims.get("aud"),
+                                       "expected": list(p.audiences)}),
+            ("required_claims", "missing_claim", {
+                "required": self._require,
+                "missing": [c for c in self._require if c not in claims]}),
+        )
+        for step, reason, values in checks:
+            verdict = "pass" if failed is None else "fail" if failed == reason else (
+                "pass" if step == "signature" and failed != "token_malformed"
+                else "not checked")
+            steps.append(trace.Check(step, verdict, values))
 
     def _decode(self, token: str, alg: str, keys: tuple[jwt.PyJWK, ...]) -> dict[str, Any]:
         last: jwt.PyJWTError | None = None

@@ -17,6 +17,11 @@ Where to change what (docs/architecture.md has the picture):
   ``DPoP`` value);
 * a new credential scheme: :meth:`Pipeline.credential`;
 * a new provider kind: a :class:`~mtls_gateway.providers.Verifier`, built in gateway.py.
+
+A refusal's decision line carries the token's safe summary and what was expected
+(:meth:`Pipeline.refusal_facts`, built only for refusals). ``mtls-gateway explain`` runs
+:meth:`Pipeline.decide` itself with ``view.trace`` set (:mod:`mtls_gateway.trace`): a new
+step should note its check there when tracing, so explain keeps showing every check.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass
 from .bearer import bearer_from
 from .binding import check_binding
 from .cert_headers import encode_client_cert
-from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, Route
+from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, JwtProvider, Route
 from .decision_log import log_decision, token_digest, token_hash
 from .dpop import DpopRefusal, DpopVerifier, ProofRequest, authorization_scheme, dpop_refusal
 from .errors import (
@@ -41,13 +46,16 @@ from .errors import (
     NoToken,
     Refusal,
 )
+from .jwt_verifier import JwtVerifier
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
 from .refusal import Rendered, render
 from .routing import Router
 from .tls import PeerCertificate
 from .token_endpoint import TokenEndpoint
+from .token_summary import token_summary
 from .tokeninfo import TokenInfo
+from .trace import Check, note, tracing
 
 __all__ = [
     "Allow",
@@ -88,6 +96,9 @@ class RequestView:
     #: The request body, read whole up to a limit (token endpoints); None: not available on
     #: this transport (the fast lane carries no bodies and never routes a token endpoint).
     read_form: Callable[[int], Awaitable[bytes]] | None = None
+    #: ``explain`` only: every check is appended here (:mod:`mtls_gateway.trace`); None in
+    #: a running gateway, which then records nothing.
+    trace: list[Check] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +196,9 @@ class Pipeline:
                                      "remote": view.remote or None}
         route: Route | None = None
         peer: PeerCertificate | None = None
+        credential: Credential | None = None
+        info: TokenInfo | None = None
+        trace = view.trace
         try:
             route = self.router.match(view.method, view.path, view.target)
             if serves is not None and not serves(route):
@@ -192,6 +206,8 @@ class Pipeline:
             fields["route"] = route.name
             peer = view.peer()
             auth = route.auth
+            if trace is not None:
+                self._trace_route(trace, route, peer)
             identity: Mapping[str, str]
             body: bytes | None = None
             if isinstance(auth, AuthPolicy):
@@ -206,9 +222,20 @@ class Pipeline:
                 fields["provider"] = verifier.name
                 info = self._cached(verifier, view.memo, credential.digest)
                 if info is None:
-                    info = await verifier.verify(credential.token, credential.digest)
+                    if trace is None:
+                        info = await verifier.verify(credential.token, credential.digest)
+                    else:
+                        note(trace, "credential", "pass", scheme=credential.scheme,
+                             token_hash=credential.token_hash, provider=verifier.name)
+                        with tracing(trace):
+                            info = await verifier.verify(credential.token, credential.digest)
                 await self.sender_constraint(auth, info, peer, view, credential)
+                if trace is not None:
+                    self._trace_constraint(trace, auth, info, peer)
                 self.authorize(auth, info)
+                if trace is not None:
+                    note(trace, "scope", "pass", required=list(auth.scopes),
+                         granted=sorted(info.scopes))
                 identity = self.identity_headers(route, info, peer, view.memo)
                 reason = "allowed"
             elif isinstance(auth, AuthMtlsClient):   # a token endpoint (RFC 8705 s2)
@@ -231,10 +258,68 @@ class Pipeline:
             if route is not None and isinstance(route.auth, AuthPolicy) \
                     and route.auth.sender_constraint != "mtls":
                 self._challenge(exc, route.auth, view)
+            if credential is not None and route is not None \
+                    and isinstance(route.auth, AuthPolicy):
+                fields.update(self.refusal_facts(exc, route.auth, credential, info, peer))
+            if trace is not None:
+                note(trace, "route" if route is None else "refusal", "fail", reason=exc.reason,
+                     **{k: v for k, v in fields.items()
+                        if k.startswith(("token_", "expected_", "dpop_"))})
             return Refuse(exc, fields, peer, started, route)
         except Exception:  # a bug must fail closed, logged, and never reach the upstream
             log.exception("internal error while deciding %s %s", view.method, view.path)
             return Refuse(InternalError(), fields, peer, started, route)
+
+    # --- explaining a refusal (deny lines only) and a decision (explain only) ----------------
+
+    def refusal_facts(self, exc: Refusal, policy: AuthPolicy, credential: Credential,
+                      info: TokenInfo | None, peer: PeerCertificate | None) -> dict[str, object]:
+        """A deny line's facts: the token's safe summary (token_summary.py) and, for a
+        refusal about a value, what was expected instead."""
+        out = token_summary(credential.token, info)
+        reason = exc.reason
+        provider = self.config.providers.get(credential.verifier.name)
+        if reason == "wrong_issuer" and provider is not None:
+            out["expected_iss"] = provider.issuer
+        elif reason == "wrong_audience" and provider is not None:
+            out["expected_aud"] = list(provider.audiences)
+        elif reason == "alg_not_allowed" and isinstance(provider, JwtProvider):
+            out["expected_alg"] = list(provider.algorithms)
+        elif reason == "wrong_typ" and isinstance(provider, JwtProvider):
+            out["expected_typ"] = ["at+jwt"] if provider.require_typ_at_jwt else \
+                ["at+jwt", "jwt", "(none)"]
+        elif reason == "unknown_key" and isinstance(credential.verifier, JwtVerifier):
+            keys = credential.verifier.keys.current
+            if keys is not None:        # (kid, alg) pairs of the provider's key set
+                out["expected_kid"] = sorted(f"{kid} ({alg})" for kid, alg in keys.by_kid)[:16]
+        elif reason == "insufficient_scope":
+            out["expected_scope"] = list(policy.scopes)
+            if info is not None:
+                out["token_scope"] = sorted(info.scopes)[:16]
+        elif reason in ("binding_mismatch", "binding_missing", "binding_unsupported",
+                        "no_client_cert"):
+            out["expected_thumbprint"] = peer.thumbprint if peer is not None else "(none)"
+        elif reason == "dpop_jkt_mismatch" and isinstance(exc, DpopRefusal):
+            out["expected_jkt"] = info.cnf_jkt if info is not None else None
+            out["dpop_proof_jkt"] = exc.proof_jkt
+        return out
+
+    def _trace_route(self, trace: list[Check], route: Route, peer: PeerCertificate | None) -> None:
+        auth = route.auth
+        note(trace, "route", "pass", route=route.name,
+             auth=("token" if isinstance(auth, AuthPolicy) else
+                   "mtls_client" if isinstance(auth, AuthMtlsClient) else "none"),
+             providers=list(auth.providers) if isinstance(auth, AuthPolicy) else None,
+             upstream=route.upstream_url or self.default_upstream)
+        note(trace, "certificate", "info",
+             thumbprint=peer.thumbprint if peer else None, subject=peer.subject if peer else None)
+
+    @staticmethod
+    def _trace_constraint(trace: list[Check], policy: AuthPolicy, info: TokenInfo,
+                          peer: PeerCertificate | None) -> None:
+        note(trace, "sender_constraint", "pass", constraint=policy.sender_constraint,
+             binding=policy.binding, token_x5t_s256=info.cnf_x5t_s256,
+             certificate_x5t_s256=peer.thumbprint if peer else None, token_jkt=info.cnf_jkt)
 
     # --- the steps ------------------------------------------------------------------------------
 
@@ -301,10 +386,12 @@ class Pipeline:
         if constraint == "mtls_or_dpop" and info.cnf_x5t_s256 is not None:
             check_binding("required", info, peer)
         assert self.dpop is not None        # built whenever a route accepts DPoP
-        await self.dpop.check(view.dpop, ProofRequest(view.method, view.target, view.host,
-                                                      view.scheme, credential.token,
-                                                      credential.digest),
-                              expected_jkt=info.cnf_jkt, nonce_required=policy.dpop_nonce)
+        proof = await self.dpop.check(view.dpop, ProofRequest(
+            view.method, view.target, view.host, view.scheme, credential.token,
+            credential.digest), expected_jkt=info.cnf_jkt, nonce_required=policy.dpop_nonce)
+        if view.trace is not None:
+            note(view.trace, "dpop_proof", "pass", proof_jkt=proof.jkt, token_jkt=info.cnf_jkt,
+                 method=view.method, target=view.target, host=view.host)
 
     @staticmethod
     def _dpop_credential(policy: AuthPolicy, values: tuple[str, ...],
