@@ -633,8 +633,10 @@ def _admin(sec: _Section | None, problems: _Problems) -> AdminConfig:
     return admin
 
 
-def _algorithms(sec: _Section) -> tuple[str, ...]:
-    algorithms = sec.strings("algorithms", ("RS256", "PS256", "ES256"))
+def _algorithms(sec: _Section,
+                default: tuple[str, ...] = ("RS256", "PS256", "ES256")) -> tuple[str, ...]:
+    """An allowlist of signature algorithms: asymmetric only, never empty (providers, DPoP)."""
+    algorithms = sec.strings("algorithms", default)
     for alg in algorithms:
         if alg not in ASYMMETRIC_ALGORITHMS:
             sec.problem("algorithms", f"{alg!r} is not allowed; choose from "
@@ -910,11 +912,8 @@ def _upstream_tls(sec: _Section, inherit: UpstreamTls | None = None) -> Upstream
         missing = "client_key_file" if key is None else "client_cert_file"
         sec.problem(missing, "mutual TLS to the upstream needs both client_cert_file and "
                     "client_key_file")
-    elif cert is not None and key is not None and cert.is_file() and key.is_file():
-        try:
-            ssl.create_default_context().load_cert_chain(cert, key)
-        except (ssl.SSLError, OSError) as exc:
-            sec.problem("client_key_file", f"does not match client_cert_file ({exc})")
+    else:
+        _check_key_pair(sec, "client_key_file", cert, key)
     server_name = sec.string("server_name", None)
     if isinstance(server_name, str) and not _SERVER_NAME.match(server_name):
         sec.problem("server_name", f"{server_name!r} is not a DNS name (no scheme, port or "
@@ -1450,13 +1449,7 @@ def _dpop(sec: _Section | None, problems: _Problems, routes: tuple[Route, ...]) 
             problems.add("dpop.nonce_secret_file", "is required: routes "
                          f"{', '.join(nonce_routes[:3])} set dpop_nonce (or nonce_secret_env)")
         return DpopConfig()
-    algorithms = sec.strings("algorithms", ASYMMETRIC_ALGORITHMS)
-    for alg in algorithms:
-        if alg not in ASYMMETRIC_ALGORITHMS:
-            sec.problem("algorithms", f"{alg!r} is not allowed (only asymmetric: "
-                        f"{', '.join(ASYMMETRIC_ALGORITHMS)})")
-    if not algorithms:
-        sec.problem("algorithms", "must not be empty")
+    algorithms = _algorithms(sec, ASYMMETRIC_ALGORITHMS)
     store = _dpop_replay_store(sec)
     password = _secret_bytes(sec, "replay_store_password")
     if password and store == "memory":
