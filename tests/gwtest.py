@@ -454,7 +454,48 @@ async def raw_exchange(gw: RunningGateway, data: bytes, *,
         writer.close()
 
 
-class RawUpstream:
+class RawServer:
+    """A raw asyncio server (no HTTP library) on 127.0.0.1 for upstream tests: subclasses
+    write ``serve`` (one client connection); starting, stopping and resetting live here."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            await self.serve(reader, writer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return              # the gateway went away: nothing to answer
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    @staticmethod
+    def reset(writer: asyncio.StreamWriter) -> None:
+        """Close with a TCP RST instead of a FIN."""
+        writer.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+            await self._server.wait_closed()
+
+
+class RawUpstream(RawServer):
     """An upstream on a plain socket that records raw requests and can misbehave.
 
     ``mode``: ``ok`` (200 with a small body), ``refuse_after_head`` (close without
@@ -463,13 +504,11 @@ class RawUpstream:
     """
 
     def __init__(self, mode: str = "ok") -> None:
+        super().__init__()
         self.mode = mode
         self.requests: list[bytes] = []    # each complete request head + body, raw
         self.connections = 0
-        self.url = ""
-        self._server: asyncio.Server | None = None
         self._release = asyncio.Event()
-        self._writers: set[asyncio.StreamWriter] = set()
 
     async def _read_request(self, reader: asyncio.StreamReader) -> bytes | None:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -487,54 +526,38 @@ class RawUpstream:
             body = await reader.readexactly(int(m.group(1)))
         return head + body
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self._writers.add(writer)
-        try:
-            while True:
-                try:
-                    request = await self._read_request(reader)
-                except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-                    return
-                if request is None:
-                    return
-                self.requests.append(request)
-                if self.mode == "refuse_after_head":
-                    return
-                if self.mode == "hang":
-                    await self._release.wait()
-                    return
-                if self.mode == "malformed_head":
-                    writer.write(b"HTTP/1.1 2OO NOT OK\r\nContent-Length: 2\r\n\r\nok")
-                    await writer.drain()
-                    return
-                if self.mode == "reset_mid_response":
-                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n"
-                                 + b"x" * 1024)
-                    await writer.drain()
-                    sock = writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
-                                    struct.pack("ii", 1, 0))   # close with RST
-                    writer.transport.abort()
-                    return
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
-                             b"Content-Length: 2\r\n\r\nok")
+        while True:
+            try:
+                request = await self._read_request(reader)
+            except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+                return
+            if request is None:
+                return
+            self.requests.append(request)
+            if self.mode == "refuse_after_head":
+                return
+            if self.mode == "hang":
+                await self._release.wait()
+                return
+            if self.mode == "malformed_head":
+                writer.write(b"HTTP/1.1 2OO NOT OK\r\nContent-Length: 2\r\n\r\nok")
                 await writer.drain()
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+                return
+            if self.mode == "reset_mid_response":
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n"
+                             + b"x" * 1024)
+                await writer.drain()
+                self.reset(writer)
+                return
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: 2\r\n\r\nok")
+            await writer.drain()
 
     async def stop(self) -> None:
         self._release.set()
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.transport.abort()
-            await self._server.wait_closed()
+        await super().stop()
 
 
 @pytest.fixture

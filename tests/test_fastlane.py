@@ -14,7 +14,16 @@ from typing import Any
 
 import pytest
 
-from gwtest import Issuer, Pki, RawUpstream, RunningGateway, Upstream, base_config, raw_exchange
+from gwtest import (
+    Issuer,
+    Pki,
+    RawServer,
+    RawUpstream,
+    RunningGateway,
+    Upstream,
+    base_config,
+    raw_exchange,
+)
 from mtls_gateway.fastlane import parse_plain
 
 
@@ -177,42 +186,28 @@ async def test_keep_alive_mixes_lane_and_aiohttp_in_order(
     assert _lane_connections(gw) == 1           # two lane requests on one pooled connection
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(RawServer):
     """Reads one request head per answer and writes the next scripted answer as is;
     ``None`` in the script closes the connection instead."""
 
     def __init__(self, answers: list[bytes | None]) -> None:
+        super().__init__()
         self.answers = answers
         self.requests: list[bytes] = []
-        self.url = ""
-        self._server: asyncio.Server | None = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while self.answers:
-                self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-                answer = self.answers.pop(0)
-                if answer is None:
-                    break
-                writer.write(answer)
-                await writer.drain()
-                if b"connection: close" in answer.lower() or (
-                        b"content-length" not in answer.lower()
-                        and b"chunked" not in answer.lower() and b" 204 " not in answer
-                        and not self.requests[-1].startswith(b"HEAD")):
-                    break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while self.answers:
+            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
+            answer = self.answers.pop(0)
+            if answer is None:
+                break
+            writer.write(answer)
+            await writer.drain()
+            if b"connection: close" in answer.lower() or (
+                    b"content-length" not in answer.lower()
+                    and b"chunked" not in answer.lower() and b" 204 " not in answer
+                    and not self.requests[-1].startswith(b"HEAD")):
+                break
 
 
 @pytest.fixture

@@ -12,15 +12,21 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import ssl
-import struct
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from gwtest import Issuer, Pki, RunningGateway, Upstream, base_config, free_port
+from gwtest import (
+    Issuer,
+    Pki,
+    RawServer,
+    RunningGateway,
+    Upstream,
+    base_config,
+    free_port,
+)
 from mtls_gateway.fastlane import UpstreamPool
 
 #: A step of an answer: bytes to write, seconds to wait, or "close" / "reset".
@@ -29,51 +35,29 @@ Step = bytes | float | str
 _CHUNKED = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-class FaultyUpstream:
+class FaultyUpstream(RawServer):
     """Reads a request head, then plays ``script`` on the connection (for every request)."""
 
     def __init__(self, script: list[Step]) -> None:
+        super().__init__()
         self.script = script
         self.requests = 0
-        self.url = ""
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                self.requests += 1
-                for step in self.script:
-                    if isinstance(step, bytes):
-                        writer.write(step)
-                        await writer.drain()
-                    elif isinstance(step, float):
-                        await asyncio.sleep(step)
-                    elif step == "reset":
-                        writer.get_extra_info("socket").setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                        writer.transport.abort()
-                        return
-                    else:
-                        return
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.transport.abort()
-            await self._server.wait_closed()
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            for step in self.script:
+                if isinstance(step, bytes):
+                    writer.write(step)
+                    await writer.drain()
+                elif isinstance(step, float):
+                    await asyncio.sleep(step)
+                elif step == "reset":
+                    self.reset(writer)
+                    return
+                else:
+                    return
 
 
 @pytest.fixture
