@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives import hashes
@@ -54,6 +55,7 @@ from run import (
     AUDIENCE,
     ISSUER,
     SCOPE,
+    Material,
     Procs,
     free_port,
     gateway_config,
@@ -87,6 +89,15 @@ def tree_rss_mib(pid: int) -> float:
 
 # --- idle connections ---------------------------------------------------------------------
 
+
+def _quiet_config(m: Material, up_port: int) -> dict[str, Any]:
+    """The bench gateway's config for memory runs: no introspection provider, WARNING logs."""
+    config = gateway_config(m, f"http://127.0.0.1:{up_port}", "https://127.0.0.1:9/")
+    del config["providers"]["opaque"]
+    config["routes"] = [r for r in config["routes"] if r["name"] != "opaque"]
+    config["logging"]["level"] = "WARNING"
+    return config
+
 def connections(count: int, timeout: float, haproxy: bool = False,
                 tls_stack: str = "openssl") -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -102,10 +113,7 @@ def connections(count: int, timeout: float, haproxy: bool = False,
         try:
             m = make_material(work / "pki")
             _up, up_port = start_helper(procs, pin.load, "upstream", "upstream")
-            config = gateway_config(m, f"http://127.0.0.1:{up_port}", "https://127.0.0.1:9/")
-            del config["providers"]["opaque"]
-            config["routes"] = [r for r in config["routes"] if r["name"] != "opaque"]
-            config["logging"]["level"] = "WARNING"
+            config = _quiet_config(m, up_port)
             config["listen"]["tls_stack"] = tls_stack
             if haproxy:
                 port = free_port()
@@ -194,10 +202,7 @@ def churn(count: int, rounds: int, trim: bool) -> int:
         try:
             m = make_material(work / "pki")
             _up, up_port = start_helper(procs, pin.load, "upstream", "upstream")
-            config = gateway_config(m, f"http://127.0.0.1:{up_port}", "https://127.0.0.1:9/")
-            del config["providers"]["opaque"]
-            config["routes"] = [r for r in config["routes"] if r["name"] != "opaque"]
-            config["logging"]["level"] = "WARNING"
+            config = _quiet_config(m, up_port)
             env = {**os.environ, "MTLS_GATEWAY_MALLOC_TRIM": "1" if trim else "0"}
             gateway, port = start_gateway(procs, pin.sut, "gateway", config, work / "gw.yaml",
                                           env=env)
