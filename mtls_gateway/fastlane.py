@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import re
 import time
 import types
 from collections.abc import Callable, Coroutine, Generator, Mapping
@@ -63,7 +62,6 @@ __all__ = [
 
 log = logging.getLogger("mtls_gateway.fastlane")
 
-_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 #: Headers that mean a body, an expectation or a protocol switch: aiohttp's business.
 _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"upgrade",
@@ -72,6 +70,42 @@ _NOT_PLAIN = frozenset({b"content-length", b"transfer-encoding", b"expect", b"up
 #: strips it (Forwarder.strips), so such a head is not plain. So is a name with "_".
 _FAMILIES = tuple(p.encode() for p in STRIPPED_PREFIXES)
 _EXACT = frozenset(n.encode() for n in STRIPPED_NAMES)
+#: RFC 9110 token characters (a header name is a non-empty token).
+_TCHARS = b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-"
+# What a header name is to the lane (see _name_kind).
+_OTHER, _HOST_NAME, _AUTHORIZATION, _DPOP, _CONNECTION = range(5)
+_SPECIAL = {b"host": _HOST_NAME, b"authorization": _AUTHORIZATION, b"dpop": _DPOP,
+            b"connection": _CONNECTION}
+#: Header names as sent -> (lower-case name, kind), None: not plain. Clients send the same
+#: few names on every request, so each is classified once; bounded (a client inventing names
+#: only stops adding to it: at most 1,024 names of up to 64 bytes).
+_NAMES: dict[bytes, tuple[bytes, int] | None] = {}
+_MAX_NAMES = 1024
+#: Host values seen and whether framing.valid_host accepts them (bounded the same way).
+_HOSTS: dict[bytes, bool] = {}
+_MAX_HOSTS = 256
+
+
+def _name_kind(name: bytes) -> tuple[bytes, int] | None:
+    """(lower-case name, kind) of a header name, None if it makes a head not plain."""
+    if not name or name.translate(None, _TCHARS):
+        return None
+    lower = name.lower()
+    if lower in _NOT_PLAIN or b"_" in lower or (
+            lower.startswith(_FAMILIES) and lower not in _EXACT):
+        return None
+    return lower, _SPECIAL.get(lower, _OTHER)
+
+
+def _host_ok(value: bytes) -> bool:
+    ok = _HOSTS.get(value)
+    if ok is None:
+        ok = bool(value) and valid_host(value.decode("ascii"))
+        if len(_HOSTS) < _MAX_HOSTS and len(value) <= 270:
+            _HOSTS[value] = ok
+    return ok
+
+
 _SERVER = SERVER_SOFTWARE.encode()
 
 
@@ -103,7 +137,7 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
     if not clean(head):
         return None
     lines = head.split(b"\r\n")
-    if len(lines) - 1 > max_headers or any(len(line) > max_line for line in lines):
+    if len(lines) - 1 > max_headers or max(map(len, lines)) > max_line:
         return None
     parts = lines[0].split(b" ")
     if len(parts) != 3 or parts[0] not in _METHODS or parts[2] != b"HTTP/1.1":
@@ -114,33 +148,46 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
             or b"access_token" in query or not valid_origin_form(target.decode("ascii")):
         return None
     headers: list[tuple[bytes, bytes, bytes]] = []
-    hosts: list[bytes] = []
-    auths: list[bytes] = []
+    host: bytes | None = None
+    auth: bytes | None = None
     dpop: list[bytes] = []
-    connection: set[bytes] = set()
+    connection: frozenset[bytes] = frozenset()
+    names = _NAMES
     for line in lines[1:]:
         name, colon, value = line.partition(b":")
-        if not colon or not _TOKEN.fullmatch(name):
-            return None
-        lower = name.lower()
-        if lower in _NOT_PLAIN or b"_" in lower or (
-                lower.startswith(_FAMILIES) and lower not in _EXACT):
-            return None
+        known = names.get(name)
+        if known is None or not colon:
+            if not colon or name in names:
+                return None
+            known = _name_kind(name)
+            if len(names) < _MAX_NAMES and len(name) <= 64:
+                names[name] = known
+            if known is None:
+                return None
+        lower, kind = known
         value = value.strip(b" \t")
-        if lower == b"host":
-            hosts.append(value)
-        elif lower == b"authorization":
-            auths.append(value)
-        elif lower == b"dpop":
-            dpop.append(value)
-        elif lower == b"connection":
-            connection.update(t.strip().lower() for t in value.split(b",") if t.strip())
+        if kind:
+            if kind == _HOST_NAME:
+                if host is not None:        # exactly one Host
+                    return None
+                host = value
+            elif kind == _AUTHORIZATION:
+                if auth is not None:        # at most one Authorization
+                    return None
+                auth = value
+            elif kind == _DPOP:
+                dpop.append(value)
+            else:
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                tokens.discard(b"")
+                if b"upgrade" in tokens:
+                    return None
+                connection |= tokens
         headers.append((name, lower, value))
-    if len(hosts) != 1 or not hosts[0] or len(auths) > 1 or b"upgrade" in connection \
-            or not valid_host(hosts[0].decode("ascii")):   # framing.py refuses it (400)
+    if host is None or not _host_ok(host):   # framing.py refuses a bad one (400)
         return None
-    return PlainRequest(parts[0].decode(), target, path.decode(), headers, hosts[0].decode(),
-                        (auths[0].decode(),) if auths else (), frozenset(connection),
+    return PlainRequest(parts[0].decode(), target, path.decode(), headers, host.decode(),
+                        (auth.decode(),) if auth is not None else (), connection,
                         tuple([d.decode() for d in dpop]) if dpop else ())
 
 

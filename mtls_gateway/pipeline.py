@@ -35,7 +35,7 @@ from .bearer import bearer_from
 from .binding import check_binding
 from .cert_headers import encode_client_cert
 from .config import AuthMtlsClient, AuthNone, AuthPolicy, GatewayConfig, JwtProvider, Route
-from .decision_log import log_decision, token_digest, token_hash
+from .decision_log import log_fields, token_digest, token_hash
 from .dpop import DpopRefusal, DpopVerifier, ProofRequest, authorization_scheme, dpop_refusal
 from .errors import (
     AuthChallenge,
@@ -489,13 +489,12 @@ class Pipeline:
         if reason.startswith("upstream_"):
             self.metrics.upstream_errors.labels(route, reason).inc()
         self.metrics.request(route, verdict, reason, status, elapsed)
-        log_decision(
-            decision=verdict, reason=reason, status=status,
-            client_thumbprint=peer.thumbprint if peer else None,
-            client_subject=peer.subject if peer else None,
-            latency_ms=round(elapsed * 1000, 3),
-            **fields,
-        )
+        line: dict[str, object] = {"decision": verdict, "reason": reason, "status": status}
+        if peer is not None:
+            line["client_thumbprint"], line["client_subject"] = peer.thumbprint, peer.subject
+        line["latency_ms"] = round(elapsed * 1000, 3)
+        line.update(fields)
+        log_fields(line)
 
     def upstream_answered(self, route: Route, seconds: float) -> None:
         """Seconds until the upstream's answer head arrived."""

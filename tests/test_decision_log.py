@@ -81,3 +81,49 @@ def test_a_burst_is_written_whole_in_order_and_without_waiting_for_exit() -> Non
     for i in range(0, 5000, 1000):           # each warning right after its decision line
         at = next(k for k, r in enumerate(lines) if r.get("n") == i)
         assert lines[at + 1]["message"] == f"between {i}"
+
+
+ON_A_LOOP = """
+import asyncio, logging, sys
+from mtls_gateway.decision_log import configure_logging, log_decision
+configure_logging("INFO")
+
+async def main() -> None:
+    for i in range(N):
+        log_decision(decision="allow", reason="allowed", status=200, n=i)
+        if i % 100 == 0:
+            logging.getLogger("mtls_gateway.proxy").warning("between %d", i)
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    log_decision(decision="allow", reason="allowed", status=200, n="last")
+    # still running, the loop idle: the lines must be out already
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("count", [1, 300, 5000])
+def test_lines_logged_on_a_running_loop_come_out_in_order_while_it_runs(count: int) -> None:
+    """On an event loop decision lines are handed to the writer in batches (one wake-up of
+    the writer thread per batch, not per request): still every line, in order, with other
+    records in their place, and out while the gateway idles, not at exit."""
+    script = ON_A_LOOP.replace("range(N)", f"range({count})")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        lines = []
+        while not lines or lines[-1].get("n") != "last":
+            line = proc.stdout.readline()       # bounded: the process ends on its own error
+            assert line, "stdout closed before the last line"
+            lines.append(json.loads(line))
+        assert proc.poll() is None              # out before exit
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert [r["n"] for r in lines if "n" in r] == [*range(count), "last"]
+    for i in range(0, count, 100):           # each warning right after its decision line
+        at = next(k for k, r in enumerate(lines) if r.get("n") == i)
+        assert lines[at + 1]["message"] == f"between {i}"
+    assert len(lines) == count + 1 + len(range(0, count, 100))

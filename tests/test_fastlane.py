@@ -65,8 +65,17 @@ OK = b"GET /x?a=1 HTTP/1.1\r\nHost: h\r\nAuthorization: Bearer abc\r\nAccept: */
     (OK + b"\r\nX-A: caf\xc3\xa9", False),                          # not ASCII
     (OK + b"\r\nX-A: \x00", False),
     (OK + b"\r\nX-A: " + b"a" * 20000, False),                      # over max_line
+    (OK + b"\r\nAccept", False),                       # a known name, but no colon
+    (b"GET /x HTTP/1.1\r\nHost", False),
+    (OK + b"\r\nX-Forwarded-For: 1.2.3.4", True),      # stripped (exact name): plain
+    (OK + b"\r\nX-Forwarded-Evil: 1", False),          # a stripped family not in the set
+    (OK + b"\r\nX_A: 1", False),
+    (OK + b"\r\nDPoP: a\r\nDPoP: b", True),            # (the pipeline refuses two proofs)
 ])
 def test_what_is_plain(head: bytes, expected: bool) -> None:
+    """Twice: header names and Host values are classified once and remembered, and a
+    remembered verdict must be the same as the first."""
+    assert plain(head) is expected
     assert plain(head) is expected
 
 
