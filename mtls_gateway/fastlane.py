@@ -457,6 +457,15 @@ class FastLane:
         self._started = 0.0
         self._peer_of = self._peer              # (one bound method, not one per request)
         self._client_paused = False
+        # The last head parsed, with its request: keep-alive clients often send the very
+        # same bytes again (same target, same token), which then need no parsing; a head is
+        # immutable, so equal bytes are the same request.
+        self._last_data = b""
+        self._last_lane: Lane | None = None
+        self._last_request: PlainRequest | None = None
+        # ...and the upstream head made for it (same request, identity and target: same head)
+        self._last_forwarded: tuple[PlainRequest, Mapping[str, str], LaneTarget,
+                                    bytes] | None = None
         # identity header lines, X-Forwarded-For/Proto included, for the identity mapping
         # the pipeline gave last (it gives the same mapping while nothing changed)
         self._identity: Mapping[str, str] | None = None
@@ -484,9 +493,15 @@ class FastLane:
         lane = gateway.lane
         if lane is None:
             return self._leave()
-        request = parse_plain(data[:-4], max_headers=lane.max_headers, max_line=lane.max_line)
-        if request is None or request.path in lane.excluded_paths:
-            return self._leave()
+        if data == self._last_data and lane is self._last_lane:
+            request: PlainRequest | None = self._last_request     # the same head again
+        else:
+            request = parse_plain(data[:-4], max_headers=lane.max_headers,
+                                  max_line=lane.max_line)
+            if request is None or request.path in lane.excluded_paths:
+                return self._leave()
+            self._last_data, self._last_lane, self._last_request = data, lane, request
+        assert request is not None
         # (positional: this runs for every lane request) token_in_query is False: parse_plain
         # refuses targets naming access_token
         view = RequestView(request.method, request.raw_path, request.path, request.host,
@@ -552,6 +567,23 @@ class FastLane:
         lane = gateway.lane
         assert lane is not None
         target = lane.targets[id(allow.route)]
+        self._address = target.address
+        self._read_timeout = lane.read_timeout
+        last = self._last_forwarded
+        if last is None or last[0] is not request or last[1] is not allow.identity \
+                or last[2] is not target:
+            last = self._last_forwarded = (request, allow.identity, target,
+                                           self._upstream_request(request, allow, target, lane))
+        self._upstream_head = last[3]
+        conn = lane.pool.take(target.address)
+        if conn is not None:
+            self._send(conn)
+        else:
+            self._task = self._loop.create_task(self._connect_then_send())
+
+    def _upstream_request(self, request: PlainRequest, allow: Allow, target: LaneTarget,
+                          lane: Lane) -> bytes:
+        """The head the upstream gets: hop-by-hop and stripped headers out, identity in."""
         if allow.identity is not self._identity:
             lines: list[bytes] = []
             for name, text in allow.identity.items():
@@ -567,14 +599,7 @@ class FastLane:
         # (the Host value passed parse_plain: printable ASCII, so no CR or LF)
         out += (self._identity_lines, b"X-Forwarded-Host: ", request.host.encode(),
                 b"\r\n\r\n")
-        self._upstream_head = b"".join(out)
-        self._address = target.address
-        self._read_timeout = lane.read_timeout
-        conn = lane.pool.take(target.address)
-        if conn is not None:
-            self._send(conn)
-        else:
-            self._task = self._loop.create_task(self._connect_then_send())
+        return b"".join(out)
 
     async def _connect_then_send(self) -> None:
         gateway = self._gateway

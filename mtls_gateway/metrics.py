@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -73,6 +74,12 @@ class Metrics:
         # increments and bucket searches were a tenth of a fast-lane request's CPU.
         self._counts: dict[tuple[str, str, str, int], int] = {}
         self._observed: dict[tuple[int, str], _Observed] = {}
+        self._added: dict[Any, int] = {}       # counter child -> increments since the flush
+
+    def add(self, child: Any) -> None:
+        """``child.inc()`` for a labelled counter child, added up until the next flush."""
+        added = self._added
+        added[child] = added.get(child, 0) + 1
 
     def request(self, route: str, decision: str, reason: str, status: int,
                 seconds: float) -> None:
@@ -94,6 +101,9 @@ class Metrics:
         counts, self._counts = self._counts, {}
         for (route, decision, reason, status), n in counts.items():
             self.requests.labels(route, decision, reason, str(status)).inc(n)
+        added, self._added = self._added, {}
+        for child, n in added.items():
+            child.inc(n)
         for observed in self._observed.values():
             observed.flush()
 

@@ -64,3 +64,18 @@ def test_every_metric_is_documented() -> None:
     documented = (repo / "docs" / "metrics.md").read_text()
     assert len(names) >= 12
     assert {n for n in names if f"`{n}" not in documented} == set()
+
+
+@pytest.mark.parametrize("hits", [0, 1, 7])
+def test_added_counter_increments_reach_the_counter_at_flush(hits: int) -> None:
+    """Per-request counter increments (verified-JWT cache hits) are added up and handed to
+    prometheus-client at the flush, whole."""
+    metrics = Metrics()
+    child = metrics.jwt_cache.labels("jwt", "hit")
+    for _ in range(hits):
+        metrics.add(child)
+    assert child._value.get() == 0
+    out = metrics.render().decode()
+    assert f'mtls_gateway_jwt_cache_total{{outcome="hit",provider="jwt"}} {float(hits)}' in out
+    metrics.flush()
+    assert child._value.get() == hits
