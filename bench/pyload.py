@@ -130,6 +130,11 @@ async def _run(args: argparse.Namespace) -> int:
     dpop = _dpop_signer(args.dpop_key, args.m, f"https://{url.netloc}{url.path or '/'}",
                         args.token) if args.dpop_key else None
     head = request[:-2]            # the request without its final CRLF: proofs go after it
+    # -vary: "n=<count>" added to the query of every request, so no head repeats
+    target = f"{url.path or '/'}{'?' + url.query if url.query else ''}"
+    vary_pre = f"{args.m} {target}{'&' if url.query else '?'}n=".encode()
+    vary_post = request[len(f"{args.m} {target}"):]
+    sent = 0
 
     warmup, duration = _duration(args.warmup), _duration(args.d)
     stats = _Stats()
@@ -137,7 +142,7 @@ async def _run(args: argparse.Namespace) -> int:
     stop = False
 
     async def worker() -> None:
-        nonlocal stop
+        nonlocal stop, sent
         reader: asyncio.StreamReader | None = None
         writer: asyncio.StreamWriter | None = None
         while not stop:
@@ -149,7 +154,11 @@ async def _run(args: argparse.Namespace) -> int:
                     if counting:
                         stats.handshakes += 1
                 assert reader is not None and writer is not None
-                writer.write(request if dpop is None else head + dpop() + b"\r\n")
+                if args.vary:
+                    sent += 1
+                    writer.write(vary_pre + str(sent).encode() + vary_post)
+                else:
+                    writer.write(request if dpop is None else head + dpop() + b"\r\n")
                 status, close = await asyncio.wait_for(_read_response(reader), 30)
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError,
                     TimeoutError) as exc:
@@ -218,7 +227,11 @@ def main() -> int:
     p.add_argument("-expect", type=int, default=200)
     p.add_argument("-newconn", action="store_true")
     p.add_argument("-dpop-key", dest="dpop_key", default="")
+    p.add_argument("-vary", action="store_true",
+                   help="a different target on every request (query n=<count>)")
     args = p.parse_args()
+    if args.vary and args.dpop_key:
+        p.error("-vary and -dpop-key do not combine (a DPoP head never repeats anyway)")
     args.token = Path(args.token_file).read_text().strip() if args.token_file else ""
     return asyncio.run(_run(args))
 

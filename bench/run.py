@@ -475,7 +475,8 @@ class Scenario:
     path: str
     token: str | None         # "rs256", "es256", "opaque" or None
     cert: str = "alice"
-    mode: str = "keepalive"   # "keepalive", "newconn", "resume" or "rate"
+    mode: str = "keepalive"   # "keepalive", "vary", "newconn", "resume" or "rate"
+    # ("vary": keep-alive with a different target on every request, so no head repeats)
     expect: int = 200
     ref: str = "gw-none"      # the row its ratio is taken against
     extra: bool = False       # diagnostic row, run with --extra or --only
@@ -492,6 +493,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              "haproxy", "/jwt/x", "es256", ref="hap-es256"),
     Scenario("gw-es256", "gateway, bound JWT ES256 (verified-token cache hit)", "gateway",
              "/jwt/x", "es256", ref="hap-es256"),
+    Scenario("hap-vary", "HAProxy, as hap-es256 with a new target (query) on every request",
+             "haproxy", "/jwt/x", "es256", mode="vary", ref="hap-vary"),
+    Scenario("vary-es256", "gateway, as gw-es256 with a new target (query) on every request",
+             "gateway", "/jwt/x", "es256", mode="vary", ref="hap-vary"),
     Scenario("hap-refuse", "HAProxy: ES256 token, wrong cert -> 401", "haproxy", "/jwt/x",
              "es256", cert="bob", expect=401, ref="hap-es256"),
     Scenario("refuse-es256", "gateway: ES256 token, wrong cert -> 401", "gateway", "/jwt/x",
@@ -555,8 +560,10 @@ SCENARIOS: tuple[Scenario, ...] = (
              "/jwt/x", "es256", ref="gw-es256", extra=True),
     # --- DPoP (issue 19): a fresh ES256 proof per request, as real clients send. Both rows are
     # driven by bench/pyload.py (it signs the proofs), so they compare with each other.
-    Scenario("dpop-ref-es256", "gateway, bound JWT ES256 (pyload: reference of dpop-es256)",
-             "gateway", "/jwt/x", "es256", ref="gw-es256", loadgen="python"),
+    # (the reference varies its target: a DPoP head, with its fresh proof, never repeats)
+    Scenario("dpop-ref-es256", "gateway, bound JWT ES256, a new target per request (pyload: "
+             "reference of dpop-es256)", "gateway", "/jwt/x", "es256", mode="vary",
+             ref="gw-es256", loadgen="python"),
     Scenario("dpop-es256", "gateway, DPoP-bound JWT ES256 + fresh ES256 proof per request",
              "gateway", "/dpop/x", "dpop-es256", ref="dpop-ref-es256", loadgen="python"),
     Scenario("pyssl-es256", "bound JWT ES256, gateway on listen.tls_stack: python (CPython ssl)",
@@ -634,6 +641,8 @@ def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, in
         argv.append("-resume")
     if s.mode == "rate":
         argv += ["-rate", str(s.rate)]
+    if s.mode == "vary":
+        argv.append("-vary")
     target = sut[s.target]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     spy: subprocess.Popen[bytes] | None = None
@@ -889,6 +898,7 @@ def print_costs(outcomes: list[Outcome]) -> None:
 #: (--extra, or --only) are the same gateway on listen.tls_stack: python.
 TARGETS: tuple[tuple[str, str, str, str, float], ...] = (
     ("keep-alive, 1 worker, same token", "gw-es256", "hap-es256", "ratio", 1.3),
+    ("  (a new target on every request)", "vary-es256", "hap-vary", "ratio", 1.3),
     ("new conn, full mTLS handshake", "new-es256", "hap-new", "ratio", 1.1),
     ("new conn, TLS session resumed", "resume-es256", "hap-resume", "ratio", 1.0),
     ("  (tls_stack: python) keep-alive", "pyssl-es256", "hap-es256", "ratio", 1.3),

@@ -35,6 +35,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -71,6 +72,7 @@ func main() {
 	tls12 := flag.Bool("tls12", false, "cap at TLS 1.2 (default: negotiate, i.e. TLS 1.3)")
 	resume := flag.Bool("resume", false, "with -newconn: resume TLS sessions (client session cache) instead of full handshakes")
 	rate := flag.Float64("rate", 0, "open loop: this many requests/s in total (0 = closed loop, as fast as possible)")
+	vary := flag.Bool("vary", false, "a different target on every request (query n=<count>), so a connection never sends the same head twice")
 	idle := flag.Bool("idle", false, "open -c connections, one request each, then hold them idle until -d ends")
 	var hdrs headers
 	flag.Var(&hdrs, "H", "extra request header 'Name: value' (repeatable)")
@@ -134,6 +136,13 @@ func main() {
 	}
 	sb.WriteString("\r\n")
 	req := []byte(sb.String())
+	// -vary: the request line gets "n=<count>" added to its query; the rest stays as is.
+	sep := "?"
+	if strings.Contains(path, "?") {
+		sep = "&"
+	}
+	varyPre := []byte(*method + " " + path + sep + "n=")
+	varyPost := req[len(*method)+1+len(path):]
 
 	// -rate: a pacer hands out scheduled start times; a worker measures from that time.
 	var ticks chan time.Time
@@ -194,6 +203,7 @@ func main() {
 			<-startCh
 			var conn net.Conn
 			var br *bufio.Reader
+			out, buf, sent := req, []byte(nil), 0
 			fail := func(e error) {
 				if atomic.LoadInt32(&counting) == 1 {
 					r.errs++
@@ -241,7 +251,12 @@ func main() {
 						r.resumed++
 					}
 				}
-				if _, err := conn.Write(req); err != nil {
+				if *vary {
+					sent++
+					buf = append(strconv.AppendInt(append(buf[:0], varyPre...), int64(sent), 10), varyPost...)
+					out = buf
+				}
+				if _, err := conn.Write(out); err != nil {
 					fail(err)
 					continue
 				}
