@@ -108,7 +108,7 @@ class _GuardedHandler(RequestHandler):
         if self._gateway_of is not None:
             peer = transport.get_extra_info("peername")
             self._lane = FastLane(self, self._gateway_of,
-                                  peer[0] if isinstance(peer, tuple) else None)
+                                  peer[0] if isinstance(peer, tuple) else None, self._loop)
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:

@@ -426,7 +426,7 @@ class FastLane:
     """The lane of one client connection: one plain request at a time (see module doc)."""
 
     def __init__(self, host: Host, gateway_of: Callable[[], LaneGateway],
-                 remote: str | None) -> None:
+                 remote: str | None, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.host = host
         self._gateway_of = gateway_of         # the current generation, after reloads too
         self.remote = remote or ""
@@ -452,7 +452,7 @@ class FastLane:
         self._sent_at = 0.0
         self._close_after = False
         self._drain: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()   # (given: no getpid per connection)
         self._heard = 0.0
         self._started = 0.0
         self._peer_of = self._peer              # (one bound method, not one per request)

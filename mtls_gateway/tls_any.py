@@ -345,10 +345,12 @@ class TlsAnyConnection(asyncio.Protocol):
     __slots__ = ("_app", "_app_factory", "_held", "_io", "_loop", "_site", "_timer", "_tls",
                  "_transport", "closing", "raw", "reading_paused")
 
-    def __init__(self, site: AnyCertSite, app_factory: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, site: AnyCertSite, app_factory: Callable[[], asyncio.Protocol],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._site = site
         self._app_factory = app_factory
-        self._loop = asyncio.get_running_loop()
+        # (passed in by the site: asking for the running loop costs a getpid system call)
+        self._loop = loop or asyncio.get_running_loop()
         self.raw: asyncio.Transport | None = None
         self._tls: SSL.Connection | None = None
         self._io: _FastIO | None = None        # once established (and available)
@@ -677,7 +679,7 @@ class AnyCertSite(web.BaseSite):
         loop = asyncio.get_running_loop()
 
         def connection() -> TlsAnyConnection:
-            return TlsAnyConnection(self, factory)
+            return TlsAnyConnection(self, factory, loop)
 
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog,
