@@ -27,8 +27,10 @@ one question per token request: does this verified certificate authenticate this
   registration, exactly like at an authorization server that compares ``x5t#S256``.
   The certificate's validity period is checked too.
 
-A ``jwks_uri`` is fetched in the background (at start, then every
-``jwks_refresh_interval``; a presented certificate that is not in the set asks for one
+A ``jwks_uri`` is fetched in the background by :mod:`mtls_gateway.remote_document` (the
+rules the JWT providers' key sets are fetched by: TLS, no redirects, JSON only, at most
+512 KiB, one timeout) at start, then every ``jwks_refresh_interval`` (sooner, backing
+off, after a failure; a presented certificate that is not in the set asks for one
 early refetch, at most once per ``_REFETCH_COOLDOWN``). A request never waits for a
 fetch. A set older than ``jwks_max_age`` or never loaded is not used: 503
 ``client_jwks_unavailable`` (fail closed).
@@ -40,20 +42,17 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import ssl
 import time
 from dataclasses import dataclass
 
-import aiohttp
 from cryptography import x509
 
 from .anchors import chains_to
-from .bodies import read_capped
 from .config import ClientRegistration, ClientRegistryConfig
 from .dn import Dn, dn_matches, parse_dn
 from .errors import DependencyDown, InvalidClient
 from .registry_files import certificates_from_jwks, load_client_ca
-from .strict_json import loads_object
+from .remote_document import FetchFailed, RemoteDocument, keep_refreshed
 from .tls import PeerCertificate
 
 __all__ = [
@@ -67,7 +66,6 @@ __all__ = [
 
 log = logging.getLogger("mtls_gateway.client_registry")
 
-_MAX_JWKS_BYTES = 512 * 1024
 _REFETCH_COOLDOWN = 30.0
 
 # --- subjectAltName -----------------------------------------------------------------------
@@ -128,11 +126,11 @@ class _Expectation:
 class RemoteCertificates:
     """The registered certificates at one ``jwks_uri``, kept fresh in the background."""
 
-    def __init__(self, uri: str, session_factory: _Sessions, registry: ClientRegistryConfig,
-                 ) -> None:
+    def __init__(self, uri: str, registry: ClientRegistryConfig) -> None:
         self.uri = uri
-        self._sessions = session_factory
         self._config = registry
+        self._document = RemoteDocument(uri, ca_file=registry.jwks_ca_file,
+                                        timeout=registry.jwks_timeout)
         self._certs: frozenset[bytes] | None = None
         self._fetched_at = -float("inf")      # monotonic
         self._last_kick = -float("inf")
@@ -153,64 +151,29 @@ class RemoteCertificates:
             self._wake.set()
 
     async def start(self) -> None:
-        await self.fetch()
-        self._task = asyncio.create_task(self._loop(), name=f"client-jwks {self.uri}")
+        ok = await self.fetch()
+        self._task = asyncio.create_task(
+            keep_refreshed(self.fetch, self._config.jwks_refresh_interval, ok=ok,
+                           wake=self._wake), name=f"client-jwks {self.uri}")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._document.close()
 
     async def fetch(self) -> bool:
-        session = self._sessions.get()
+        """Fetch the set now; a failure keeps the last good one (True: it worked)."""
         try:
-            async with session.get(self.uri, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"HTTP {resp.status}")
-                body = await read_capped(resp.content, _MAX_JWKS_BYTES)
-                if len(body) > _MAX_JWKS_BYTES:
-                    raise ValueError("JWK Set too large")
-            certs = certificates_from_jwks(loads_object(body))
-        except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+            certs = certificates_from_jwks(await self._document.fetch())
+        except (FetchFailed, ValueError) as exc:
             log.warning("client JWK Set %s could not be loaded (%s): %s", self.uri,
                         "keeping the last one" if self._certs else "none yet",
-                        f"{type(exc).__name__}: {exc}")
+                        exc if isinstance(exc, FetchFailed) else f"{type(exc).__name__}: {exc}")
             return False
         self._certs, self._fetched_at = certs, time.monotonic()
         return True
-
-    async def _loop(self) -> None:
-        interval, backoff = self._config.jwks_refresh_interval, 1.0
-        ok = self._certs is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), interval if ok else backoff)
-            self._wake.clear()
-            ok = await self.fetch()
-            backoff = 1.0 if ok else min(backoff * 2, interval)
-
-
-class _Sessions:
-    """One lazily opened HTTP session per registry for its ``jwks_uri`` fetches."""
-
-    def __init__(self, config: ClientRegistryConfig) -> None:
-        self._config = config
-        self._session: aiohttp.ClientSession | None = None
-
-    def get(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            cafile = str(self._config.jwks_ca_file) if self._config.jwks_ca_file else None
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=cafile),
-                                               limit=4),
-                timeout=aiohttp.ClientTimeout(total=self._config.jwks_timeout),
-                headers={"Accept": "application/jwk-set+json, application/json"})
-        return self._session
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 # --- chain check against a registry CA ----------------------------------------------------
@@ -233,7 +196,6 @@ class ClientRegistry:
 
     def __init__(self, config: ClientRegistryConfig) -> None:
         self.config = config
-        self._sessions = _Sessions(config)
         self._anchors = ([x509.load_der_x509_certificate(d) for d in config.ca_certs]
                          if config.ca_certs else None)
         remotes: dict[str, RemoteCertificates] = {}
@@ -241,7 +203,7 @@ class ClientRegistry:
         for reg in config.clients:
             remote = None
             if reg.jwks_uri is not None and reg.jwks_uri not in remotes:
-                remotes[reg.jwks_uri] = RemoteCertificates(reg.jwks_uri, self._sessions, config)
+                remotes[reg.jwks_uri] = RemoteCertificates(reg.jwks_uri, config)
             if reg.jwks_uri is not None:
                 remote = remotes[reg.jwks_uri]
             self._clients[reg.client_id] = _Client(
@@ -258,7 +220,6 @@ class ClientRegistry:
     async def close(self) -> None:
         for remote in self._remotes:
             await remote.close()
-        await self._sessions.close()
 
     def authenticate(self, client_id: str, peer: PeerCertificate | None, *,
                      basic: bool = False) -> str:

@@ -9,9 +9,9 @@ Rules that keep an attacker from steering key handling (RFC 8725):
   triggers share that one request;
 * a failed or empty refresh keeps the last good key set; with no key set at all
   the caller gets :class:`DependencyDown` (503), never a pass;
-* only the configured ``jwks_uri`` is fetched: redirects are not followed, the
-  body must be JSON (``application/json`` or ``application/*+json``), at most
-  512 KiB and 100 keys, strictly parsed;
+* only the configured ``jwks_uri`` is fetched, by :mod:`mtls_gateway.remote_document`
+  (redirects not followed, JSON only, at most 512 KiB, strictly parsed; the client
+  registries fetch their ``jwks_uri`` the same way), and at most 100 keys are taken;
 * a key that is broken, private (``d``, ``k``...), not for verification
   (``use``/``key_ops``), too weak, or a duplicate of an earlier ``(kid, alg)`` is
   skipped and logged; the others stay usable.
@@ -22,29 +22,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import jwt
 
-from .bodies import read_capped
 from .config import JwtProvider
 from .errors import DependencyDown, InvalidToken
 from .keyset import KeySet
 from .metrics import Metrics
-from .strict_json import loads_object
+from .remote_document import FetchFailed, RemoteDocument, keep_refreshed
 
 __all__ = ["JwksSource", "KeySet"]
 
 log = logging.getLogger("mtls_gateway.jwks")
 
-_MAX_JWKS_BYTES = 512 * 1024
-def _is_json(content_type: str) -> bool:
-    """``application/json``, ``application/jwk-set+json`` and other ``+json`` types."""
-    main, _, sub = content_type.lower().partition("/")
-    return main == "application" and (sub == "json" or sub.endswith("+json"))
 
 
 @dataclass
@@ -67,7 +59,9 @@ class JwksSource:
         self.metrics = metrics
         self.stats = JwksStats()
         self._keys: KeySet | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._document = RemoteDocument(
+            provider.jwks_uri, ca_file=provider.jwks_ca_file, timeout=provider.jwks_timeout
+        ) if provider.jwks_uri is not None else None
         self._inflight: asyncio.Task[None] | None = None
         self._last_on_demand = -float("inf")
         self._refresher: asyncio.Task[None] | None = None
@@ -86,18 +80,13 @@ class JwksSource:
 
     async def start(self) -> None:
         """Open the HTTP session, make a first fetch, and start background refresh."""
-        if self.provider.jwks_uri is None:
+        if self._document is None:
             return
-        ssl_ctx = ssl.create_default_context(
-            cafile=str(self.provider.jwks_ca_file) if self.provider.jwks_ca_file else None)
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=4),
-            timeout=aiohttp.ClientTimeout(total=self.provider.jwks_timeout),
-            headers={"Accept": "application/jwk-set+json, application/json"},
-        )
         await self._refresh_shared()
-        self._refresher = asyncio.create_task(self._refresh_loop(),
-                                              name=f"jwks-refresh-{self.provider.name}")
+        self._refresher = asyncio.create_task(
+            keep_refreshed(self._refresh_ok, self.provider.jwks_refresh_interval,
+                           ok=self.stats.last_fetch_ok),
+            name=f"jwks-refresh-{self.provider.name}")
 
     async def close(self) -> None:
         for task in (self._refresher, self._inflight):
@@ -105,8 +94,8 @@ class JwksSource:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-        if self._session is not None:
-            await self._session.close()
+        if self._document is not None:
+            await self._document.close()
 
     async def keys_for(self, kid: str | None, alg: str) -> tuple[KeySet, tuple[jwt.PyJWK, ...]]:
         """Candidate keys for a token header (and the key set they belong to), refetching
@@ -144,25 +133,22 @@ class JwksSource:
     def _clear_inflight(self, _task: asyncio.Task[None]) -> None:
         self._inflight = None
 
+    async def _refresh_ok(self) -> bool:
+        await self._refresh_shared()
+        return self.stats.last_fetch_ok
+
     async def _fetch(self) -> None:
-        assert self._session is not None and self.provider.jwks_uri is not None
+        assert self._document is not None
         self.stats.fetches += 1
         try:
-            async with self._session.get(self.provider.jwks_uri, allow_redirects=False) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"HTTP {resp.status}")  # a redirect too: never followed
-                if not _is_json(resp.content_type):
-                    raise ValueError(f"content type {resp.content_type[:60]!r} is not JSON")
-                body = await read_capped(resp.content, _MAX_JWKS_BYTES)
-                if len(body) > _MAX_JWKS_BYTES:
-                    raise ValueError("JWKS document too large")
-            keys = KeySet.from_document(loads_object(body), self.provider.algorithms)
-        except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
+            keys = KeySet.from_document(await self._document.fetch(), self.provider.algorithms)
+        except (FetchFailed, ValueError) as exc:
             self.stats.failures += 1
             self.stats.last_fetch_ok = False
             if self.metrics:
                 self.metrics.jwks_fetches.labels(self.provider.name, "failure").inc()
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            self.stats.last_error = str(exc) if isinstance(exc, FetchFailed) \
+                else f"{type(exc).__name__}: {exc}"
             log.warning("JWKS fetch for provider %s failed (keeping %s): %s",
                         self.provider.name, "last good keys" if self._keys else "no keys",
                         self.stats.last_error)
@@ -175,12 +161,3 @@ class JwksSource:
             self.metrics.jwks_fetches.labels(self.provider.name, "success").inc()
         self.stats.last_success = time.time()
         self.stats.last_fetch_ok = True
-
-    async def _refresh_loop(self) -> None:
-        """Refresh every interval; while failing, retry sooner with doubling back-off."""
-        interval = self.provider.jwks_refresh_interval
-        backoff = 1.0
-        while True:
-            await asyncio.sleep(interval if self.stats.last_fetch_ok else backoff)
-            await self._refresh_shared()
-            backoff = 1.0 if self.stats.last_fetch_ok else min(backoff * 2, interval)
