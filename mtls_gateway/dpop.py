@@ -340,7 +340,8 @@ class NonceIssuer:
                  clock: Callable[[], float] = time.time) -> None:
         if len(secret) < 32:
             raise ValueError("the nonce secret must be at least 32 bytes")
-        self._secret, self._lifetime, self._clock = secret, lifetime, clock
+        self._secret, self._lifetime = secret, lifetime
+        self.clock = clock                   # the time source (seconds; tests set their own)
         self._memo: dict[int, str] = {}
 
     def _for(self, window: int) -> str:
@@ -355,7 +356,7 @@ class NonceIssuer:
         return nonce
 
     def _window(self) -> int:
-        return math.floor(self._clock() / self._lifetime)
+        return math.floor(self.clock() / self._lifetime)
 
     def current(self) -> str:
         """The nonce to hand out now (``DPoP-Nonce``)."""
@@ -614,8 +615,11 @@ class DpopVerifier:
         signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
         if not _signature_valid(alg, key, signing_input, signature):
             raise self._fail("dpop_proof_invalid")
+        # RFC 9449 s8.2: on a route that uses nonces, a proof carrying last window's nonce
+        # (still accepted) is answered with the current one, so the client switches before
+        # its nonce expires
         next_nonce = None
-        if "nonce" in claims and self.nonces is not None and \
+        if nonce_required and self.nonces is not None and \
                 self.nonces.check(claims["nonce"]) is False:
             next_nonce = self.nonces.current()
         return VerifiedProof(jkt, claims["jti"], float(claims["iat"]), next_nonce)
