@@ -56,8 +56,8 @@ from jwt.api_jws import PyJWS
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mtls_gateway.bearer import bearer_token
-from mtls_gateway.config_load import load_config
 from mtls_gateway.config import DpopConfig
+from mtls_gateway.config_load import load_config
 from mtls_gateway.decision_log import (
     configure_logging,
     log_decision,
