@@ -555,7 +555,7 @@ class DpopVerifier:
         self._ath: tuple[bytes, str] = (b"", "")
         #: whether an htu names a request (a pure function of these four strings): a client
         #: names the same URI on every call, so the RFC 3986 work runs once per URI
-        self._htu_matches = functools.lru_cache(maxsize=1024)(self._htu_names)
+        self._htu_matches = functools.lru_cache(maxsize=256)(self._htu_names)
 
     def _fail(self, reason: str, nonce: bool = False) -> Refusal:
         return dpop_refusal(reason, nonce=self.nonces.current() if nonce and self.nonces
