@@ -258,7 +258,7 @@ class Pipeline:
             else:   # an auth type without its branch must fail closed, never become public
                 raise TypeError(f"no request path for {type(auth).__name__}")
             return Allow(route, route.upstream_url or self.default_upstream, identity, reason,
-                         fields, peer, started, body, answer)
+                         fields, peer, started, body, response_headers=answer)
         except Refusal as exc:
             if route is not None and isinstance(route.auth, AuthPolicy) \
                     and route.auth.sender_constraint != "mtls":
