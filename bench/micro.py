@@ -1,6 +1,7 @@
 """What each piece of the gateway's request path costs, in one process, in microseconds.
 
     .venv/bin/python bench/micro.py [--rounds 5] [--seconds 0.2]
+    .venv/bin/python bench/micro.py --dpop [--proofs 2000] [--rounds 5] [--profile]
 
 Companion to ``bench/run.py``: that one measures whole requests through real sockets; this
 one times the gateway's own per-request pieces in isolation (token verification, the
@@ -13,6 +14,13 @@ and count) and each row keeps its fastest pass, so a burst of noise hits one pas
 row rather than every pass of one row. Hot-loop figures are lower bounds: inside the real
 server, with cold caches between requests, the same code costs more (see bench/README.md).
 Nothing listens on any port.
+
+``--dpop`` (issue 19) times one DPoP proof check instead: a :class:`DpopVerifier` built
+once checks fresh proofs (a real P-256 key, real signatures, a new ``jti`` each, all signed
+before the timed loop), in CPU time (``time.process_time``), split into the ES256
+verification alone (the call ``bench/run.py``'s ``es256_verify_us`` times, same key, same
+run) and the rest, as ratios to that verification. ``--profile`` adds a cProfile listing
+of the check loop.
 """
 
 from __future__ import annotations
@@ -20,11 +28,16 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import cProfile
+import hashlib
 import io
+import json
 import logging
+import pstats
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,11 +47,16 @@ import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
-from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from jwt.algorithms import ECAlgorithm
 from jwt.api_jws import PyJWS
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from mtls_gateway.bearer import bearer_token
+from mtls_gateway.config import DpopConfig
 from mtls_gateway.config_load import load_config
 from mtls_gateway.decision_log import (
     configure_logging,
@@ -47,8 +65,11 @@ from mtls_gateway.decision_log import (
     token_digest,
     token_hash,
 )
+from mtls_gateway.dpop import DpopVerifier, ProofRequest
+from mtls_gateway.fastlane import parse_plain
 from mtls_gateway.gateway import Gateway
 from mtls_gateway.metrics import Metrics
+from mtls_gateway.pipeline import ConnectionMemo, RequestView
 from mtls_gateway.proxy import strip_hop_by_hop
 from mtls_gateway.tls import peer_certificate
 
@@ -191,13 +212,157 @@ def rows_for(m: Material) -> list[Row]:
     ]
 
 
+# --- --dpop: one proof check, split into the signature and the rest ---------------------------
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _proofs(key: ec.EllipticCurvePrivateKey, count: int, htu: str, token: str) -> list[str]:
+    """``count`` fresh ES256 proofs for ``GET htu``, as a client library signs them: one
+    header (the client's key) for all, a new ``jti`` and the current ``iat`` each."""
+    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    head = _b64(json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk},
+                           separators=(",", ":")).encode())
+    ath = _b64(hashlib.sha256(token.encode()).digest())
+    out = []
+    for _ in range(count):
+        body = _b64(json.dumps({"jti": uuid.uuid4().hex, "htm": "GET", "htu": htu,
+                                "iat": int(time.time()), "ath": ath},
+                               separators=(",", ":")).encode())
+        r, s = decode_dss_signature(key.sign(f"{head}.{body}".encode(),
+                                             ec.ECDSA(hashes.SHA256())))
+        out.append(f"{head}.{body}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}")
+    return out
+
+
+def dpop_main(count: int, rounds: int, profile: bool) -> int:
+    """CPU microseconds per proof check: the ES256 verification alone and the rest."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = ECAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    jkt = _b64(hashlib.sha256(json.dumps({k: jwk[k] for k in ("crv", "kty", "x", "y")},
+                                         separators=(",", ":")).encode()).digest())
+    token = "eyJhbGciOiJFUzI1NiJ9." + "A" * 600 + ".sig"     # an access token's size
+    proofs = _proofs(key, count * (rounds + 1), "https://127.0.0.1:8443/dpop/x",
+                     token)
+    # a private in-process replay store (monotonic given), as large as bench/run.py's
+    verifier = DpopVerifier(DpopConfig(replay_cache_size=1_000_000), monotonic=time.monotonic)
+    request = ProofRequest("GET", "/dpop/x", "127.0.0.1:8443", "https", token,
+                           hashlib.sha256(token.encode()).digest())
+    alg, public = ECAlgorithm(ECAlgorithm.SHA256), key.public_key()
+    signed = []
+    for proof in proofs[:count]:
+        head, body, sig = proof.split(".")
+        signed.append((f"{head}.{body}".encode(), base64.urlsafe_b64decode(sig + "==")))
+
+    def check(batch: list[str]) -> None:
+        for proof in batch:
+            completed(verifier.check((proof,), request, expected_jkt=jkt, nonce_required=False))
+
+    def verify_alone() -> None:
+        for message, signature in signed:
+            if not alg.verify(message, public, signature):
+                raise RuntimeError("ES256 verification failed")
+
+    batches = [proofs[i * count:(i + 1) * count] for i in range(rounds + 1)]
+    check(batches[0])      # warm-up: the key and header caches, the code paths
+    verify_alone()
+    verify_us, check_us = [], []
+    for i in range(rounds):  # interleaved: noise hits both
+        started = time.process_time()
+        verify_alone()
+        verify_us.append((time.process_time() - started) / count * 1e6)
+        started = time.process_time()
+        check(batches[1 + i])
+        check_us.append((time.process_time() - started) / count * 1e6)
+    # the whole decision as the fast lane makes it (head parsing included), a DPoP request
+    # against the bound-JWT request bench/run.py's dpop-ref-es256 row sends
+    with tempfile.TemporaryDirectory(prefix="mtls-gateway-micro-") as tmp, \
+            contextlib.redirect_stderr(io.StringIO()):
+        m = make_material(Path(tmp))
+        config_path = m.dir / "gateway.yaml"
+        config_path.write_text(yaml.safe_dump(gateway_config(
+            m, "http://127.0.0.1:9", "https://127.0.0.1:9/introspect")))
+        gateway = Gateway(load_config(config_path), Metrics())
+        assert m.dpop_key is not None
+        client_key = serialization.load_pem_private_key(m.dpop_key.read_bytes(), None)
+        assert isinstance(client_key, ec.EllipticCurvePrivateKey)
+        cert_der = x509.load_pem_x509_certificate(m.certs["alice"][0].read_bytes()).public_bytes(
+            serialization.Encoding.DER)
+        es_token = m.tokens["es256"].read_text().strip()
+        dpop_token = m.tokens["dpop-es256"].read_text().strip()
+    peer = peer_certificate(_Connection(cert_der))
+    common = b"Host: 127.0.0.1:8443\r\nUser-Agent: pyload\r\nAccept: */*\r\n"
+    ref_head = (b"GET /jwt/x HTTP/1.1\r\n" + common
+                + f"Authorization: Bearer {es_token}".encode())
+    dpop_heads = [b"GET /dpop/x HTTP/1.1\r\n" + common
+                  + f"Authorization: DPoP {dpop_token}\r\nDPoP: {proof}".encode()
+                  for proof in _proofs(client_key, count * (rounds + 1 + profile),
+                                       "https://127.0.0.1:8443/dpop/x", dpop_token)]
+    pipeline, memos = gateway.pipeline, (ConnectionMemo(), ConnectionMemo())
+
+    def decide(heads: list[bytes], memo: ConnectionMemo, reason: str) -> None:
+        for head in heads:
+            request = parse_plain(head, max_headers=100, max_line=8190)
+            assert request is not None
+            view = RequestView(request.method, request.raw_path, request.path, request.host,
+                               request.authorization, request.dpop, False, "https",
+                               "127.0.0.1", memo, lambda: peer, request.header)
+            decision = completed(pipeline.decide(view))
+            if getattr(decision, "reason", None) != reason:
+                raise RuntimeError(f"not allowed: {decision}")
+
+    decide([ref_head] * 10, memos[0], "allowed")
+    decide(dpop_heads[:count], memos[1], "allowed")
+    ref_us, dpop_us = [], []
+    for i in range(rounds):
+        started = time.process_time()
+        decide([ref_head] * count, memos[0], "allowed")
+        ref_us.append((time.process_time() - started) / count * 1e6)
+        started = time.process_time()
+        decide(dpop_heads[(i + 1) * count:(i + 2) * count], memos[1], "allowed")
+        dpop_us.append((time.process_time() - started) / count * 1e6)
+
+    verify, total = sorted(verify_us)[rounds // 2], sorted(check_us)[rounds // 2]
+    rest = total - verify
+    ref, whole = sorted(ref_us)[rounds // 2], sorted(dpop_us)[rounds // 2]
+    added = whole - ref
+    print(f"python {sys.version.split()[0]}; {count} fresh ES256 proofs per round, median of "
+          f"{rounds} interleaved rounds, CPU time")
+    print(f"  ES256 verification alone        {verify:6.1f} us   1.00 x verification")
+    print(f"  DpopVerifier.check, whole       {total:6.1f} us   {total / verify:4.2f} x")
+    print(f"  the rest (whole - verification) {rest:6.1f} us   {rest / verify:4.2f} x")
+    print("  one decision (parse_plain + Pipeline.decide), as the fast lane makes it:")
+    print(f"    bound JWT ES256 (dpop-ref-es256)   {ref:6.1f} us")
+    print(f"    DPoP-bound JWT + fresh proof        {whole:6.1f} us")
+    print(f"    added by DPoP                       {added:6.1f} us   {added / verify:4.2f} x "
+          f"verification (bench/run.py's target: <= {1.5:.1f} x)")
+    print(f"    added minus the verification        {added - verify:6.1f} us   "
+          f"{(added - verify) / verify:4.2f} x")
+    if profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(decide, dpop_heads[-count:], memos[1], "allowed")
+        print("\ncProfile of the DPoP decisions (fresh proofs):")
+        stats = pstats.Stats(profiler, stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(30)
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="passes over all rows (default 5)")
     p.add_argument("--seconds", type=float, default=0.2,
                    help="time per row and pass (default 0.2, at most 2)")
+    p.add_argument("--dpop", action="store_true",
+                   help="time one DPoP proof check instead (signature vs the rest)")
+    p.add_argument("--proofs", type=int, default=2000,
+                   help="--dpop: proofs per round (default 2000)")
+    p.add_argument("--profile", action="store_true", help="--dpop: add a cProfile listing")
     args = p.parse_args()
+    if args.dpop:
+        return dpop_main(min(max(args.proofs, 100), 50_000), min(max(args.rounds, 1), 20),
+                         args.profile)
     rounds, seconds = min(max(args.rounds, 1), 20), min(max(args.seconds, 0.02), 2.0)
     with tempfile.TemporaryDirectory(prefix="mtls-gateway-micro-") as tmp, \
             contextlib.redirect_stderr(io.StringIO()):

@@ -13,8 +13,10 @@ invalid proof never reaches the replay store:
    RFC 3986 section 6.2.2/6.2.3 normalisation; ``nonce`` when the route asks for one;
    ``iat`` inside ``[now - iat_max_age, now + iat_max_skew]``; ``ath`` equals the
    base64url SHA-256 of the access token;
-4. the signature, by the proof's own key (parsed once per key: keys are cached by their
-   RFC 7638 thumbprint, algorithm objects are built at import);
+4. the signature, by the proof's own key, on every proof (the parsed key is cached by
+   its RFC 7638 thumbprint, the checked header by its exact segment: caching the key is
+   safe because the signature it checks is verified every time; ECDSA goes straight to
+   ``cryptography``, the others through pyjwt's algorithm objects built at import);
 5. the thumbprint equals the token's ``cnf.jkt``;
 6. ``(jkt, jti)`` has not been seen within the acceptance window (the replay store).
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import functools
 import hashlib
 import hmac
@@ -42,7 +45,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import InvalidKeyError
 
@@ -245,6 +252,33 @@ _MIN_RSA_BITS = 2048
 _ALGORITHMS: Mapping[str, Algorithm] = {
     name: alg for name, alg in get_default_algorithms().items() if name in ASYMMETRIC_ALGORITHMS
 }
+#: ECDSA without pyjwt's per-call wrapping: (bytes of r and of s, the ECDSA object).
+_ECDSA: Mapping[str, tuple[int, ec.ECDSA]] = {
+    "ES256": (32, ec.ECDSA(hashes.SHA256())), "ES384": (48, ec.ECDSA(hashes.SHA384())),
+    "ES512": (66, ec.ECDSA(hashes.SHA512())),
+}
+
+
+def _signature_valid(alg: str, key: Any, signing_input: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` (JWS form: raw ``r || s`` for ECDSA) is ``key``'s over the input.
+
+    ECDSA calls ``cryptography`` directly (the JWS ``r || s`` re-encoded as DER, which is what
+    pyjwt's ECAlgorithm.verify does, minus its per-call objects); the key's curve is the
+    algorithm's, checked with the header. Everything else goes through pyjwt.
+    """
+    ecdsa = _ECDSA.get(alg)
+    if ecdsa is None:
+        return bool(_ALGORITHMS[alg].verify(signing_input, key, signature))
+    size, algorithm = ecdsa
+    if len(signature) != 2 * size:
+        return False
+    der = encode_dss_signature(int.from_bytes(signature[:size], "big"),
+                               int.from_bytes(signature[size:], "big"))
+    try:
+        key.verify(der, signing_input, algorithm)
+    except InvalidSignature:
+        return False
+    return True
 
 
 def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
@@ -273,6 +307,8 @@ _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
 
 _B64_VALUE = {c: i for i, c in enumerate(
     "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")}
+_URLSAFE_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_PADDING = ("", "", "==", "=")
 
 
 def _b64decode(segment: str) -> bytes:
@@ -283,8 +319,9 @@ def _b64decode(segment: str) -> bytes:
     # the unused low bits of the last character must be zero (RFC 4648 section 3.5)
     if rest and _B64_VALUE[segment[-1]] & (0x0F if rest == 2 else 0x03):
         raise ValueError("non-canonical base64url")
-    try:
-        return base64.urlsafe_b64decode(segment + "=" * (-rest % 4))
+    try:       # (the alphabet is checked above: one C call from here)
+        return binascii.a2b_base64((segment + _PADDING[rest]).encode("ascii")
+                                   .translate(_URLSAFE_TO_STANDARD))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
 
@@ -303,7 +340,8 @@ class NonceIssuer:
                  clock: Callable[[], float] = time.time) -> None:
         if len(secret) < 32:
             raise ValueError("the nonce secret must be at least 32 bytes")
-        self._secret, self._lifetime, self._clock = secret, lifetime, clock
+        self._secret, self._lifetime = secret, lifetime
+        self.clock = clock                   # the time source (seconds; tests set their own)
         self._memo: dict[int, str] = {}
 
     def _for(self, window: int) -> str:
@@ -318,7 +356,7 @@ class NonceIssuer:
         return nonce
 
     def _window(self) -> int:
-        return math.floor(self._clock() / self._lifetime)
+        return math.floor(self.clock() / self._lifetime)
 
     def current(self) -> str:
         """The nonce to hand out now (``DPoP-Nonce``)."""
@@ -352,25 +390,38 @@ class ReplayStore(Protocol):
 
 
 class MemoryReplayStore:
-    """One replica: a bounded in-process TTL cache.
+    """One replica: a bounded in-process store of the keys seen within the window.
 
     When it is full of entries that are still inside the window it refuses to forget one
     (that would let the forgotten proof be replayed) and reports itself unavailable.
+
+    Every entry lives ``ttl`` seconds (the store's, for all keys), so entries expire in the
+    order they were made: a dict of expiry times and a FIFO of ``(expiry, key)`` forget the
+    expired ones from the front, with no per-entry objects for the garbage collector to walk
+    (a busy replica holds hundreds of thousands).
     """
 
     def __init__(self, maxsize: int, ttl: float, clock: Callable[[], float] = time.monotonic
                  ) -> None:
-        self._cache: TTLCache[bytes, bool] = TTLCache(maxsize=maxsize, ttl=ttl, timer=clock)
+        self.maxsize, self._ttl, self._clock = maxsize, ttl, clock
+        self._expires: dict[bytes, float] = {}
+        self._order: collections.deque[tuple[float, bytes]] = collections.deque()
 
     async def first_use(self, key: bytes, ttl: float) -> bool:
-        cache = self._cache
-        if key in cache:
+        now = self._clock()
+        expires = self._expires
+        seen = expires.get(key)
+        if seen is not None and now < seen:
             return False
-        if len(cache) >= cache.maxsize:
-            cache.expire()
-            if len(cache) >= cache.maxsize:
-                raise ReplayStoreUnavailable("the in-process replay cache is full")
-        cache[key] = True
+        order = self._order
+        while order and order[0][0] <= now:      # out of the window: forgotten
+            when, old = order.popleft()
+            if expires.get(old) == when:         # (not since seen again)
+                del expires[old]
+        if len(expires) >= self.maxsize:
+            raise ReplayStoreUnavailable("the in-process replay cache is full")
+        expires[key] = when = now + self._ttl
+        order.append((when, key))
         return True
 
     async def close(self) -> None:
@@ -500,6 +551,11 @@ class DpopVerifier:
         self._origins = frozenset(o for o in origins if o)
         self._keys: LRUCache[str, Any] = LRUCache(maxsize=1024)
         self._headers: LRUCache[str, tuple[str, str, Any]] = LRUCache(maxsize=1024)
+        #: the last access token's ath: a client sends the same token with every proof
+        self._ath: tuple[bytes, str] = (b"", "")
+        #: whether an htu names a request (a pure function of these four strings): a client
+        #: names the same URI on every call, so the RFC 3986 work runs once per URI
+        self._htu_matches = functools.lru_cache(maxsize=256)(self._htu_names)
 
     def _fail(self, reason: str, nonce: bool = False) -> Refusal:
         return dpop_refusal(reason, nonce=self.nonces.current() if nonce and self.nonces
@@ -557,10 +613,13 @@ class DpopVerifier:
             alg, jkt, key = known
             self._claims(claims, request, nonce_required)
         signing_input = f"{parts[0]}.{parts[1]}".encode("ascii")
-        if not _ALGORITHMS[alg].verify(signing_input, key, signature):
+        if not _signature_valid(alg, key, signing_input, signature):
             raise self._fail("dpop_proof_invalid")
+        # RFC 9449 s8.2: on a route that uses nonces, a proof carrying last window's nonce
+        # (still accepted) is answered with the current one, so the client switches before
+        # its nonce expires
         next_nonce = None
-        if "nonce" in claims and self.nonces is not None and \
+        if nonce_required and self.nonces is not None and \
                 self.nonces.check(claims["nonce"]) is False:
             next_nonce = self.nonces.current()
         return VerifiedProof(jkt, claims["jti"], float(claims["iat"]), next_nonce)
@@ -597,13 +656,14 @@ class DpopVerifier:
 
     def _claims(self, claims: Mapping[str, Any], request: ProofRequest,
                 nonce_required: bool) -> None:
-        jti, htm, htu, iat = (claims.get(k) for k in ("jti", "htm", "htu", "iat"))
+        jti, htm, htu, iat = claims.get("jti"), claims.get("htm"), claims.get("htu"), \
+            claims.get("iat")
         if not (isinstance(jti, str) and 0 < len(jti) <= 512 and isinstance(htm, str)
                 and isinstance(htu, str) and numeric_date(iat)):
             raise self._fail("dpop_proof_invalid")
         if htm != request.method:
             raise self._fail("dpop_htm_mismatch")
-        if not self._htu_matches(htu, request):
+        if not self._htu_matches(htu, request.target, request.host, request.scheme):
             raise self._fail("dpop_htu_mismatch")
         nonce = claims.get("nonce")
         if nonce is not None and not isinstance(nonce, str):
@@ -620,24 +680,29 @@ class DpopVerifier:
         if iat > now + self.config.iat_max_skew:
             raise self._fail("dpop_iat_in_future", nonce=nonce_required)
         ath = claims.get("ath")
-        expected = (_b64(request.token_sha256) if request.token_sha256 is not None
-                    else access_token_hash(request.access_token))
+        digest = request.token_sha256
+        if digest is None:
+            expected = access_token_hash(request.access_token)
+        elif digest == self._ath[0]:
+            expected = self._ath[1]
+        else:
+            expected = _b64(digest)
+            self._ath = (digest, expected)
         if not isinstance(ath, str) or not hmac.compare_digest(ath.encode(), expected.encode()):
             raise self._fail("dpop_ath_mismatch")
 
-    def _htu_matches(self, htu: str, request: ProofRequest) -> bool:
+    def _htu_names(self, htu: str, target: str, host: str | None, scheme: str) -> bool:
+        """Whether ``htu`` names the request (target, Host, the listener's scheme)."""
         claimed = normalize_uri(htu)
         if claimed is None:
             return False
         origin, path = claimed
-        target = request.target
         if target.startswith("/"):
             expected_path = normalize_path(target.split("?", 1)[0].split("#", 1)[0])
             if self._origins:
                 expected_origin = origin if origin in self._origins else None
             else:
-                expected_origin = (normalize_origin(request.scheme, request.host)
-                                   if request.host else None)
+                expected_origin = normalize_origin(scheme, host) if host else None
         else:                            # absolute-form: the client named the origin
             absolute = normalize_uri(target)
             if absolute is None:

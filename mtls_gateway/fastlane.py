@@ -670,6 +670,9 @@ class FastLane:
         self._close_after = self.host.lane_request_done(b"close" in request.connection)
         self._head_sent = True
         close = b"Connection: close\r\n\r\n" if self._close_after else b"\r\n"
+        if decision.response_headers:       # the decision's own (a fresh DPoP-Nonce)
+            close = b"".join(f"{k}: {v}\r\n".encode() for k, v in
+                             decision.response_headers.items()) + close
         return answer.head + close + body
 
     def upstream_lost(self, exc: BaseException | None) -> None:

@@ -253,7 +253,8 @@ class Gateway:
             response = await self.forwarder.forward(request, up.url, decision.identity,
                                                     body_bytes=decision.body,
                                                     context=up.context,
-                                                    server_name=up.server_name)
+                                                    server_name=up.server_name,
+                                                    answer_headers=decision.response_headers)
         self.pipeline.upstream_answered(decision.route, response[UPSTREAM_SECONDS])
         return response
 

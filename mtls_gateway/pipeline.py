@@ -146,6 +146,8 @@ class Allow:
     peer: PeerCertificate | None
     started: float
     body: bytes | None = None            # token endpoints: the body as read, forwarded as is
+    #: headers added to the client's answer, after the upstream's (a fresh DPoP-Nonce)
+    response_headers: Mapping[str, str] | None = None
 
     allowed = True
 
@@ -210,6 +212,7 @@ class Pipeline:
                 self._trace_route(trace, route, peer)
             identity: Mapping[str, str]
             body: bytes | None = None
+            answer: Mapping[str, str] | None = None
             if isinstance(auth, AuthPolicy):
                 credential = self.credential(view, auth)
                 if credential is None:
@@ -229,7 +232,9 @@ class Pipeline:
                              token_hash=credential.token_hash, provider=verifier.name)
                         with tracing(trace):
                             info = await verifier.verify(credential.token, credential.digest)
-                await self.sender_constraint(auth, info, peer, view, credential)
+                nonce = await self.sender_constraint(auth, info, peer, view, credential)
+                if nonce is not None:       # RFC 9449 s8.2: the client's nonce is ageing
+                    answer = {"DPoP-Nonce": nonce}
                 if trace is not None:
                     self._trace_constraint(trace, auth, info, peer)
                 self.authorize(auth, info)
@@ -253,7 +258,7 @@ class Pipeline:
             else:   # an auth type without its branch must fail closed, never become public
                 raise TypeError(f"no request path for {type(auth).__name__}")
             return Allow(route, route.upstream_url or self.default_upstream, identity, reason,
-                         fields, peer, started, body)
+                         fields, peer, started, body, response_headers=answer)
         except Refusal as exc:
             if route is not None and isinstance(route.auth, AuthPolicy) \
                     and route.auth.sender_constraint != "mtls":
@@ -360,23 +365,26 @@ class Pipeline:
 
     async def sender_constraint(self, policy: AuthPolicy, info: TokenInfo,
                                 peer: PeerCertificate | None, view: RequestView,
-                                credential: Credential) -> None:
+                                credential: Credential) -> str | None:
         """May this sender use this token? Raise a Refusal if not.
 
         ``mtls``: RFC 8705 certificate binding (``cnf.x5t#S256``), as ``binding`` says.
         ``dpop``: the token must be bound to a DPoP key (``cnf.jkt``), sent with the DPoP
         scheme and one valid, fresh proof by that key (RFC 9449 sections 4.3, 7).
         ``mtls_or_dpop``: the token's ``cnf`` decides; a token bound both ways is checked
-        both ways. A DPoP-bound token sent as Bearer is refused (section 7.2)."""
+        both ways. A DPoP-bound token sent as Bearer is refused (section 7.2).
+
+        Returns a fresh nonce to send (``DPoP-Nonce``, RFC 9449 section 8.2) when the proof's
+        was issued in a window the nonce issuer has since left, else None."""
         constraint = policy.sender_constraint
         if constraint == "mtls":
             check_binding(policy.binding, info, peer)
-            return
+            return None
         if info.cnf_jkt is None:
             if constraint == "mtls_or_dpop" and info.cnf_x5t_s256 is not None \
                     and credential.scheme == "Bearer":
                 check_binding("required", info, peer)
-                return
+                return None
             if constraint == "mtls_or_dpop" and not info.has_cnf:
                 raise InvalidToken("binding_missing", "token is not bound to a client "
                                    "certificate or a DPoP key")
@@ -392,6 +400,7 @@ class Pipeline:
         if view.trace is not None:
             note(view.trace, "dpop_proof", "pass", proof_jkt=proof.jkt, token_jkt=info.cnf_jkt,
                  method=view.method, target=view.target, host=view.host)
+        return proof.next_nonce
 
     @staticmethod
     def _dpop_credential(policy: AuthPolicy, values: tuple[str, ...],

@@ -235,12 +235,14 @@ class Forwarder:
     async def forward(self, request: web.Request, base_url: str,
                       identity: Mapping[str, str], *, body_bytes: bytes | None = None,
                       context: ssl.SSLContext | None = None, server_name: str | None = None,
+                      answer_headers: Mapping[str, str] | None = None,
                       ) -> web.StreamResponse:
         """Send the request upstream and stream the answer back; 502/504 on failure.
 
         ``body_bytes``: the request body, already read by the gateway (token endpoint).
         ``context``/``server_name``: TLS to an https upstream (upstream_tls.py; None: the
-        system trust store and the URL's host).
+        system trust store and the URL's host). ``answer_headers``: added to the answer after
+        the upstream's (the decision's own, e.g. a fresh ``DPoP-Nonce``).
         """
         assert self._session is not None, "Forwarder.start() was not awaited"
         target = URL(base_url.rstrip("/") + request.raw_path, encoded=True)
@@ -269,6 +271,8 @@ class Forwarder:
                 status=upstream.status, reason=upstream.reason)
             response[UPSTREAM_SECONDS] = time.perf_counter() - started
             response.headers.extend(strip_hop_by_hop(upstream.headers))
+            if answer_headers:
+                response.headers.extend(answer_headers)
             await response.prepare(request)
             undo = fail_body_on_connection_loss(upstream)
             try:

@@ -57,13 +57,17 @@ def _depth_ok(data: str) -> bool:
     return True
 
 
+#: Built once: json.loads with these hooks would build a decoder on every call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique, parse_constant=_no_constants)
+
+
 def loads_object(data: bytes | str) -> dict[str, Any]:
     """A JSON object, or ``ValueError`` (also for duplicates, NaN/Infinity, deep nesting)."""
     text = data.decode("utf-8") if isinstance(data, bytes) else data
     if not _depth_ok(text):
         raise ValueError("JSON nested too deeply")
     try:
-        value = json.loads(text, object_pairs_hook=_unique, parse_constant=_no_constants)
+        value = _DECODER.decode(text)
     except RecursionError as exc:  # pragma: no cover - guarded by _depth_ok
         raise ValueError("JSON nested too deeply") from exc
     if not isinstance(value, dict):

@@ -15,6 +15,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import micro as bench_micro  # noqa: E402
 import run as bench_run  # noqa: E402
 import servers as bench_servers  # noqa: E402
 
@@ -35,6 +36,16 @@ def test_haproxy_config_renders_and_haproxy_accepts_it(tmp_path: Path) -> None:
     done = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True,
                           timeout=30, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_micro_dpop_mode_checks_real_proofs(capsys: pytest.CaptureFixture[str]) -> None:
+    """``micro.py --dpop`` runs: every proof it times is accepted by the real verifier and
+    every decision it times is an allow (it raises otherwise)."""
+    assert bench_micro.dpop_main(100, 1, False) == 0
+    out = capsys.readouterr().out
+    for needle in ("ES256 verification alone", "DpopVerifier.check, whole",
+                   "bound JWT ES256 (dpop-ref-es256)", "added by DPoP"):
+        assert needle in out
 
 
 async def test_raw_upstream_answers_keep_alive_pipelined_and_bodies() -> None:

@@ -360,6 +360,21 @@ async def test_nonce_flow(keys: dict[str, DpopKey]) -> None:
     assert info.value.nonce == verifier.nonces.current()  # type: ignore[union-attr]
 
 
+async def test_fresh_nonce_only_where_the_route_uses_nonces(keys: dict[str, DpopKey]) -> None:
+    """RFC 9449 s8.2: last window's nonce earns the current one on a nonce route only."""
+    es, clock = keys["ES256"], Clock()
+    verifier = _verifier(clock)
+    assert verifier.nonces is not None
+    nonce = verifier.nonces.current()
+    clock.now += 300
+    without = await _check(verifier, es.proof("GET", URL, TOKEN, iat=clock.now, nonce=nonce),
+                           jkt=es.thumbprint, nonce=False)
+    assert without.next_nonce is None
+    with_ = await _check(verifier, es.proof("GET", URL, TOKEN, iat=clock.now, nonce=nonce),
+                         jkt=es.thumbprint, nonce=True)
+    assert with_.next_nonce == verifier.nonces.current() != nonce
+
+
 # --- the replay cache --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

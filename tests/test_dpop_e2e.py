@@ -249,6 +249,63 @@ async def test_nonce_flow(make_gateway: GatewayFactory, pki: Pki, issuer: Issuer
     assert len(upstream.seen) == 1
 
 
+class _Clock:
+    """The nonce issuer's clock, set by the test (no racing the wall clock)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_fresh_nonce_on_allowed_answers_once_the_window_moves(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        tmp_path: Path, key: DpopKey, fast_lane: bool) -> None:
+    """RFC 9449 section 8.2: a proof carrying last window's nonce (still accepted) is
+    answered 200 with the current nonce in DPoP-Nonce, on one keep-alive connection; a
+    current nonce, or a route without nonces, gets none."""
+    gw = await _gateway(make_gateway, pki, issuer, upstream, tmp_path, fast_lane,
+                        nonce_lifetime="300s")
+    verifier = gw.server.gateway.pipeline.dpop
+    assert verifier is not None and verifier.nonces is not None
+    clock = _Clock(3000 * 300.0 + 10)                  # 10 s into a window
+    verifier.nonces.clock = clock
+    token = issuer.mint(None, cnf={"jkt": key.thumbprint})
+    connector = aiohttp.TCPConnector(ssl=pki.client_context(None), limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def call(path: str, nonce: str | None) -> tuple[int, list[str], Any]:
+            url = f"{gw.url}{path}"
+            proof = key.proof("GET", url, token, nonce=nonce)
+            async with session.get(url, headers=_dpop_headers(token, proof)) as resp:
+                return resp.status, resp.headers.getall("DPoP-Nonce", []), await resp.json()
+
+        status, nonces, _ = await call("/nonce/a", None)
+        assert (status, len(nonces)) == (401, 1)       # told to use one
+        first = nonces[0]
+        status, nonces, body = await call("/nonce/b", first)
+        assert (status, nonces, body["ok"]) == (200, [], True)   # current: nothing new
+        clock.now += 300                               # the issuer moves to a new window
+        status, nonces, body = await call("/nonce/c", first)
+        assert (status, body["ok"]) == (200, True)     # still accepted, and told the next
+        assert len(nonces) == 1 and nonces[0] != first
+        second = nonces[0]
+        assert second == verifier.nonces.current()
+        status, nonces, _ = await call("/nonce/d", second)
+        assert (status, nonces) == (200, [])
+        status, nonces, _ = await call("/dpop/e", first)   # a route without nonces
+        assert (status, nonces) == (200, [])
+        clock.now += 300                               # two windows on: refused, with the next
+        status, nonces, _ = await call("/nonce/f", first)
+        assert status == 401 and nonces == [verifier.nonces.current()]
+    assert [s.path_qs for s in upstream.seen] == ["/nonce/b", "/nonce/c", "/nonce/d",
+                                                  "/dpop/e"]
+    assert all("dpop-nonce" not in s.headers for s in upstream.seen)
+    lane = gw.server.gateway.lane                      # one keep-alive connection throughout
+    assert (lane.pool.opened if lane is not None else 0) == (1 if fast_lane else 0)
+
+
 # --- mtls_or_dpop: the token's cnf decides ------------------------------------------------
 
 async def test_mtls_or_dpop(make_gateway: GatewayFactory, pki: Pki, issuer: Issuer,
