@@ -59,21 +59,29 @@ sys.stdin.readline()        # still running: the lines must be out already
 """
 
 
-def test_a_burst_is_written_whole_in_order_and_without_waiting_for_exit() -> None:
-    """The writer thread batches what is queued; nothing is lost or reordered, and an idle
-    gateway's lines are out at once, not at exit."""
-    proc = subprocess.Popen([sys.executable, "-c", BURST], stdin=subprocess.PIPE,
+def _lines_until_last(script: str) -> list[dict[str, object]]:
+    """The JSON lines ``script`` writes up to the one with ``"n": "last"``, all read while it
+    still runs (it waits on its stdin until the end)."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdin is not None
     try:
-        lines = []
+        lines: list[dict[str, object]] = []
         while not lines or lines[-1].get("n") != "last":
             line = proc.stdout.readline()       # bounded: the process ends on its own error
             assert line, "stdout closed before the last line"
             lines.append(json.loads(line))
+        assert proc.poll() is None              # out before exit
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+    return lines
+
+
+def test_a_burst_is_written_whole_in_order_and_without_waiting_for_exit() -> None:
+    """The writer thread batches what is queued; nothing is lost or reordered, and an idle
+    gateway's lines are out at once, not at exit."""
+    lines = _lines_until_last(BURST)
     numbers = [r["n"] for r in lines if "n" in r]
     assert numbers == [*range(5000), "last"]
     warnings = [r["message"] for r in lines if r["level"] == "warning"]
@@ -108,20 +116,7 @@ def test_lines_logged_on_a_running_loop_come_out_in_order_while_it_runs(count: i
     """On an event loop decision lines are handed to the writer in batches (one wake-up of
     the writer thread per batch, not per request): still every line, in order, with other
     records in their place, and out while the gateway idles, not at exit."""
-    script = ON_A_LOOP.replace("range(N)", f"range({count})")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdin is not None
-    try:
-        lines = []
-        while not lines or lines[-1].get("n") != "last":
-            line = proc.stdout.readline()       # bounded: the process ends on its own error
-            assert line, "stdout closed before the last line"
-            lines.append(json.loads(line))
-        assert proc.poll() is None              # out before exit
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
+    lines = _lines_until_last(ON_A_LOOP.replace("range(N)", f"range({count})"))
     assert [r["n"] for r in lines if "n" in r] == [*range(count), "last"]
     for i in range(0, count, 100):           # each warning right after its decision line
         at = next(k for k, r in enumerate(lines) if r.get("n") == i)
