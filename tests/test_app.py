@@ -318,7 +318,7 @@ async def test_unexpected_reload_error_is_counted_and_watching_goes_on(
     assert gw.server.gateway is before
     monkeypatch.undo()
     # the failed gateway did not close the verifier it was handed (it still refreshes)
-    session = corp.keys._session    # type: ignore[attr-defined]
+    session = corp.keys._document._session    # type: ignore[attr-defined]
     assert session is not None and not session.closed
     assert (await gw.request("/x", token=issuer.mint(pki.clients["a"].thumbprint))).status \
         == 200
