@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from test_introspection import AuthServer, introspection_config
+from introspection_server import AuthServer, introspection_config
 
 from gwtest import (
     Issuer,

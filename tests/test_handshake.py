@@ -20,6 +20,7 @@ from mtls_gateway import pki as pki_mod
 from mtls_gateway.app import GatewayServer
 from mtls_gateway.config_load import load_config
 from mtls_gateway.handshake import HandshakeFailures, reason_from_ssl_error
+from mtls_gateway.metrics import Metrics
 
 #: listen.tls_stack: pyOpenSSL (the default) and CPython's ssl, each with its own TLS layer.
 STACKS = ["openssl", "python"]
@@ -72,6 +73,13 @@ def client_alert(port: int, ctx: ssl.SSLContext) -> str:
             return type(exc).__name__
 
 
+def failure_counts(metrics: Metrics) -> dict[str, float]:
+    """mtls_gateway_tls_handshake_failures_total by reason, as the server counted them."""
+    return {s.labels["reason"]: s.value for m in metrics.registry.collect()
+            if m.name == "mtls_gateway_tls_handshake_failures"
+            for s in m.samples if s.name.endswith("_total")}
+
+
 async def run_case(config: dict[str, Any], tmp_path: Path, ctx: ssl.SSLContext
                    ) -> tuple[str, dict[str, float]]:
     path = tmp_path / "gw.yaml"
@@ -81,11 +89,7 @@ async def run_case(config: dict[str, Any], tmp_path: Path, ctx: ssl.SSLContext
     try:
         seen = await asyncio.to_thread(client_alert, server.port, ctx)
         await asyncio.sleep(0.05)
-        counts = {s.labels["reason"]: s.value
-                  for m in server.metrics.registry.collect()
-                  if m.name == "mtls_gateway_tls_handshake_failures"
-                  for s in m.samples if s.name.endswith("_total")}
-        return seen, counts
+        return seen, failure_counts(server.metrics)
     finally:
         await server.stop()
 
@@ -231,11 +235,7 @@ def test_plain_http_to_the_tls_port_is_closed_at_once(pki: Pki, hs_pki: dict[str
         try:
             got = await asyncio.to_thread(plain_http, server.port)
             await asyncio.sleep(0.05)
-            counts = {s.labels["reason"]: s.value
-                      for m in server.metrics.registry.collect()
-                      if m.name == "mtls_gateway_tls_handshake_failures"
-                      for s in m.samples if s.name.endswith("_total")}
-            return got, counts
+            return got, failure_counts(server.metrics)
         finally:
             await server.stop()
 

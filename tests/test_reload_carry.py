@@ -10,23 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 import yaml
-from test_introspection import AuthServer, introspection_config
+from introspection_server import AuthServer, introspection_config
 
 from gwtest import AUDIENCE, GatewayProcess, Issuer, Pki, Upstream
 from mtls_gateway.config_load import load_config
 from mtls_gateway.gateway import Gateway
 from mtls_gateway.metrics import Metrics
 from mtls_gateway.reload_carry import carry_over, provider_files_digest
-
-
-@pytest.fixture
-async def auth_server(pki: Pki) -> Any:
-    server = AuthServer(pki)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 def write_atomically(path: Path, config: dict[str, Any]) -> None:

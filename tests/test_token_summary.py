@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from test_introspection import AuthServer, introspection_config
+from introspection_server import AuthServer, introspection_config
 
 from dpop_client import DpopKey
 from gwtest import AUDIENCE, ISSUER, GatewayFactory, Issuer, Pki, Upstream, base_config
@@ -146,14 +146,6 @@ async def test_claims_outside_the_summary_are_never_logged(
     assert reply.json()["reason"] == "binding_mismatch"
     assert SECRET_CLAIM not in caplog.text
     assert token.split(".")[2] not in caplog.text
-
-
-@pytest.fixture
-async def auth_server(pki: Pki) -> AsyncIterator[AuthServer]:
-    server = AuthServer(pki)
-    await server.start()
-    yield server
-    await server.stop()
 
 
 @pytest.mark.parametrize(("answer", "reason"), [
