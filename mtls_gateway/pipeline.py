@@ -49,6 +49,7 @@ from .errors import (
 from .jwt_verifier import JwtVerifier
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
+from .reasons import REASONS
 from .refusal import Rendered, render
 from .routing import Router
 from .tls import PeerCertificate
@@ -368,7 +369,8 @@ class Pipeline:
                                 credential: Credential) -> str | None:
         """May this sender use this token? Raise a Refusal if not.
 
-        ``mtls``: RFC 8705 certificate binding (``cnf.x5t#S256``), as ``binding`` says.
+        ``mtls``: RFC 8705 certificate binding (``cnf.x5t#S256``), as ``binding`` says; a
+        DPoP-bound token (``cnf.jkt``) is never taken as a bearer token, ``binding: off`` too.
         ``dpop``: the token must be bound to a DPoP key (``cnf.jkt``), sent with the DPoP
         scheme and one valid, fresh proof by that key (RFC 9449 sections 4.3, 7).
         ``mtls_or_dpop``: the token's ``cnf`` decides; a token bound both ways is checked
@@ -379,6 +381,12 @@ class Pipeline:
         constraint = policy.sender_constraint
         if constraint == "mtls":
             check_binding(policy.binding, info, peer)
+            if info.cnf_jkt is not None and policy.binding == "off":
+                # binding: off takes bearer tokens, never a DPoP-bound one without its proof
+                # (RFC 9449 s7.2; optional and required refuse it already, by its cnf); the
+                # route takes no DPoP, so its challenge is Bearer's
+                raise InvalidToken("dpop_bearer_downgrade",
+                                   REASONS["dpop_bearer_downgrade"].description)
             return None
         if info.cnf_jkt is None:
             if constraint == "mtls_or_dpop" and info.cnf_x5t_s256 is not None \

@@ -369,6 +369,40 @@ async def test_mtls_routes_unchanged_for_dpop_bound_tokens(
     assert upstream.seen == []
 
 
+@pytest.mark.parametrize(("binding", "claims", "cert", "expected"), [
+    ("off", {"jkt": True}, "a", (401, "dpop_bearer_downgrade")),
+    ("off", {"jkt": True, "x5t": True}, "a", (401, "dpop_bearer_downgrade")),
+    ("off", {"x5t": True}, "b", (200, "allowed")),      # off: certificate binding not checked
+    ("off", {}, None, (200, "allowed")),                 # a plain bearer token
+    ("optional", {"jkt": True}, "a", (401, "binding_unsupported")),
+    ("optional", {"jkt": True, "x5t": True}, "a", (200, "allowed")),   # cert binding proven
+])
+async def test_a_dpop_bound_token_is_never_a_bearer_token_on_mtls_routes(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        tmp_path: Path, key: DpopKey, fast_lane: bool, binding: str, claims: dict[str, bool],
+        cert: str | None, expected: tuple[int, str]) -> None:
+    """RFC 9449 section 7.2: a token bound to a DPoP key, sent as Bearer without a proof, is
+    refused whatever the route's certificate binding says, ``binding: off`` included."""
+    config = _config(pki, issuer, upstream, tmp_path, fast_lane)
+    config["routes"].insert(0, {"name": "loose", "path_prefix": "/loose",
+                                "auth": {"provider": "corp", "binding": binding}})
+    gw = await make_gateway(config)
+    cnf: dict[str, str] = {}
+    if claims.get("jkt"):
+        cnf["jkt"] = key.thumbprint
+    if claims.get("x5t"):
+        cnf["x5t#S256"] = pki.clients["a"].thumbprint
+    token = issuer.mint(None, cnf=cnf or None)
+    reply = await gw.request("/loose/x", cert=cert, token=token)
+    assert (reply.status, reply.json()["reason"] if reply.status != 200 else "allowed") \
+        == expected, reply.body
+    if expected[0] == 200:
+        assert len(upstream.seen) == 1
+    else:
+        assert upstream.seen == []
+        assert all(c.startswith("Bearer ") for c in reply.headers.getall("WWW-Authenticate"))
+
+
 async def test_external_origins(make_gateway: GatewayFactory, pki: Pki, issuer: Issuer,
                                 upstream: Upstream, tmp_path: Path, key: DpopKey,
                                 fast_lane: bool) -> None:
