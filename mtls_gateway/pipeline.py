@@ -133,6 +133,8 @@ class ConnectionMemo:
     info: TokenInfo | None = None        # ...this verdict...
     peer: PeerCertificate | None = None  # ...and this certificate
     identity: Mapping[str, str] | None = None
+    #: a refused credential's token summary (credential, verdict, summary): deny lines only
+    summary: tuple[Credential, TokenInfo | None, dict[str, object]] | None = None
 
 
 @dataclass(slots=True)
@@ -266,7 +268,8 @@ class Pipeline:
                 self._challenge(exc, route.auth, view)
             if credential is not None and route is not None \
                     and isinstance(route.auth, AuthPolicy):
-                fields.update(self.refusal_facts(exc, route.auth, credential, info, peer))
+                fields.update(self.refusal_facts(exc, route.auth, credential, info, peer,
+                                                 view.memo))
             if trace is not None:
                 note(trace, "route" if route is None else "refusal", "fail", reason=exc.reason,
                      **{k: v for k, v in fields.items()
@@ -279,10 +282,18 @@ class Pipeline:
     # --- explaining a refusal (deny lines only) and a decision (explain only) ----------------
 
     def refusal_facts(self, exc: Refusal, policy: AuthPolicy, credential: Credential,
-                      info: TokenInfo | None, peer: PeerCertificate | None) -> dict[str, object]:
+                      info: TokenInfo | None, peer: PeerCertificate | None,
+                      memo: ConnectionMemo | None = None) -> dict[str, object]:
         """A deny line's facts: the token's safe summary (token_summary.py) and, for a
-        refusal about a value, what was expected instead."""
-        out = token_summary(credential.token, info)
+        refusal about a value, what was expected instead. The summary is remembered for the
+        connection: a client refused again with the same token is not decoded again."""
+        if memo is not None and memo.summary is not None and memo.summary[0] is credential \
+                and memo.summary[1] is info:
+            out = dict(memo.summary[2])
+        else:
+            out = token_summary(credential.token, info)
+            if memo is not None:
+                memo.summary = (credential, info, dict(out))
         reason = exc.reason
         provider = self.config.providers.get(credential.verifier.name)
         if reason == "wrong_issuer" and provider is not None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import jwt
 import pytest
 from introspection_server import AuthServer, introspection_config
@@ -199,3 +200,37 @@ def test_long_and_odd_values_are_bounded() -> None:
     assert isinstance(out["token_iss"], str) and len(out["token_iss"]) <= 203
     assert isinstance(out["token_aud"], list) and len(out["token_aud"]) == 9
     assert out["token_client_id"] == "<dict>"
+
+
+async def test_a_connection_refused_again_with_the_same_token_is_summarised_once(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The summary is remembered with the connection's credential: every deny line still
+    carries it whole (and what was expected), it is decoded once."""
+    from mtls_gateway import pipeline
+
+    calls: list[str] = []
+
+    def counting(token: str, info: Any) -> dict[str, object]:
+        calls.append(token)
+        return token_summary(token, info)
+
+    monkeypatch.setattr(pipeline, "token_summary", counting)
+    caplog.set_level(logging.INFO, "mtls_gateway.access")
+    gw = await make_gateway(_config(pki, issuer, upstream))
+    token = issuer.mint(_thumb(pki, "b"))
+    connector = aiohttp.TCPConnector(ssl=pki.client_context(A), limit=1)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        for _ in range(3):
+            async with session.get(gw.url + "/api/x",
+                                   headers={"Authorization": f"Bearer {token}"}) as resp:
+                assert resp.status == 401
+                await resp.read()
+    lines = [r.decision for r in caplog.records if hasattr(r, "decision")]  # type: ignore[attr-defined]
+    assert [line["reason"] for line in lines] == ["binding_mismatch"] * 3
+    facts = [{k: v for k, v in line.items() if k.startswith(("token_", "expected_"))}
+             for line in lines]
+    assert facts[0]["token_cnf"] == "x5t#S256" and "expected_thumbprint" in facts[0]
+    assert facts[1] == facts[0] and facts[2] == facts[0]
+    assert len(calls) == 1
+    assert upstream.seen == []
