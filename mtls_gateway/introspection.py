@@ -70,15 +70,17 @@ class IntrospectionStats:
     short_circuited: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Answer:
     """A cached introspection answer; ``ttl`` is seconds from when it was stored;
-    ``reason``: the refusal when not active."""
+    ``reason``: the refusal when not active; ``info``: the verdict made of it, once (the
+    same object on every use, so the per-connection caches keyed on it keep hitting)."""
 
     active: bool
     claims: dict[str, Any]
     ttl: float
     reason: str = "token_inactive"
+    info: TokenInfo | None = None
 
 
 class _BadAnswer(ValueError):
@@ -95,6 +97,8 @@ class IntrospectionVerifier:
     def __init__(self, provider: IntrospectionProvider, metrics: Metrics | None = None) -> None:
         self.provider = provider
         self.metrics = metrics
+        self._hit_counter = metrics.introspection_cache.labels(provider.name, "hit") \
+            if metrics else None
         self.name = provider.name
         self.stats = IntrospectionStats()
         self._cache: TLRUCache[bytes, _Answer] = TLRUCache(
@@ -143,56 +147,29 @@ class IntrospectionVerifier:
         if self._cache.get(digest) is not entry:
             return None                 # expired from the cache (its ttl), or replaced
         assert isinstance(entry, _Answer)
-        self.stats.hits += 1
-        self._count("hit")
+        self._hit()
         return self._check(entry)
 
     def cached(self, token: str, digest: bytes) -> TokenInfo | None:
         answer = self._cache.get(digest)
         if answer is None:
             return None
-        self.stats.hits += 1
-        self._count("hit")
+        self._hit()
         return self._check(answer)
 
     async def verify(self, token: str, digest: bytes) -> TokenInfo:
         key = digest
         answer = self._cache.get(key)
         if answer is not None:
-            self.stats.hits += 1
-            self._count("hit")
+            self._hit()
         else:
             answer = await self._introspect_once(key, token)
-        steps = trace.current()          # None but under ``explain`` (trace.py)
-        if steps is None:
-            return self._check(answer)
-        try:
-            info = self._check(answer)
-        except InvalidToken as exc:
-            self._trace(steps, answer, exc.reason)
-            raise
-        self._trace(steps, answer, None)
-        return info
+        return self._check(answer, trace.current())   # (steps: None but under ``explain``)
 
-    def _trace(self, steps: list[trace.Check], answer: _Answer, failed: str | None) -> None:
-        """``explain``: the endpoint's answer and what :meth:`_check` compared."""
-        claims, p, now = answer.claims, self.provider, int(time.time())
-        steps.append(trace.Check("introspection", "pass" if answer.active else "fail",
-                                 {"active": answer.active, "endpoint": p.endpoint}))
-        if not answer.active:
-            return
-        passing = True
-        for step, reason, values in (
-                ("exp", "token_expired", {"exp": claims.get("exp"), "now": now,
-                                          "leeway": p.leeway}),
-                ("nbf", "token_not_yet_valid", {"nbf": claims.get("nbf"), "now": now,
-                                                "leeway": p.leeway}),
-                ("iss", "wrong_issuer", {"token": claims.get("iss"), "expected": p.issuer}),
-                ("aud", "wrong_audience", {"token": claims.get("aud"),
-                                           "expected": list(p.audiences)})):
-            verdict = "fail" if failed == reason else "pass" if passing else "not checked"
-            passing = passing and failed != reason      # (_check's order: the ones before)
-            steps.append(trace.Check(step, verdict, values))
+    def _hit(self) -> None:
+        self.stats.hits += 1
+        if self._hit_counter is not None:      # (counted once a second, not per request)
+            self.metrics.add(self._hit_counter)  # type: ignore[union-attr]
 
     # --- one call per token at a time ----------------------------------------------------------
 
@@ -369,26 +346,55 @@ class IntrospectionVerifier:
 
     # --- checks made on every use, cached or not ---------------------------------------------
 
-    def _check(self, answer: _Answer) -> TokenInfo:
+    def _check(self, answer: _Answer, steps: list[trace.Check] | None = None) -> TokenInfo:
+        """The verdict on ``answer`` now (the checks of :data:`_CHECKS`, in that order);
+        ``steps``: ``explain``'s list, told what each check found."""
+        p = self.provider
+        trace.note(steps, "introspection", "pass" if answer.active else "fail",
+                   active=answer.active, endpoint=p.endpoint)
         if not answer.active:
             raise InvalidToken(answer.reason, _DESCRIPTIONS.get(answer.reason, "token is not "
                                                                                "active"))
-        claims, p, now = answer.claims, self.provider, time.time()
+        claims, now = answer.claims, time.time()
         exp, nbf = _number(claims.get("exp")), _number(claims.get("nbf"))
-        if exp is not None and now > exp + p.leeway:
-            raise InvalidToken("token_expired", "token has expired")
-        if nbf is not None and now + p.leeway < nbf:
-            raise InvalidToken("token_not_yet_valid", "token is not yet valid")
-        if p.issuer is not None and claims.get("iss") != p.issuer:
-            raise InvalidToken("wrong_issuer", "token issuer is not accepted")
-        if p.audiences:
-            aud = claims.get("aud")
-            auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-            if not set(p.audiences) & {a for a in auds if isinstance(a, str)}:
-                raise InvalidToken("wrong_audience", "token audience is not accepted")
-        return token_info_from_claims(self.name, claims)
+        failed = (exp is not None and now > exp + p.leeway,
+                  nbf is not None and now + p.leeway < nbf,
+                  p.issuer is not None and claims.get("iss") != p.issuer,
+                  bool(p.audiences) and not self._audience_ok(claims.get("aud")))
+        if steps is not None:
+            self._note(steps, claims, int(now), failed)
+        if any(failed):
+            _step, reason, description = _CHECKS[failed.index(True)]
+            raise InvalidToken(reason, description)
+        if answer.info is None:
+            answer.info = token_info_from_claims(self.name, claims)
+        return answer.info
+
+    def _audience_ok(self, aud: object) -> bool:
+        auds = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+        return bool(set(self.provider.audiences) & {a for a in auds if isinstance(a, str)})
+
+    def _note(self, steps: list[trace.Check], claims: dict[str, Any], now: int,
+              failed: tuple[bool, ...]) -> None:
+        """``explain``: what each of :meth:`_check`'s checks compared and found (those after
+        the first failure: not checked)."""
+        p = self.provider
+        values = ({"exp": claims.get("exp"), "now": now, "leeway": p.leeway},
+                  {"nbf": claims.get("nbf"), "now": now, "leeway": p.leeway},
+                  {"token": claims.get("iss"), "expected": p.issuer},
+                  {"token": claims.get("aud"), "expected": list(p.audiences)})
+        first = failed.index(True) if any(failed) else len(failed)
+        for i, ((step, _, _), compared) in enumerate(zip(_CHECKS, values, strict=True)):
+            verdict = "pass" if i < first else "fail" if i == first else "not checked"
+            steps.append(trace.Check(step, verdict, compared))
 
 
+#: What :meth:`IntrospectionVerifier._check` checks on every use, in order: (step, reason
+#: code, description).
+_CHECKS = (("exp", "token_expired", "token has expired"),
+           ("nbf", "token_not_yet_valid", "token is not yet valid"),
+           ("iss", "wrong_issuer", "token issuer is not accepted"),
+           ("aud", "wrong_audience", "token audience is not accepted"))
 _DESCRIPTIONS = {"token_unknown": "the authorization server does not know this token",
                  "token_malformed": "the authorization server refused to introspect the token"}
 
