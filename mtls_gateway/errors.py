@@ -51,6 +51,7 @@ __all__ = [
     "TokenEndpointRefusal",
     "UpstreamFailed",
     "UpstreamTimeout",
+    "upstream_refusal",
 ]
 
 
@@ -195,3 +196,12 @@ class UpstreamFailed(Refusal):
 
 class UpstreamTimeout(UpstreamFailed):
     status = 504
+
+
+def upstream_refusal(cause: str, *, timeout: bool = False) -> UpstreamFailed:
+    """The one refusal for an upstream that failed before answering, on every path: 504
+    ``upstream_timeout`` or 502 ``upstream_unavailable``, with ``cause`` for the log."""
+    if timeout:
+        return UpstreamTimeout("upstream_timeout", "upstream did not answer in time",
+                               cause=cause)
+    return UpstreamFailed("upstream_unavailable", "upstream is unavailable", cause=cause)

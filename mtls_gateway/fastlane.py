@@ -41,7 +41,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from .answer import AnswerReader, BadAnswer, clean, http_date
 from .config import Route
-from .errors import Refusal, UpstreamFailed, UpstreamTimeout
+from .errors import Refusal, UpstreamFailed, upstream_refusal
 from .framing import valid_host, valid_origin_form
 from .pipeline import Allow, ConnectionMemo, Decision, Pipeline, Refuse, RequestView
 from .proxy import STRIPPED_NAMES, STRIPPED_PREFIXES
@@ -608,12 +608,10 @@ class FastLane:
         try:
             conn = await pool.connect(self._address)
         except TimeoutError:
-            self._refuse(UpstreamTimeout("upstream_timeout", "upstream did not answer in time",
-                                         cause="connect_timeout"))
+            self._refuse(upstream_refusal("connect_timeout", timeout=True))
             return
         except OSError as exc:
-            self._refuse(UpstreamFailed("upstream_unavailable", "upstream is unavailable",
-                                        cause=upstream_error(exc)))
+            self._refuse(upstream_refusal(upstream_error(exc)))
             return
         finally:
             self._task = None
@@ -641,9 +639,7 @@ class FastLane:
         try:
             out = self._relay(data)
         except BadAnswer as exc:
-            self._upstream_failed(UpstreamFailed("upstream_unavailable",
-                                                 "upstream is unavailable",
-                                                 cause=f"bad_response: {exc}"))
+            self._upstream_failed(upstream_refusal(f"bad_response: {exc}"))
             return
         transport = self.host.transport
         if out and transport is not None:
@@ -693,21 +689,21 @@ class FastLane:
             self._retried = True
             self._task = asyncio.get_running_loop().create_task(self._connect_then_send())
             return
-        self._upstream_failed(UpstreamFailed(
-            "upstream_unavailable", "upstream is unavailable",
-            cause=upstream_error(exc) if exc is not None
+        self._upstream_failed(upstream_refusal(
+            upstream_error(exc) if exc is not None
             else "disconnected: the upstream closed the connection without a whole answer"))
 
     def _upstream_failed(self, exc: UpstreamFailed) -> None:
-        self._failure_cause(exc)
-        if self._head_sent:
-            self._drop_conn()
-            self._finish("upstream_aborted", self._reply.status)
-            transport = self.host.transport
-            if transport is not None:
-                transport.close()
+        if not self._head_sent:
+            self._refuse(exc)
             return
-        self._refuse(exc)
+        # the client has the head already: all it can be told is the close
+        self._failure_cause(exc)
+        self._drop_conn()
+        self._finish("upstream_aborted", self._reply.status)
+        transport = self.host.transport
+        if transport is not None:
+            transport.close()
 
     def _refuse(self, exc: UpstreamFailed) -> None:
         """The upstream failed before answering: the same answer as the aiohttp path."""
@@ -718,7 +714,7 @@ class FastLane:
     def _failure_cause(self, exc: UpstreamFailed) -> None:
         """Why the upstream failed: in the decision line, and a rate-limited WARNING."""
         gateway, decision = self._gateway, self._decision
-        if gateway is None or decision is None or "upstream_error" in decision.fields:
+        if gateway is None or decision is None:
             return
         cause = exc.cause or exc.reason
         decision.fields["upstream_error"] = cause
@@ -804,9 +800,7 @@ class FastLane:
         if self._loop.time() < deadline:
             self._timer = self._loop.call_at(deadline, self._timed_out)
             return
-        self._upstream_failed(UpstreamTimeout("upstream_timeout",
-                                              "upstream did not answer in time",
-                                              cause="read_timeout"))
+        self._upstream_failed(upstream_refusal("read_timeout", timeout=True))
 
     def _disarm(self) -> None:
         if self._timer is not None:

@@ -28,7 +28,7 @@ from yarl import URL
 
 from .aiohttp_compat import fail_body_on_connection_loss
 from .config import LimitsConfig, UpstreamConfig
-from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, UpstreamTimeout
+from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, upstream_refusal
 from .upstream_tls import upstream_error
 
 __all__ = ["ABORTED", "HOP_BY_HOP", "STRIPPED_NAMES", "STRIPPED_PREFIXES", "UPSTREAM_ERROR",
@@ -144,10 +144,7 @@ class Forwarder:
         """The refusal for a failed upstream request, its cause logged (rate-limited)."""
         cause = upstream_error(exc)
         self.warn(base_url, cause)
-        if timeout:
-            return UpstreamTimeout("upstream_timeout", "upstream did not answer in time",
-                                   cause=cause)
-        return UpstreamFailed("upstream_unavailable", "upstream is unavailable", cause=cause)
+        return upstream_refusal(cause, timeout=timeout)
 
     @property
     def strip(self) -> frozenset[str]:
