@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import signal
 import socket
@@ -35,7 +34,7 @@ from .gateway import Gateway
 from .handshake import HandshakeFailures
 from .memtrim import configure_allocator, trim_forever
 from .metrics import FLUSH_SECONDS, Metrics
-from .reload_carry import Carried, carry_over, provider_files_digest
+from .reload_carry import Carried, carry_over, files_digest, provider_files_digest
 from .tls import TlsContextSwitch, server_ssl_context
 from .tls_any import AnyCertSite, openssl_context
 from .upstream_tls import UpstreamTargets
@@ -52,18 +51,6 @@ _MAX_FIELD_SIZE_CERT_HEADER = 64 * 1024
 #: step (rename, Kubernetes' ..data symlink swap) never show a half-written file at all.
 RELOAD_SETTLE_SECONDS = 1.0
 RELOAD_SETTLE_MAX_SECONDS = 10.0
-
-
-def _fingerprint(paths: tuple[Path, ...]) -> bytes:
-    """Digest of the watched files' contents (blocking: run in a thread)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(str(path).encode() + b"\0")
-        try:
-            digest.update(path.read_bytes())
-        except OSError as exc:
-            digest.update(f"unreadable:{exc.errno}".encode())
-    return digest.digest()
 
 
 def _not_after(cert_file: Path | None) -> float | None:
@@ -140,7 +127,7 @@ class GatewayServer:
 
         async def lifecycle(_: web.Application) -> AsyncIterator[None]:
             await self.gateway.start()
-            self._fingerprint = await asyncio.to_thread(_fingerprint,
+            self._fingerprint = await asyncio.to_thread(files_digest,
                                                         self.config.watched_files())
             self._provider_files = await asyncio.to_thread(provider_files_digest,
                                                            self.config.providers)
@@ -299,7 +286,7 @@ class GatewayServer:
         while True:
             await asyncio.sleep(self.config.reload_interval)
             try:
-                fingerprint = await asyncio.to_thread(_fingerprint, self.config.watched_files())
+                fingerprint = await asyncio.to_thread(files_digest, self.config.watched_files())
                 if fingerprint != self._fingerprint:
                     await self.reload("files changed")
             except Exception:   # the watcher must outlive any reload bug
@@ -310,12 +297,12 @@ class GatewayServer:
         """The watched files' fingerprint once two reads ``RELOAD_SETTLE_SECONDS`` apart agree
         (a writer caught mid-write is not loaded half-written); None: they kept changing."""
         paths = self.config.watched_files()
-        before = await asyncio.to_thread(_fingerprint, paths)
+        before = await asyncio.to_thread(files_digest, paths)
         waited = 0.0
         while waited < RELOAD_SETTLE_MAX_SECONDS:
             await asyncio.sleep(self.settle_seconds)
             waited += self.settle_seconds
-            now = await asyncio.to_thread(_fingerprint, paths)
+            now = await asyncio.to_thread(files_digest, paths)
             if now == before:
                 return now
             before = now
@@ -334,7 +321,7 @@ class GatewayServer:
                 return await self._reload(trigger)
             except Exception as exc:   # a reload never kills its caller
                 self._fingerprint = await asyncio.to_thread(
-                    _fingerprint, self.config.watched_files())   # reported once, not each poll
+                    files_digest, self.config.watched_files())   # reported once, not each poll
                 self.metrics.config_reloads.labels("failure").inc()
                 expected = isinstance(exc, ConfigError | ssl.SSLError | OSError | ValueError)
                 log.error("reload (%s) refused, keeping the current config and TLS material: "
@@ -361,7 +348,7 @@ class GatewayServer:
             install_tls = await asyncio.to_thread(self._prepare_tls, config.listen)
             expiry = await asyncio.to_thread(_not_after, config.listen.cert_file)
             files = await asyncio.to_thread(provider_files_digest, config.providers)
-            if await asyncio.to_thread(_fingerprint, self.config.watched_files()) == settled:
+            if await asyncio.to_thread(files_digest, self.config.watched_files()) == settled:
                 break       # nothing changed while we read: one consistent set of files
             log.info("reload (%s): files changed while being read; reading them again", trigger)
         else:

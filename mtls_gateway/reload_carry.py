@@ -14,7 +14,7 @@ one day, the old one (retiring) must not (:meth:`Gateway.release`).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from .jwt_verifier import JwtVerifier
 from .metrics import Metrics
 from .providers import Verifier
 
-__all__ = ["Carried", "carry_over", "provider_files_digest"]
+__all__ = ["Carried", "carry_over", "files_digest", "provider_files_digest"]
 
 #: The fields of a JWT provider that decide which keys it has (see jwks.py).
 _KEY_SOURCE_FIELDS = ("jwks_uri", "jwks", "jwks_ca_file", "algorithms", "jwks_timeout",
@@ -39,19 +39,23 @@ def _files(provider: Provider) -> tuple[Path, ...]:
     return tuple(p for p in paths if p is not None)
 
 
+def files_digest(paths: Iterable[Path]) -> bytes:
+    """Digest of the names and contents of ``paths`` (an unreadable one by its errno):
+    what the config watcher and :func:`provider_files_digest` compare (blocking: run in a
+    thread)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(str(path).encode() + b"\0")
+        try:
+            digest.update(path.read_bytes())
+        except OSError as exc:
+            digest.update(f"unreadable:{exc.errno}".encode())
+    return digest.digest()
+
+
 def provider_files_digest(providers: Mapping[str, Provider]) -> dict[str, bytes]:
     """Per provider, a digest of the files it reads (blocking: run in a thread)."""
-    out: dict[str, bytes] = {}
-    for name, provider in providers.items():
-        digest = hashlib.sha256()
-        for path in _files(provider):
-            digest.update(str(path).encode() + b"\0")
-            try:
-                digest.update(path.read_bytes())
-            except OSError as exc:
-                digest.update(f"unreadable:{exc.errno}".encode())
-        out[name] = digest.digest()
-    return out
+    return {name: files_digest(_files(provider)) for name, provider in providers.items()}
 
 
 def _same_key_source(before: JwtProvider, after: JwtProvider) -> bool:
