@@ -20,9 +20,9 @@ import time
 
 from aiohttp.http import SERVER_SOFTWARE
 
-__all__ = ["HOP_BY_HOP_BYTES", "AnswerReader", "BadAnswer", "clean", "http_date"]
+__all__ = ["HOP_BY_HOP_BYTES", "SERVER", "AnswerReader", "BadAnswer", "clean", "http_date"]
 
-#: Hop-by-hop fields (RFC 9110 section 7.6.1), never relayed; as proxy.HOP_BY_HOP.
+#: Hop-by-hop fields (RFC 9110 section 7.6.1), never relayed (proxy.HOP_BY_HOP: as text).
 HOP_BY_HOP_BYTES = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
     b"trailer", b"trailers", b"transfer-encoding", b"upgrade", b"proxy-connection",
@@ -33,7 +33,8 @@ _ALLOWED = bytes(range(0x20, 0x7f)) + b"\t\r\n"
 _MAX_FIELD = 8190
 _MAX_FIELDS = 128
 _MAX_HEAD = (_MAX_FIELDS + 1) * (_MAX_FIELD + 4)
-_SERVER = SERVER_SOFTWARE.encode()
+#: The Server value of every answer the gateway writes itself (as aiohttp writes it).
+SERVER = SERVER_SOFTWARE.encode()
 
 _NONE, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_EOF = range(7)
 
@@ -188,7 +189,7 @@ class AnswerReader:
         if not seen_date:
             out += (b"Date: ", http_date(), b"\r\n")
         if not seen_server:
-            out += (b"Server: ", _SERVER, b"\r\n")
+            out += (b"Server: ", SERVER, b"\r\n")
         if (chunked or client_chunked) and not no_body:
             out.append(b"Transfer-Encoding: chunked\r\n")
         return b"".join(out)

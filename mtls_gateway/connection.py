@@ -31,11 +31,9 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
 from .aiohttp_compat import RequestHandler, response_started
-from .answer import http_date
 from .config import LimitsConfig
 from .decision_log import log_decision
 from .fastlane import FastLane, LaneGateway
@@ -47,12 +45,10 @@ __all__ = ["GuardedAppRunner", "count_request", "parse_error_reason", "raw_refus
 
 log = logging.getLogger("mtls_gateway.connection")
 
-_SERVER = SERVER_SOFTWARE.encode()
 
 def raw_refusal(status: int, reason: str) -> bytes:
     """A complete HTTP/1.1 refusal, written straight to a transport (no request object)."""
-    return as_bytes(render_code(reason, status), close=True, date=http_date(),
-                    server=_SERVER)
+    return as_bytes(render_code(reason, status), close=True)
 
 
 def parse_error_reason(exc: BaseException | None) -> tuple[int, str]:

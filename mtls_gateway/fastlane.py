@@ -37,9 +37,7 @@ from collections.abc import Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from aiohttp.http import SERVER_SOFTWARE
-
-from .answer import AnswerReader, BadAnswer, clean, http_date
+from .answer import AnswerReader, BadAnswer, clean
 from .config import Route
 from .errors import Refusal, UpstreamFailed, upstream_refusal
 from .framing import valid_host, valid_origin_form
@@ -56,7 +54,6 @@ __all__ = [
     "LaneTarget",
     "PlainRequest",
     "UpstreamPool",
-    "http_date",
     "parse_plain",
 ]
 
@@ -106,7 +103,6 @@ def _host_ok(value: bytes) -> bool:
     return ok
 
 
-_SERVER = SERVER_SOFTWARE.encode()
 
 
 @dataclass(slots=True)
@@ -729,8 +725,7 @@ class FastLane:
         transport = self.host.transport
         if transport is not None:
             route = self._decision.route if self._decision is not None else None
-            transport.write(as_bytes(gateway.pipeline.render(exc, route), close=close,
-                                     date=http_date(), server=_SERVER))
+            transport.write(as_bytes(gateway.pipeline.render(exc, route), close=close))
         self._finish(exc.reason, exc.status)
         self._after(close)
 

@@ -27,6 +27,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .aiohttp_compat import fail_body_on_connection_loss
+from .answer import HOP_BY_HOP_BYTES
 from .config import LimitsConfig, UpstreamConfig
 from .errors import BodyTooLarge, Refusal, RequestTimeout, UpstreamFailed, upstream_refusal
 from .upstream_tls import upstream_error
@@ -45,10 +46,8 @@ WARN_INTERVAL = 10.0
 
 log = logging.getLogger("mtls_gateway.proxy")
 
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "trailers", "transfer-encoding", "upgrade", "proxy-connection",
-})
+#: Hop-by-hop fields (RFC 9110 section 7.6.1), never relayed: answer.HOP_BY_HOP_BYTES as text.
+HOP_BY_HOP = frozenset(name.decode() for name in HOP_BY_HOP_BYTES)
 #: Never accepted from a client: only the gateway may state these. Exact names (lower case).
 STRIPPED_NAMES = frozenset({
     "host", "expect",

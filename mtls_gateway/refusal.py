@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from .answer import SERVER, http_date
 from .errors import (
     AuthChallenge,
     InsufficientScope,
@@ -118,12 +119,12 @@ def _dpop_challenges(exc: Refusal, challenge: AuthChallenge, realm: str,
     return out
 
 
-def as_bytes(rendered: Rendered, *, close: bool, date: bytes, server: bytes) -> bytes:
-    """The whole HTTP/1.1 answer, for a transport (``date``: an RFC 9110 date)."""
+def as_bytes(rendered: Rendered, *, close: bool) -> bytes:
+    """The whole HTTP/1.1 answer, for a transport, with its Date and Server."""
     head = [b"HTTP/1.1 %d %s\r\n" % (rendered.status, rendered.phrase.encode())]
     head += [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in rendered.headers]
     head.append(b"Content-Length: %d\r\nDate: %s\r\nServer: %s\r\n"
-                % (len(rendered.body), date, server))
+                % (len(rendered.body), http_date(), SERVER))
     if close:
         head.append(b"Connection: close\r\n")
     return b"".join(head) + b"\r\n" + rendered.body
