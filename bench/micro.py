@@ -307,7 +307,7 @@ def dpop_main(count: int, rounds: int, profile: bool) -> int:
             assert request is not None
             view = RequestView(request.method, request.raw_path, request.path, request.host,
                                request.authorization, request.dpop, False, "https",
-                               "127.0.0.1", memo, lambda: peer, request.header)
+                               "127.0.0.1", memo, lambda: peer)
             decision = completed(pipeline.decide(view))
             if getattr(decision, "reason", None) != reason:
                 raise RuntimeError(f"not allowed: {decision}")

@@ -170,7 +170,7 @@ def _view(config: GatewayConfig, method: str, target: str, *, token: str | None,
         authorization=authorization, dpop=(dpop_proof,) if dpop_proof else (),
         token_in_query=any(k == "access_token" for k, _ in parse_qsl(query)),
         scheme="https" if config.listen.tls else "http", remote="",
-        memo=ConnectionMemo(), peer=lambda: peer, header=lambda _name: (), trace=trace)
+        memo=ConnectionMemo(), peer=lambda: peer, trace=trace)
 
 
 async def explain(config: GatewayConfig, method: str, target: str, *,

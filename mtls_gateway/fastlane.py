@@ -111,21 +111,13 @@ class PlainRequest:
 
     method: str
     target: bytes                            # origin form, as sent
+    raw_path: str                            # the same, as text
     path: str                                # the target without its query (nothing to decode)
     headers: list[tuple[bytes, bytes, bytes]]   # (name as sent, lower-case name, value)
     host: str
     authorization: tuple[str, ...]           # at most one (more: not plain)
     connection: frozenset[bytes]             # tokens of Connection (lower case)
     dpop: tuple[str, ...] = ()               # every DPoP value
-
-    @property
-    def raw_path(self) -> str:
-        return self.target.decode("ascii")
-
-    def header(self, name: str) -> tuple[str, ...]:
-        """Every value of header ``name`` (case-insensitive), as sent."""
-        lower = name.lower().encode()
-        return tuple(v.decode() for _, n, v in self.headers if n == lower)
 
 
 def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest | None:
@@ -140,8 +132,9 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         return None
     target = parts[1]
     path, _, query = target.partition(b"?")
+    text = target.decode("ascii")           # (printable ASCII: clean said so)
     if not target.startswith(b"/") or b"%" in target or b"#" in target \
-            or b"access_token" in query or not valid_origin_form(target.decode("ascii")):
+            or b"access_token" in query or not valid_origin_form(text):
         return None
     headers: list[tuple[bytes, bytes, bytes]] = []
     host: bytes | None = None
@@ -182,7 +175,7 @@ def parse_plain(head: bytes, *, max_headers: int, max_line: int) -> PlainRequest
         headers.append((name, lower, value))
     if host is None or not _host_ok(host):   # framing.py refuses a bad one (400)
         return None
-    return PlainRequest(parts[0].decode(), target, path.decode(), headers, host.decode(),
+    return PlainRequest(parts[0].decode(), target, text, path.decode(), headers, host.decode(),
                         (auth.decode(),) if auth is not None else (), connection,
                         tuple([d.decode() for d in dpop]) if dpop else ())
 
@@ -456,9 +449,8 @@ class FastLane:
         # The last head parsed, with its request: keep-alive clients often send the very
         # same bytes again (same target, same token), which then need no parsing; a head is
         # immutable, so equal bytes are the same request.
-        self._last_data = b""
-        self._last_lane: Lane | None = None
-        self._last_request: PlainRequest | None = None
+        # (head, lane, request, its view: the view is the connection's too, memo and peer)
+        self._last: tuple[bytes, Lane, PlainRequest, RequestView] | None = None
         # ...and the upstream head made for it (same request, identity and target: same head)
         self._last_forwarded: tuple[PlainRequest, Mapping[str, str], LaneTarget,
                                     bytes] | None = None
@@ -489,20 +481,21 @@ class FastLane:
         lane = gateway.lane
         if lane is None:
             return self._leave()
-        if data == self._last_data and lane is self._last_lane:
-            request: PlainRequest | None = self._last_request     # the same head again
+        last = self._last
+        if last is not None and data == last[0] and lane is last[1]:
+            request, view = last[2], last[3]            # the same head again
         else:
-            request = parse_plain(data[:-4], max_headers=lane.max_headers,
-                                  max_line=lane.max_line)
-            if request is None or request.path in lane.excluded_paths:
+            parsed = parse_plain(data[:-4], max_headers=lane.max_headers,
+                                 max_line=lane.max_line)
+            if parsed is None or parsed.path in lane.excluded_paths:
                 return self._leave()
-            self._last_data, self._last_lane, self._last_request = data, lane, request
-        assert request is not None
-        # (positional: this runs for every lane request) token_in_query is False: parse_plain
-        # refuses targets naming access_token
-        view = RequestView(request.method, request.raw_path, request.path, request.host,
-                           request.authorization, request.dpop, False, "https", self.remote,
-                           self.host.memo, self._peer_of, request.header)
+            request = parsed
+            # (positional: this runs for every new head) token_in_query is False: parse_plain
+            # refuses targets naming access_token
+            view = RequestView(request.method, request.raw_path, request.path, request.host,
+                               request.authorization, request.dpop, False, "https",
+                               self.remote, self.host.memo, self._peer_of)
+            self._last = (data, lane, request, view)
         self._busy = True
         self._started = time.perf_counter()
         self._gateway, self._request, self._head = gateway, request, data

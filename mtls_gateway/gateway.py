@@ -70,10 +70,6 @@ def _target(url: str) -> LaneTarget | None:
                       host.encode("ascii"))
 
 
-def _header_values(request: web.BaseRequest, name: str) -> tuple[str, ...]:
-    return tuple(request.headers.getall(name, ()))
-
-
 class Gateway:
     """Routes, verifiers, the pipeline and the forwarder built once from a config."""
 
@@ -197,7 +193,6 @@ class Gateway:
             remote=request.remote or "",
             memo=memo if isinstance(memo, ConnectionMemo) else ConnectionMemo(),
             peer=functools.partial(self.certificates.peer, request),
-            header=functools.partial(_header_values, request),
             read_form=functools.partial(read_form, request))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:

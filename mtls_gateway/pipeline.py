@@ -77,9 +77,9 @@ class RequestView:
 
     ``target`` is the request target exactly as addressed (origin form, percent-encoding
     and query untouched); ``path`` its decoded path, for routing. Header values are as
-    sent, every occurrence in order: ``authorization`` and ``dpop`` separately (RFC 9449
-    wants exactly one ``DPoP`` header and the ``DPoP`` scheme), the rest through
-    ``header(name)`` (case-insensitive, all values).
+    sent, every occurrence in order: ``authorization`` and ``dpop`` (RFC 9449 wants exactly
+    one ``DPoP`` header and the ``DPoP`` scheme); no step reads another header (a new one
+    would add its field here, filled by both transports).
     """
 
     method: str
@@ -93,7 +93,6 @@ class RequestView:
     remote: str                          # the peer address, "" when unknown
     memo: ConnectionMemo
     peer: Callable[[], PeerCertificate | None]   # may raise (a malformed proxy header)
-    header: Callable[[str], tuple[str, ...]]
     #: The request body, read whole up to a limit (token endpoints); None: not available on
     #: this transport (the fast lane carries no bodies and never routes a token endpoint).
     read_form: Callable[[int], Awaitable[bytes]] | None = None
