@@ -18,7 +18,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -94,15 +94,17 @@ class _HeadersWithBody(web.StreamResponse):
 
 
 def strip_hop_by_hop(headers: Mapping[str, str] | CIMultiDict[str],
-                     extra: frozenset[str] = frozenset()) -> CIMultiDict[str]:
-    """Copy ``headers`` without hop-by-hop headers, those named in Connection, and ``extra``."""
-    named = {t.strip().lower() for v in _getall(headers, "Connection") for t in v.split(",")}
+                     extra: frozenset[str] = frozenset(),
+                     also: Callable[[str], bool] | None = None) -> CIMultiDict[str]:
+    """Copy ``headers`` without hop-by-hop headers, those named in Connection, ``extra``
+    and those ``also`` says (one pass)."""
+    getall = getattr(headers, "getall", None)
+    connection = getall("Connection", ()) if getall is not None else \
+        [v for k, v in headers.items() if k.lower() == "connection"]
+    named = {t.strip().lower() for v in connection for t in v.split(",")}
     drop = HOP_BY_HOP | named | extra
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
-
-
-def _getall(headers: Mapping[str, str] | CIMultiDict[str], name: str) -> list[str]:
-    return [v for k, v in headers.items() if k.lower() == name.lower()]
+    return CIMultiDict((k, v) for k, v in headers.items()
+                       if k.lower() not in drop and (also is None or not also(k)))
 
 
 def _spelled(name: str) -> str:
@@ -172,8 +174,7 @@ class Forwarder:
 
     def upstream_headers(self, request: web.Request,
                          identity: Mapping[str, str]) -> CIMultiDict[str]:
-        headers = CIMultiDict((k, v) for k, v in strip_hop_by_hop(request.headers).items()
-                              if not self.strips(k))
+        headers = strip_hop_by_hop(request.headers, also=self.strips)
         headers.extend(identity)
         headers["X-Forwarded-For"] = request.remote or ""
         headers["X-Forwarded-Proto"] = request.scheme
