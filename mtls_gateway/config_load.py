@@ -696,27 +696,16 @@ def _jwt_provider(name: str, sec: _Section) -> JwtProvider:
 
 
 def _secret(sec: _Section) -> str | None:
-    """The client secret from ``client_secret_file`` or ``client_secret_env``, never inline."""
-    if "client_secret" in sec.data:
-        sec.seen.add("client_secret")
-        sec.problem("client_secret", "inline secrets are refused; use client_secret_file "
-                    "or client_secret_env")
-    path = sec.file("client_secret_file", None)
-    env = sec.string("client_secret_env", None)
-    if path and env:
-        sec.problem("client_secret_file", "set only one of client_secret_file, client_secret_env")
-    if path and path.is_file():
-        try:
-            return decode_utf8(path.read_bytes(), path).strip() or None
-        except (OSError, ValueError) as exc:
-            sec.problem("client_secret_file", str(exc))
-            return None
-    if env:
-        value = os.environ.get(env, "").strip()
-        if not value:
-            sec.problem("client_secret_env", f"environment variable {env} is not set or empty")
-        return value or None
-    return None
+    """The client secret from ``client_secret_file`` or ``client_secret_env`` (UTF-8 text),
+    never inline."""
+    raw = _secret_bytes(sec, "client_secret")
+    if raw is None:
+        return None
+    try:        # (only a file can hold bytes that are not UTF-8: the environment is text)
+        return decode_utf8(raw, Path(str(sec.data.get("client_secret_file")))).strip() or None
+    except ValueError as exc:
+        sec.problem("client_secret_file", str(exc))
+        return None
 
 
 def _introspection_provider(name: str, sec: _Section, problems: _Problems) -> IntrospectionProvider:
@@ -1394,7 +1383,8 @@ def _auth_sender_constraint(asec: _Section, binding: Any) -> tuple[SenderConstra
 
 
 def _secret_bytes(sec: _Section, name: str) -> bytes | None:
-    """``<name>_file`` or ``<name>_env``; an inline ``<name>`` is refused."""
+    """``<name>_file`` or ``<name>_env`` (one of them), as bytes with surrounding whitespace
+    cut; an inline ``<name>`` is refused: a secret is never written into the config."""
     if name in sec.data:
         sec.seen.add(name)
         sec.problem(name, f"inline secrets are refused; use {name}_file or {name}_env")
@@ -1403,7 +1393,11 @@ def _secret_bytes(sec: _Section, name: str) -> bytes | None:
     if path and env:
         sec.problem(f"{name}_file", f"set only one of {name}_file, {name}_env")
     if path and path.is_file():
-        return path.read_bytes().strip() or None
+        try:
+            return path.read_bytes().strip() or None
+        except OSError as exc:
+            sec.problem(f"{name}_file", str(exc))
+            return None
     if env:
         value = os.environ.get(env, "").strip()
         if not value:
