@@ -49,7 +49,6 @@ from .errors import (
 from .jwt_verifier import JwtVerifier
 from .metrics import Metrics
 from .providers import Verifier, pick_verifier
-from .reasons import REASONS
 from .refusal import Rendered, render
 from .routing import Router
 from .tls import PeerCertificate
@@ -390,13 +389,7 @@ class Pipeline:
         was issued in a window the nonce issuer has since left, else None."""
         constraint = policy.sender_constraint
         if constraint == "mtls":
-            check_binding(policy.binding, info, peer)
-            if info.cnf_jkt is not None and policy.binding == "off":
-                # binding: off takes bearer tokens, never a DPoP-bound one without its proof
-                # (RFC 9449 s7.2; optional and required refuse it already, by its cnf); the
-                # route takes no DPoP, so its challenge is Bearer's
-                raise InvalidToken("dpop_bearer_downgrade",
-                                   REASONS["dpop_bearer_downgrade"].description)
+            check_binding(policy.binding, info, peer)     # (off: never a DPoP-bound token)
             return None
         if info.cnf_jkt is None:
             if constraint == "mtls_or_dpop" and info.cnf_x5t_s256 is not None \

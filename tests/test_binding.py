@@ -12,8 +12,9 @@ A = "A4DtL2JmUMhAsvJj5tKyn64SqzmuXbMrJa0n761y5v0"
 B = "njtR9sbnWiQia-WS6mgh6hMsZD-OovR7-1AkYxOgvGI"
 
 
-def _token(x5t: str | None, other_cnf: bool = False) -> TokenInfo:
-    return TokenInfo("p", "sub", "cid", frozenset(), x5t, x5t is not None or other_cnf, None)
+def _token(x5t: str | None, other_cnf: bool = False, jkt: str | None = None) -> TokenInfo:
+    return TokenInfo("p", "sub", "cid", frozenset(), x5t,
+                     x5t is not None or other_cnf or jkt is not None, None, jkt)
 
 
 def _peer(tp: str | None) -> PeerCertificate | None:
@@ -41,4 +42,25 @@ def test_binding(mode: Binding, cnf: str | None, other_cnf: bool, peer: str | No
         return
     with pytest.raises(InvalidToken) as info:
         check_binding(mode, _token(cnf, other_cnf), _peer(peer))
+    assert info.value.reason == reason
+
+
+@pytest.mark.parametrize(("mode", "x5t", "peer", "reason"), [
+    ("off", None, None, "dpop_bearer_downgrade"),
+    ("off", A, A, "dpop_bearer_downgrade"),     # off checks no certificate: no proof at all
+    ("optional", None, A, "binding_unsupported"),
+    ("optional", A, A, None),                   # its certificate binding is proven
+    ("required", None, A, "binding_missing"),
+    ("required", A, A, None),
+])
+def test_a_dpop_bound_token_as_bearer(mode: Binding, x5t: str | None, peer: str | None,
+                                      reason: str | None) -> None:
+    """RFC 9449 section 7.2: a token bound to a DPoP key is never taken as a plain bearer
+    token, whatever the certificate binding mode."""
+    token = _token(x5t, jkt="some-jkt")
+    if reason is None:
+        check_binding(mode, token, _peer(peer))
+        return
+    with pytest.raises(InvalidToken) as info:
+        check_binding(mode, token, _peer(peer))
     assert info.value.reason == reason
