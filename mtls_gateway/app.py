@@ -355,7 +355,6 @@ class GatewayServer:
             raise ConfigError(["(files): kept changing while being read; write the config "
                                "with an atomic rename (see docs/operations-reload.md)"])
         carried: Carried | None = None
-        new: Gateway | None = None
         if config != self.config or files != self._provider_files:
             carried = carry_over(self.gateway, config, self.metrics, self._provider_files, files)
             new = Gateway(config, self.metrics, verifiers=carried.verifiers)
@@ -365,7 +364,6 @@ class GatewayServer:
                 new.release(carried.handed_over)    # still the running gateway's
                 await new.close()
                 raise
-        if new is not None and carried is not None:
             self._warn_restart_only(config)
             old, self.gateway, self.config = self.gateway, new, config
             old.release(carried.handed_over)

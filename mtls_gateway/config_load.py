@@ -337,9 +337,7 @@ def yaml_load(text: str, where: str = "(yaml)") -> Any:
         if problems:
             raise ConfigError(problems)
         return loader.construct_document(node)
-    except _TooDeep as exc:
-        raise ConfigError([f"{where}: {exc}"]) from exc
-    except yaml.YAMLError as exc:
+    except yaml.YAMLError as exc:           # (_TooDeep included)
         raise ConfigError([f"{where}: {exc}"]) from exc
     except RecursionError as exc:
         raise ConfigError([f"{where}: nested too deeply"]) from exc
@@ -866,7 +864,7 @@ def _upstream(sec: _Section) -> UpstreamConfig:
         strip_headers=_strip_headers(sec),
         tls=_upstream_tls(sec),
     )
-    _check_upstream_tls_scheme(sec, upstream.url, upstream.tls)
+    _check_upstream_tls_scheme(sec, upstream.url)
     sec.finish()
     return upstream
 
@@ -913,7 +911,7 @@ def _upstream_tls(sec: _Section, inherit: UpstreamTls | None = None) -> Upstream
                        client_key_file=key, server_name=server_name)
 
 
-def _check_upstream_tls_scheme(sec: _Section, url: object, tls: UpstreamTls) -> None:
+def _check_upstream_tls_scheme(sec: _Section, url: object) -> None:
     if isinstance(url, str) and urlsplit(url).scheme == "http":
         for key in ("ca_file", "client_cert_file", "client_key_file", "server_name"):
             if key in sec.data:
@@ -935,7 +933,7 @@ def _route_upstream(sec: _Section, inherit: UpstreamTls | None
     usec = _Section(value, sec.at("upstream"), sec.problems)
     url = usec.url("url", schemes=("http", "https"))
     tls = _upstream_tls(usec, inherit)
-    _check_upstream_tls_scheme(usec, url, tls)
+    _check_upstream_tls_scheme(usec, url)
     usec.finish()
     return url, tls
 

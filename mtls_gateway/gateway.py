@@ -203,13 +203,13 @@ class Gateway:
         try:
             check_framing(request, self.config.limits)     # transport: before any decision
             decision = await self.pipeline.decide(self.view(request))
-        except Refusal as exc:
+        except Exception as exc:
+            if not isinstance(exc, Refusal):    # a bug must fail closed, logged, never forwarded
+                log.exception("internal error while handling %s %s", request.method,
+                              request.path)
+                exc = InternalError()
             decision = Refuse(exc, {"method": request.method, "path": request.path,
                                     "remote": request.remote}, None, started)
-        except Exception:  # a bug must fail closed, logged, and never reach the upstream
-            log.exception("internal error while handling %s %s", request.method, request.path)
-            decision = Refuse(InternalError(), {"method": request.method, "path": request.path,
-                                                "remote": request.remote}, None, started)
         assert decision is not None         # (no ``serves`` filter on this path)
         if request.get(UNTRUSTED_HEADER):
             decision.fields["untrusted_cert_header"] = True
