@@ -112,7 +112,7 @@ class Gateway:
         """The fast lane's per-generation state: built once, read on every lane request."""
         targets = {}
         for route in config.routes:
-            target = _target(route.upstream_url or config.upstream.url)
+            target = _target(self.upstreams.of(route).url)
             if target is not None and not isinstance(route.auth, AuthMtlsClient):
                 targets[id(route)] = target
         excluded = frozenset() if self.metadata is None else (
