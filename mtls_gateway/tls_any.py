@@ -471,6 +471,10 @@ class TlsAnyConnection(asyncio.Protocol):
             "sslcontext": self._site.context,   # aiohttp: request.scheme == "https"
             "ssl_object": None,                 # not a CPython SSLObject; see PEER_CERTIFICATE
             "peercert": None,                   # no dict: the DER is in PEER_CERTIFICATE
+            # The TCP socket stays the TLS layer's: TCP_NODELAY is the event loop's and
+            # SO_KEEPALIVE the listening socket's (accepted sockets inherit it), so aiohttp
+            # does not make a socket object and two system calls per connection to set them.
+            "socket": None,
         }
 
     def cipher(self) -> tuple[str | None, str, int | None] | None:
@@ -684,6 +688,8 @@ class AnyCertSite(web.BaseSite):
         self._server = await loop.create_server(
             connection, self._host, self._port, backlog=self._backlog,
             reuse_port=self._reuse_port, family=socket.AF_UNSPEC)
+        for listening in self._server.sockets:      # inherited by every accepted socket
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
     async def stop(self) -> None:
         await super().stop()

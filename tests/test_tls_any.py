@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -36,6 +37,8 @@ from gwtest import (
 )
 from mtls_gateway import pki as pki_mod
 from mtls_gateway import tls_any
+from mtls_gateway.app import GatewayServer
+from mtls_gateway.config_load import load_config
 from mtls_gateway.thumbprint import x5t_s256
 from mtls_gateway.tls_any import TlsAnyConnection
 
@@ -617,3 +620,56 @@ async def test_workers_share_the_any_listener(any_pki: Pki, issuer: Issuer, upst
         pids = {line["pid"] for line in gw.log("mtls_gateway.access")}
         assert len(pids) == 2                         # both workers served requests
         assert len(upstream.seen) == requests
+
+
+async def _accepted_socket_options(config: dict[str, Any], tmp_path: Path,
+                                   ctx: ssl.SSLContext) -> tuple[int, int, object]:
+    """(SO_KEEPALIVE, TCP_NODELAY) of the gateway's side of a live connection, and what the
+    connection tells the application protocol its socket is."""
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump(config))
+    server = GatewayServer(load_config(path))
+    await server.start()
+    try:
+        _reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.port, ssl=ctx, server_hostname="localhost")
+        try:
+            runner = server._runner
+            assert runner is not None and runner.server is not None
+            for _ in range(500):        # the gateway reads the client's last flight
+                if runner.server.connections:
+                    break
+                await asyncio.sleep(0.01)
+            (handler,) = runner.server.connections
+            transport = handler.transport
+            assert isinstance(transport, tls_any.TlsAnyTransport)
+            raw = transport._connection.raw
+            assert raw is not None
+            sock = raw.get_extra_info("socket")
+            return (sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    transport.get_extra_info("socket"))
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await writer.wait_closed()
+    finally:
+        await server.stop()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_accepted_sockets_keep_alive_without_aiohttp_setting_them(
+        pki: Pki, tmp_path: Path, loop: str) -> None:
+    """The TLS connection keeps its TCP socket to itself (aiohttp would make a socket object
+    and two system calls per connection to set options): TCP keepalive comes from the
+    listening socket, TCP_NODELAY from the event loop, on both loops."""
+    up = Upstream()
+    up.url = "http://127.0.0.1:9"           # (never asked: no request is sent)
+    config = base_config(pki, None, up)
+    config["routes"] = [{"name": "public", "path_prefix": "/", "auth": "none"}]
+    factory = uvloop.new_event_loop if loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        keepalive, nodelay, exposed = runner.run(
+            _accepted_socket_options(config, tmp_path, pki.client_context("a")))
+    assert keepalive != 0 and nodelay != 0
+    assert exposed is None
