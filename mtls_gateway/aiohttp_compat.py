@@ -14,26 +14,30 @@ from collections.abc import Callable
 
 import aiohttp
 from aiohttp import HttpVersion11, web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.client_exceptions import ClientPayloadError
+from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_protocol import RequestHandler
 
 __all__ = [
     "REQUEST_HANDLER_INTERNALS",
     "RUNNER_INTERNALS",
     "SERVER_INTERNALS",
+    "BaseProtocol",
     "RequestHandler",
     "answer_in_http11",
     "fail_body_on_connection_loss",
     "response_started",
+    "tcp_keepalive",
 ]
 
 #: Private attributes and methods of ``aiohttp.web_protocol.RequestHandler`` (itself not in
 #: aiohttp's public API) that connection.py reads, sets or overrides: per-connection
 #: deadlines and caps, the fast lane's hand-over.
 REQUEST_HANDLER_INTERNALS = (
-    "_close", "_force_close", "_keepalive_handle", "_keepalive_timeout", "_loop", "_manager",
-    "_messages", "_next_keepalive_close_time", "_process_keepalive", "_request_count",
-    "_request_in_progress",
+    "_close", "_force_close", "_keepalive", "_keepalive_handle", "_keepalive_timeout", "_loop",
+    "_manager", "_messages", "_next_keepalive_close_time", "_process_keepalive",
+    "_request_count", "_request_in_progress", "_task_handler", "_tcp_keepalive", "start",
 )
 #: Attributes of ``aiohttp.web.Server`` that connection.py copies into its own server.
 SERVER_INTERNALS = ("_kwargs", "_loop", "handler_cancellation", "request_factory",

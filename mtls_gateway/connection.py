@@ -28,12 +28,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 
-from .aiohttp_compat import RequestHandler, response_started
+from .aiohttp_compat import BaseProtocol, RequestHandler, response_started, tcp_keepalive
 from .config import LimitsConfig
 from .decision_log import log_decision
 from .fastlane import FastLane, LaneGateway
@@ -95,7 +95,10 @@ class _GuardedHandler(RequestHandler):
         self.memo = ConnectionMemo()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        if self._gateway_of is None:
+            super().connection_made(transport)
+        else:
+            self._lane_connection_made(transport)
         limits = self._limits()
         assert self._manager is not None
         if len(self._manager.connections) > limits.max_connections:
@@ -106,6 +109,27 @@ class _GuardedHandler(RequestHandler):
             self._lane = FastLane(self, self._gateway_of,
                                   peer[0] if isinstance(peer, tuple) else None, self._loop)
         self._arm()
+
+    def _lane_connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """aiohttp's ``RequestHandler.connection_made`` but for its request task, which is
+        made only when aiohttp gets the connection's first bytes (:meth:`_parse`): a
+        connection whose requests all take the lane (most, and every one-request connection
+        of a client that connects per call) never needs it, and it cost a task and its steps
+        per connection."""
+        BaseProtocol.connection_made(self, transport)
+        if self._tcp_keepalive:
+            tcp_keepalive(cast(asyncio.Transport, transport))
+        assert self._manager is not None
+        self._manager.connection_made(self, cast(asyncio.Transport, transport))
+        if self._keepalive_timeout > 0:   # no request at all is a dead connection too
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
+            self._keepalive_handle = self._loop.call_at(self._next_keepalive_close_time,
+                                                        self._process_keepalive)
+
+    def _start_aiohttp(self) -> None:
+        """aiohttp's request task, for the bytes it is about to get (see above)."""
+        if self._task_handler is None and not self._force_close:
+            self._task_handler = self._loop.create_task(self.start())
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
@@ -132,6 +156,18 @@ class _GuardedHandler(RequestHandler):
         if lane is not None and lane.busy:     # not idle: a lane request is in flight
             self._keepalive_handle = self._loop.call_at(
                 self._loop.time() + self._keepalive_timeout, self._process_keepalive)
+            return
+        if self._task_handler is None and self._gateway_of is not None:
+            # only the lane has served here (no aiohttp task, whose idle wait aiohttp's
+            # check looks for): idle since the last answer, closed as aiohttp would
+            self._keepalive_handle = None
+            if self._force_close or not self._keepalive:
+                return
+            close_time = self._next_keepalive_close_time
+            if self._loop.time() < close_time:
+                self._keepalive_handle = self._loop.call_at(close_time, self._process_keepalive)
+                return
+            self.force_close()
             return
         super()._process_keepalive()
 
@@ -170,6 +206,7 @@ class _GuardedHandler(RequestHandler):
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
+        self._start_aiohttp()
         heads_before = self._request_count
         super().data_received(data)
         if self._request_count != heads_before:

@@ -357,3 +357,36 @@ async def test_upstream_reset_mid_answer_is_counted_the_same_in_and_out_of_the_l
         in metrics
     assert re.search(r'mtls_gateway_requests_total\{decision="allow",reason="upstream_aborted",'
                      r'route="api",status="200"\} 1\.0', metrics)
+
+
+async def test_aiohttp_request_task_only_once_aiohttp_gets_bytes(
+        make_gateway: Any, pki: Pki, issuer: Issuer, upstream: Upstream) -> None:
+    """A connection served by the lane alone has no aiohttp request task (one per
+    connection saved); its first request that is not plain starts it, and aiohttp answers
+    on the same connection."""
+    config = base_config(pki, issuer, upstream)
+    gw: RunningGateway = await make_gateway(config)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gw.server.port, ssl=pki.client_context("a"), server_hostname="localhost")
+    try:
+        runner = gw.server._runner
+        assert runner is not None and runner.server is not None
+
+        async def ask(request: bytes) -> bytes:
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            await asyncio.wait_for(reader.readexactly(length), 30)
+            return head
+
+        assert (await ask(b"GET /public/1 HTTP/1.1\r\nHost: gw\r\n\r\n")).startswith(
+            b"HTTP/1.1 200")
+        (handler,) = runner.server.connections
+        assert handler._task_handler is None
+        assert (await ask(b"POST /public/2 HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\n\r\nhi")
+                ).startswith(b"HTTP/1.1 200")
+        assert handler._task_handler is not None
+        assert [s.path_qs for s in upstream.seen] == ["/public/1", "/public/2"]
+    finally:
+        writer.close()
