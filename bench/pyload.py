@@ -8,6 +8,11 @@ mutual-TLS connection reused (keep-alive) or a new one per request (``-newconn``
 RFC 9449 proof per request (ES256 with that P-256 key: new ``jti``, current ``iat``, ``ath``
 of the token), as a real DPoP client does.
 
+``-mint-key PEM`` (this tool only): send a new access token on every request, the token of
+``-token-file`` re-signed (ES256, the issuer's P-256 key) with a new ``jti``, so the server
+verifies one fresh ES256 JWT per request (the same signing work per request as ``-dpop-key``
+on the client side).
+
 It is much slower than the Go tool (one Python core drives a few thousand requests/s), so
 with it the figures of the fastest rows measure the load generator as much as the server;
 ``bench/run.py`` labels every figure made with it.
@@ -109,6 +114,28 @@ def _dpop_signer(key_file: str, method: str, htu: str, token: str) -> Callable[[
     return proof
 
 
+def _minter(key_file: str, token: str) -> Callable[[], str]:
+    """A function that returns ``token`` re-signed (ES256) with a new ``jti`` each call."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    header, payload, _ = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    algorithm = ec.ECDSA(hashes.SHA256())
+
+    def mint() -> str:
+        body = _b64(json.dumps({**claims, "jti": uuid.uuid4().hex},
+                               separators=(",", ":")).encode())
+        signing_input = f"{header}.{body}"
+        r, s = decode_dss_signature(key.sign(signing_input.encode(), algorithm))
+        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    return mint
+
+
 async def _run(args: argparse.Namespace) -> int:
     url = urlsplit(args.url)
     if url.scheme != "https" or url.hostname is None:
@@ -130,6 +157,10 @@ async def _run(args: argparse.Namespace) -> int:
     dpop = _dpop_signer(args.dpop_key, args.m, f"https://{url.netloc}{url.path or '/'}",
                         args.token) if args.dpop_key else None
     head = request[:-2]            # the request without its final CRLF: proofs go after it
+    mint = _minter(args.mint_key, args.token) if args.mint_key else None
+    # -mint-key: the head up to the token, and after it
+    before_token = request[:request.find(args.token.encode())] if mint else b""
+    after_token = request[len(before_token) + len(args.token):] if mint else b""
     # -vary: "n=<count>" added to the query of every request, so no head repeats
     target = f"{url.path or '/'}{'?' + url.query if url.query else ''}"
     vary_pre = f"{args.m} {target}{'&' if url.query else '?'}n=".encode()
@@ -154,7 +185,9 @@ async def _run(args: argparse.Namespace) -> int:
                     if counting:
                         stats.handshakes += 1
                 assert reader is not None and writer is not None
-                if args.vary:
+                if mint is not None:
+                    writer.write(before_token + mint().encode() + after_token)
+                elif args.vary:
                     sent += 1
                     writer.write(vary_pre + str(sent).encode() + vary_post)
                 else:
@@ -227,12 +260,16 @@ def main() -> int:
     p.add_argument("-expect", type=int, default=200)
     p.add_argument("-newconn", action="store_true")
     p.add_argument("-dpop-key", dest="dpop_key", default="")
+    p.add_argument("-mint-key", dest="mint_key", default="",
+                   help="re-sign the token (ES256, this PEM key) with a new jti on every request")
     p.add_argument("-vary", action="store_true",
                    help="a different target on every request (query n=<count>)")
     args = p.parse_args()
     if args.vary and args.dpop_key:
         p.error("-vary and -dpop-key do not combine (a DPoP head never repeats anyway)")
     args.token = Path(args.token_file).read_text().strip() if args.token_file else ""
+    if args.mint_key and (args.dpop_key or args.vary or not args.token):
+        p.error("-mint-key needs -token-file, and combines with neither -dpop-key nor -vary")
     return asyncio.run(_run(args))
 
 

@@ -88,6 +88,7 @@ class Material:
     es256_public_pem: Path                # the issuer's ES256 key, for HAProxy's jwt_verify
     server_pem: Path                      # server certificate + key in one file (HAProxy)
     dpop_key: Path | None = None          # the client's P-256 DPoP key (PEM), for dpop-es256
+    issuer_key: Path | None = None        # the issuer's P-256 key (PEM): jwt-fresh-es256 mints
 
 
 def make_material(directory: Path) -> Material:
@@ -144,9 +145,14 @@ def make_material(directory: Path) -> Material:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     server_pem = directory / "server.pem"
     server_pem.write_bytes(server_cert.read_bytes() + server_key.read_bytes())
+    issuer_key_file = directory / "issuer-es256.key.pem"
+    issuer_key_file.touch(mode=0o600)
+    issuer_key_file.write_bytes(ec_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     return Material(directory, ca_file, server_cert, server_key, certs, tokens,
                     {"keys": [rsa_jwk, ec_jwk]}, introspection_tokens, secret_file,
-                    es256_pem, server_pem, dpop_key_file)
+                    es256_pem, server_pem, dpop_key_file, issuer_key_file)
 
 
 def _jwk_thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
@@ -475,8 +481,9 @@ class Scenario:
     path: str
     token: str | None         # "rs256", "es256", "opaque" or None
     cert: str = "alice"
-    mode: str = "keepalive"   # "keepalive", "vary", "newconn", "resume" or "rate"
-    # ("vary": keep-alive with a different target on every request, so no head repeats)
+    mode: str = "keepalive"   # "keepalive", "vary", "fresh", "newconn", "resume" or "rate"
+    # ("vary": keep-alive with a different target on every request, so no head repeats;
+    # "fresh": keep-alive with a new token on every request, pyload -mint-key)
     expect: int = 200
     ref: str = "gw-none"      # the row its ratio is taken against
     extra: bool = False       # diagnostic row, run with --extra or --only
@@ -566,6 +573,15 @@ SCENARIOS: tuple[Scenario, ...] = (
              ref="gw-es256", loadgen="python"),
     Scenario("dpop-es256", "gateway, DPoP-bound JWT ES256 + fresh ES256 proof per request",
              "gateway", "/dpop/x", "dpop-es256", ref="dpop-ref-es256", loadgen="python"),
+    # the reference plus one ES256 verification per request (bench/extra_verify): what one
+    # verification costs in the request path, where it shares the caches with the rest
+    Scenario("xverify-es256", "dpop-ref-es256 + one extra ES256 verification per request "
+             "(bench/extra_verify: the verification in the request path)", "gateway-xverify",
+             "/jwt/x", "es256", mode="vary", ref="dpop-ref-es256", loadgen="python"),
+    # a never-seen token on every request: its verification through PyJWT, uncached
+    Scenario("jwt-fresh-es256", "gateway, a new bound JWT ES256 on every request (pyload "
+             "-mint-key: one token verification per request)", "gateway", "/jwt/x", "es256",
+             mode="fresh", ref="dpop-ref-es256", loadgen="python"),
     Scenario("pyssl-es256", "bound JWT ES256, gateway on listen.tls_stack: python (CPython ssl)",
              "gateway-pyssl", "/jwt/x", "es256", ref="hap-es256", extra=True),
     Scenario("pyssl-new", "tls_stack: python, new conn + full mTLS handshake per request",
@@ -643,6 +659,8 @@ def run_scenario(s: Scenario, loadgen: LoadGen, m: Material, ports: dict[str, in
         argv += ["-rate", str(s.rate)]
     if s.mode == "vary":
         argv.append("-vary")
+    if s.mode == "fresh" and m.issuer_key is not None:
+        argv += ["-mint-key", str(m.issuer_key)]
     target = sut[s.target]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     spy: subprocess.Popen[bytes] | None = None
@@ -955,26 +973,45 @@ DPOP_VERIFICATIONS = 1.5
 
 def print_dpop(rounds: dict[str, list[Outcome]], outcomes: list[Outcome],
                verify_us: float) -> None:
-    """CPU per request of dpop-es256, split into the proof's signature verification and the
-    rest, against the bound-JWT row driven by the same load generator (medians over rounds)."""
+    """CPU per request of dpop-es256 against the bound-JWT row driven by the same load
+    generator (medians over rounds), split into the proof's signature verification and the
+    rest: the verification as it costs in the request path (xverify-es256: the reference plus
+    one verification per request) and alone, in process, with warm caches (``verify_us``)."""
     ok = {o.scenario.key for o in outcomes if o.ok}
     if not {"dpop-es256", "dpop-ref-es256"} <= ok:
         return
-    dpop = _median([o.cpu_us_per_request for o in rounds["dpop-es256"]])
-    ref = _median([o.cpu_us_per_request for o in rounds["dpop-ref-es256"]])
+
+    def cpu(key: str) -> float:
+        return _median([o.cpu_us_per_request for o in rounds[key]])
+
+    ref, dpop = cpu("dpop-ref-es256"), cpu("dpop-es256")
     added = dpop - ref
     budget = DPOP_VERIFICATIONS * verify_us
-    print("\nDPoP (issue 19), gateway CPU per request (medians over rounds; both rows by "
+    print("\nDPoP (issue 19), gateway CPU per request (medians over rounds; these rows all by "
           "pyload):")
-    print(f"  bound JWT ES256 (dpop-ref-es256)        {ref:7.0f} us/req")
-    print(f"  DPoP-bound JWT + fresh proof (dpop-es256) {dpop:5.0f} us/req  = reference "
-          f"{added:+.0f} us")
-    print(f"    of which the proof's ES256 verification {verify_us:5.0f} us  (measured alone, "
-          "this run)")
-    print(f"    of which everything else               {added - verify_us:+5.0f} us  (parse, "
-          "checks, thumbprint, replay cache, DPoP header)")
-    print(f"  target: added <= {DPOP_VERIFICATIONS} x verification = {budget:.0f} us   "
+    print(f"  bound JWT ES256 (dpop-ref-es256)                      {ref:5.0f} us/req")
+    print(f"  DPoP-bound JWT + fresh proof (dpop-es256)             {dpop:5.0f} us/req  = "
+          f"reference {added:+.0f} us")
+    print(f"  the ES256 verification alone (in process, warm caches) {verify_us:4.0f} us")
+    if "xverify-es256" in ok:
+        path = cpu("xverify-es256") - ref
+        print(f"  reference + one ES256 verification (xverify-es256)    {ref + path:5.0f} us/req"
+              f"  = reference {path:+.0f} us: {path / verify_us:.2f} x the verification alone")
+        print(f"    DPoP's added {added:.0f} us = the proof's verification in the request path "
+              f"{path:.0f} us + everything else {added - path:+.0f} us")
+        print(f"    (everything else: parse, checks, thumbprint, replay store, DPoP header = "
+              f"{(added - path) / verify_us:.2f} x the verification alone)")
+    else:
+        print(f"    DPoP's added {added:.0f} us = the verification alone {verify_us:.0f} us + "
+              f"everything else {added - verify_us:+.0f} us (run xverify-es256 for the "
+              "verification in the request path)")
+    print(f"  target: added <= {DPOP_VERIFICATIONS} x the verification alone = {budget:.0f} us   "
           f"{'met' if added <= budget else 'NOT MET'}")
+    if "jwt-fresh-es256" in ok:
+        fresh = cpu("jwt-fresh-es256") - ref
+        print(f"  a never-seen bound JWT per request (jwt-fresh-es256)   {ref + fresh:5.0f} "
+              f"us/req  = reference {fresh:+.0f} us (PyJWT's decode, uncached); a DPoP proof costs "
+              f"{added / fresh:.2f} x that")
 
 
 def _median(values: list[float]) -> float:
@@ -1154,6 +1191,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sut["gateway-asyncio"], ports["gateway-asyncio"] = start_gateway(
                     procs, pin.sut, "gateway-asyncio", json.loads(json.dumps(config)),
                     work / "gateway-asyncio.yaml", env={"MTLS_GATEWAY_UVLOOP": "0"})
+            if any(s.target == "gateway-xverify" for s in scenarios):
+                path = os.pathsep.join(p for p in (str(BENCH / "extra_verify"),
+                                                   os.environ.get("PYTHONPATH")) if p)
+                sut["gateway-xverify"], ports["gateway-xverify"] = start_gateway(
+                    procs, pin.sut, "gateway-xverify", json.loads(json.dumps(config)),
+                    work / "gateway-xverify.yaml",
+                    env={"PYTHONPATH": path, "MTLS_GATEWAY_BENCH_EXTRA_VERIFY": "1"})
+                if "extra ES256 verification" not in sut["gateway-xverify"].log.read_text(
+                        errors="replace"):
+                    raise RuntimeError("gateway-xverify: bench/extra_verify was not loaded")
             if any(s.target == "gateway-w2" for s in scenarios):
                 # --workers refuses DPoP routes with the in-process replay cache (each
                 # worker would accept a proof another has seen): the w2 row runs without them
@@ -1195,7 +1242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             outcomes = [median_outcome(rounds[s.key]) for s in scenarios]
             rss_after = gateway.rss_mb()
             decisions = decision_counts(gateway.log)
-            for other in ("gateway-w2", "gateway-asyncio", "gateway-nolane", "gateway-pyssl"):
+            for other in ("gateway-w2", "gateway-asyncio", "gateway-nolane", "gateway-pyssl",
+                          "gateway-xverify"):
                 if other in sut:
                     decisions.update(decision_counts(sut[other].log))
         finally:

@@ -15,9 +15,12 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 
+import jwt  # noqa: E402
 import micro as bench_micro  # noqa: E402
+import pyload as bench_pyload  # noqa: E402
 import run as bench_run  # noqa: E402
 import servers as bench_servers  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 
 def test_haproxy_config_renders_and_haproxy_accepts_it(tmp_path: Path) -> None:
@@ -36,6 +39,43 @@ def test_haproxy_config_renders_and_haproxy_accepts_it(tmp_path: Path) -> None:
     done = subprocess.run([haproxy, "-c", "-f", str(cfg)], capture_output=True, text=True,
                           timeout=30, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_pyload_mint_key_resigns_the_token_with_a_new_jti(tmp_path: Path) -> None:
+    """``pyload -mint-key`` (row jwt-fresh-es256): every token it sends is a new one, valid
+    under the issuer's key, with the original claims (binding included) and a new jti."""
+    m = bench_run.make_material(tmp_path)
+    assert m.issuer_key is not None
+    original = m.tokens["es256"].read_text().strip()
+    mint = bench_pyload._minter(str(m.issuer_key), original)
+    first, second = mint(), mint()
+    assert len({original, first, second}) == 3
+    private = serialization.load_pem_private_key(m.issuer_key.read_bytes(), None)
+    public = private.public_key()  # type: ignore[union-attr]
+    claims = [jwt.decode(t, public, algorithms=["ES256"],  # type: ignore[arg-type]
+                         audience=bench_run.AUDIENCE) for t in (original, first, second)]
+    assert len({c["jti"] for c in claims}) == 3
+    for c in claims[1:]:
+        assert {k: v for k, v in c.items() if k != "jti"} == \
+            {k: v for k, v in claims[0].items() if k != "jti"}
+    assert jwt.get_unverified_header(first) == jwt.get_unverified_header(original)
+
+
+def test_extra_verify_wraps_authorize_only_when_asked() -> None:
+    """``bench/extra_verify`` (row xverify-es256) puts one real ES256 verification before
+    ``Pipeline.authorize`` in the process that asks for it, and nowhere else."""
+    probe = ("import sys, mtls_gateway.pipeline as p; "
+             "print(p.Pipeline.authorize.__name__)")
+    env = {"PYTHONPATH": str(BENCH / "extra_verify"), "PATH": "/usr/bin:/bin"}
+    on = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                        timeout=60, check=True,
+                        env={**env, "MTLS_GATEWAY_BENCH_EXTRA_VERIFY": "1"})
+    assert on.stdout.strip() == "_authorize_after_one_verification"
+    assert "one extra ES256 verification" in on.stderr
+    off = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=60, check=True, env=env)
+    assert off.stdout.strip() == "authorize"
+    assert off.stderr == ""
 
 
 def test_micro_dpop_mode_checks_real_proofs(capsys: pytest.CaptureFixture[str]) -> None:
