@@ -95,6 +95,8 @@ class GatewayServer:
         self._serve_admin = serve_admin and config.admin.enabled
         self._on_ready_change = on_ready_change
         self._tls: TlsContextSwitch | AnyCertSite | None = None
+        #: tls_stack python: digest of the client CA bundle its handshakes verify against
+        self._client_trust = b""
         self._runner: web.AppRunner | None = None
         self._admin_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
@@ -211,6 +213,7 @@ class GatewayServer:
                                            failures=self.handshake_failures)
         else:
             self._tls = TlsContextSwitch(server_ssl_context(listen, self.handshake_failures))
+            self._client_trust = await asyncio.to_thread(_client_trust, listen)
             site = web.TCPSite(self._runner, listen.host, listen.port,
                                ssl_context=self._tls.base, reuse_port=reuse_port)
         await _bind(site.start(), "listen", listen.host, listen.port)
@@ -404,7 +407,23 @@ class GatewayServer:
             return lambda: tls.update(context)
         assert tls is not None
         ssl_context = server_ssl_context(listen, self.handshake_failures)
-        return lambda: tls.update(ssl_context)
+        trust = _client_trust(listen)
+
+        def install() -> None:
+            # Python's ssl decrypts session tickets with the keys of the context the listener
+            # was bound with, whichever context a handshake then moves to, and has no way to
+            # change them: a session verified under the old bundle can still be resumed.
+            if trust != self._client_trust:
+                log.warning(
+                    "listen.client_ca_file changed: new handshakes verify against the new "
+                    "bundle, but tls_stack: python cannot end the TLS sessions made before "
+                    "this reload, so a client certificate only the old bundle trusted can "
+                    "still resume one until it expires (up to %d s); restart the gateway to "
+                    "end them now (tls_stack: openssl ends them at every reload)",
+                    SESSION_LIFETIME)
+            self._client_trust = trust
+            tls.update(ssl_context)
+        return install
 
     def _warn_restart_only(self, new: GatewayConfig) -> None:
         old = self.config
@@ -422,6 +441,15 @@ class GatewayServer:
                 ("admin", old.admin, new.admin)):
             if before != after:
                 log.warning("%s changed in the config; it takes effect after a restart", what)
+
+
+#: How long OpenSSL keeps a TLS session resumable (its default, which Python's ssl keeps).
+SESSION_LIFETIME = 7200
+
+
+def _client_trust(listen: ListenConfig) -> bytes:
+    """Digest of the client CA bundle (blocking: run in a thread)."""
+    return files_digest([listen.client_ca_file]) if listen.client_ca_file else b""
 
 
 SERVER = web.AppKey("server", GatewayServer)

@@ -14,10 +14,12 @@ import asyncio
 import json
 import socket
 import ssl
+from pathlib import Path
 
 import pytest
 
 from gwtest import GatewayFactory, Issuer, Pki, Upstream, base_config
+from mtls_gateway import pki as pki_mod
 
 #: listen.tls_stack: pyOpenSSL (the default) and CPython's ssl keep sessions differently.
 STACKS = ["openssl", "python"]
@@ -129,3 +131,65 @@ async def test_a_reload_ends_the_sessions_of_the_openssl_listener(
                                                       session)
     assert (status, reused) == (200, False)
     assert [s.path_qs for s in upstream.seen] == ["/1", "/2", "/3"]
+
+
+def _drop_the_clients_ca(ca_file: Path, tmp_path: Path) -> None:
+    """Replace the client CA bundle by one that trusts another CA only."""
+    other, _ = pki_mod.make_ca("another CA").write(tmp_path, "other-ca")
+    ca_file.write_bytes(other.read_bytes())
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+async def test_a_reload_that_drops_a_ca_ends_its_sessions_on_the_openssl_listener(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        version: str, tmp_path: Path) -> None:
+    """Removing a CA from client_ca_file is how an operator cuts off what it issued: a
+    session verified under the old bundle is not resumed, and the full handshake fails."""
+    ca_file = tmp_path / "clients.pem"
+    ca_file.write_bytes(pki.ca_file.read_bytes())
+    config = base_config(pki, issuer, upstream)
+    config["listen"].update(min_tls_version="1.2", tls_stack="openssl",
+                            client_ca_file=str(ca_file))
+    gw = await make_gateway(config)
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    ctx = _client_context(pki, "a", version)
+    status, _, _, session, _ = await asyncio.to_thread(_get, ctx, gw.server.port, "/1", token,
+                                                       None)
+    assert status == 200
+    _drop_the_clients_ca(ca_file, tmp_path)
+    assert await gw.server.reload("test") is True
+    with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):
+        await asyncio.to_thread(_get, ctx, gw.server.port, "/2", token, session)
+    assert [s.path_qs for s in upstream.seen] == ["/1"]
+
+
+@pytest.mark.parametrize("change", [True, False])
+async def test_the_python_stack_warns_that_a_ca_change_leaves_old_sessions_resumable(
+        make_gateway: GatewayFactory, pki: Pki, issuer: Issuer, upstream: Upstream,
+        change: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Python's ssl cannot end sessions at a reload (its ticket keys are the bound context's):
+    a reload that changes client_ca_file says so, and what to do, in a warning; new
+    handshakes use the new bundle. A reload that leaves the bundle alone says nothing."""
+    ca_file = tmp_path / "clients.pem"
+    ca_file.write_bytes(pki.ca_file.read_bytes())
+    config = base_config(pki, issuer, upstream)
+    config["listen"].update(tls_stack="python", client_ca_file=str(ca_file))
+    gw = await make_gateway(config)
+    token = issuer.mint(pki.clients["a"].thumbprint)
+    ctx = _client_context(pki, "a", "1.3")
+    if change:
+        _drop_the_clients_ca(ca_file, tmp_path)
+    caplog.clear()
+    assert await gw.server.reload("test") is True
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelname == "WARNING" and "client_ca_file changed" in r.getMessage()]
+    if not change:
+        assert warnings == []
+        status, *_ = await asyncio.to_thread(_get, ctx, gw.server.port, "/1", token, None)
+        assert status == 200
+        return
+    assert len(warnings) == 1
+    assert "restart the gateway" in warnings[0] and "7200 s" in warnings[0]
+    with pytest.raises(ssl.SSLError, match="UNKNOWN_CA"):   # a full handshake: the new bundle
+        await asyncio.to_thread(_get, ctx, gw.server.port, "/1", token, None)
+    assert upstream.seen == []
