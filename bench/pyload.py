@@ -32,6 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 
@@ -87,51 +88,53 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _dpop_signer(key_file: str, method: str, htu: str, token: str) -> Callable[[], bytes]:
-    """A function that returns a fresh ``DPoP: <proof>`` header line each call."""
+def _es256_key(key_file: str) -> tuple[Any, Callable[[str], str]]:
+    """The P-256 private key in ``key_file`` and a function that makes the JWS compact
+    serialization of a signing input with it (ES256: ``r || s``, base64url)."""
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
     key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
+    algorithm = ec.ECDSA(hashes.SHA256())
+
+    def sign(signing_input: str) -> str:
+        r, s = decode_dss_signature(key.sign(signing_input.encode(), algorithm))
+        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+
+    return key, sign
+
+
+def _dpop_signer(key_file: str, method: str, htu: str, token: str) -> Callable[[], bytes]:
+    """A function that returns a fresh ``DPoP: <proof>`` header line each call."""
+    key, sign = _es256_key(key_file)
     numbers = key.public_key().public_numbers()
     jwk = {"crv": "P-256", "kty": "EC", "x": _b64(numbers.x.to_bytes(32, "big")),
            "y": _b64(numbers.y.to_bytes(32, "big"))}
     header = _b64(json.dumps({"typ": "dpop+jwt", "alg": "ES256", "jwk": jwk},
                              separators=(",", ":")).encode())
     ath = _b64(hashlib.sha256(token.encode()).digest())
-    algorithm = ec.ECDSA(hashes.SHA256())
 
     def proof() -> bytes:
         claims = {"jti": uuid.uuid4().hex, "htm": method, "htu": htu, "iat": int(time.time()),
                   "ath": ath}
-        signing_input = f"{header}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
-        r, s = decode_dss_signature(key.sign(signing_input.encode(), algorithm))
-        signature = _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
-        return f"DPoP: {signing_input}.{signature}\r\n".encode()
+        body = _b64(json.dumps(claims, separators=(",", ":")).encode())
+        return f"DPoP: {sign(f'{header}.{body}')}\r\n".encode()
 
     return proof
 
 
 def _minter(key_file: str, token: str) -> Callable[[], str]:
     """A function that returns ``token`` re-signed (ES256) with a new ``jti`` each call."""
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-
-    key = serialization.load_pem_private_key(Path(key_file).read_bytes(), None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    _key, sign = _es256_key(key_file)
     header, payload, _ = token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    algorithm = ec.ECDSA(hashes.SHA256())
 
     def mint() -> str:
         body = _b64(json.dumps({**claims, "jti": uuid.uuid4().hex},
                                separators=(",", ":")).encode())
-        signing_input = f"{header}.{body}"
-        r, s = decode_dss_signature(key.sign(signing_input.encode(), algorithm))
-        return f"{signing_input}.{_b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        return sign(f"{header}.{body}")
 
     return mint
 

@@ -119,10 +119,7 @@ def make_material(directory: Path) -> Material:
     tokens: dict[str, Path] = {}
     # DPoP (RFC 9449): the client's own key; its token is bound to the key's thumbprint.
     dpop_key = ec.generate_private_key(ec.SECP256R1())
-    dpop_key_file = directory / "dpop-key.pem"
-    dpop_key_file.write_bytes(dpop_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    dpop_key_file = _write_private_key(directory / "dpop-key.pem", dpop_key)
     dpop_claims = {**claims, "cnf": {"jkt": _jwk_thumbprint(dpop_key.public_key())}}
     for kind, key, alg, kid, body in (("rs256", rsa_key, "RS256", "bench-rsa", claims),
                                       ("es256", ec_key, "ES256", "bench-ec", claims),
@@ -145,14 +142,19 @@ def make_material(directory: Path) -> Material:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     server_pem = directory / "server.pem"
     server_pem.write_bytes(server_cert.read_bytes() + server_key.read_bytes())
-    issuer_key_file = directory / "issuer-es256.key.pem"
-    issuer_key_file.touch(mode=0o600)
-    issuer_key_file.write_bytes(ec_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    issuer_key_file = _write_private_key(directory / "issuer-es256.key.pem", ec_key)
     return Material(directory, ca_file, server_cert, server_key, certs, tokens,
                     {"keys": [rsa_jwk, ec_jwk]}, introspection_tokens, secret_file,
                     es256_pem, server_pem, dpop_key_file, issuer_key_file)
+
+
+def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey) -> Path:
+    """``key`` as unencrypted PKCS#8 PEM in ``path``, readable by its owner only."""
+    path.touch(mode=0o600)
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return path
 
 
 def _jwk_thumbprint(public_key: ec.EllipticCurvePublicKey) -> str:
